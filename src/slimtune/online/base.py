@@ -1,0 +1,96 @@
+"""The online vocabulary: what one scoring forward computed (CandidateBatch) and the Policy every method is.
+
+At each step the :class:`~slimtune.online.trainer.SelectiveTrainer` draws B candidates, runs one no-grad
+forward that computes what the policy ``needs()``, hands the policy a :class:`CandidateBatch`, backpropagates
+the K rows it ``choose``s, and calls ``observe`` with those K so the policy can update its memories. Policies
+never run the model themselves; that is what keeps scoring cheap and every policy comparable.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+#: Names a policy may ask for in ``needs()``; ``loss`` and ``token_count`` are always present.
+SIGNALS = frozenset({"loss", "logits", "hidden", "ref_loss", "embedding"})
+
+
+@dataclass
+class CandidateBatch:
+    """One candidate batch after the shared no-grad forward. Row i of every tensor is candidate i.
+
+    ``loss`` is each row's mean cross-entropy over its response tokens; ``logits`` (B, T, V) and ``hidden``
+    (B, T, H, last layer) are filled only when the policy needs them; ``response_mask`` (B, T) marks the
+    positions whose *next* token is a response token (where the loss is taken), ``attention_mask`` the real
+    tokens. ``ref_loss`` is a reference model's loss (RHO-loss). ``index`` is each row's dataset index.
+    """
+
+    index: Tensor
+    ids: list[str]
+    tasks: list[str]
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    loss: Tensor
+    token_count: Tensor
+    step: int = 0
+    logits: Tensor | None = None
+    hidden: Tensor | None = None
+    ref_loss: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def response_mask(self) -> Tensor:
+        """(B, T) True at positions t whose label at t+1 is a response token (causal LM shift)."""
+        mask = torch.zeros_like(self.labels, dtype=torch.bool)
+        mask[:, :-1] = self.labels[:, 1:] != -100
+        return mask
+
+    def subset(self, rows: Tensor | list[int]) -> CandidateBatch:
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.loss.device)
+        picked: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                picked[f.name] = value[rows_t.to(value.device)]
+            elif isinstance(value, list):
+                picked[f.name] = [value[i] for i in rows_t.tolist()]
+        return replace(self, **picked)
+
+
+class Policy(ABC):
+    """An online selection method: choose K of the B candidates at each step.
+
+    Subclasses are dataclasses whose fields are the method's parameters.
+    """
+
+    name: ClassVar[str]
+
+    def needs(self) -> set[str]:
+        """Signals the shared forward must compute (a subset of :data:`SIGNALS`)."""
+        return {"loss"}
+
+    @abstractmethod
+    def choose(self, batch: CandidateBatch, k: int) -> Tensor:
+        """Indices (into the batch) of the K rows to backpropagate, most wanted first."""
+
+    def scores(self, batch: CandidateBatch) -> Tensor | None:
+        """Per-candidate scores of the last ``choose`` call, for the selection log (None if not scored)."""
+        return getattr(self, "_last_scores", None)
+
+    def observe(self, chosen: CandidateBatch) -> None:
+        """Called with the chosen rows after the update: memories and running statistics go here."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly (memories, running statistics)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
