@@ -1,0 +1,36 @@
+"""Offline selection: every method is a :class:`Selector`; :func:`get_selector` builds one by name."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from slimtune.select.base import Budget, Cost, Selection, Selector
+
+#: name -> "module:Class". Modules load lazily so a method's heavy imports cost nothing until it is used.
+SELECTORS: dict[str, str] = {
+    "random": "slimtune.select.heuristics:RandomSelector",
+    "length": "slimtune.select.heuristics:LengthSelector",
+    "loss": "slimtune.select.heuristics:LossSelector",
+    "ifd": "slimtune.select.heuristics:IFDSelector",
+    "kcenter": "slimtune.select.kcenter:KCenterSelector",
+    "less": "slimtune.select.less:LessSelector",
+    "delift": "slimtune.select.delift:DeliftSelector",
+    "delift-se": "slimtune.select.delift:DeliftSESelector",
+}
+
+
+def selector_class(name: str) -> type[Selector]:
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selection method '{name}'; known: {', '.join(sorted(SELECTORS))}")
+    module, cls = SELECTORS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_selector(name: str, **params: Any) -> Selector:
+    """Build the method ``name`` with ``params`` (its dataclass fields); unknown parameters are an error."""
+    cls = selector_class(name)
+    return cls(**params)
+
+
+__all__ = ["SELECTORS", "Budget", "Cost", "Selection", "Selector", "get_selector", "selector_class"]
