@@ -92,7 +92,7 @@ def _tiny_model_dir() -> Path:
     def build(out: Path) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        tokenizer = load_tokenizer(DEFAULT_MODEL)
+        tokenizer = _embedded_tokenizer()
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -104,6 +104,18 @@ def _tiny_model_dir() -> Path:
         tokenizer.save_pretrained(out)
 
     return _publish(build, cache_dir() / "tiny-llama")
+
+
+def _embedded_tokenizer():
+    """SmolLM2's tokenizer: from the converted directory when it exists, else straight from the GGUF file
+    (seconds, where converting the whole model takes half a minute)."""
+    from transformers import AutoTokenizer
+
+    converted = cache_dir() / "smollm2-135m-instruct"
+    if (converted / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(converted)
+    gguf = embedded_gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def choose_device(device: str | None = None) -> torch.device:

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from slimtune.models import (
+    LoraSettings,
+    apply_lora,
+    choose_dtype,
+    embedded_gguf_path,
+    loading,
+    lora_target_modules,
+)
+
+
+def test_embedded_gguf_is_found_without_importing_its_package():
+    path = embedded_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90e6
+
+
+def test_lora_targets_the_attention_projections_and_trains_only_adapters(tiny):
+    model, _ = tiny
+    assert lora_target_modules(model) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    peft_model = apply_lora(type(model)(model.config), LoraSettings(r=4, alpha=8))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_unknown_architecture_falls_back_to_every_linear_layer_but_the_head():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Linear(4, 4)
+            self.lm_head = torch.nn.Linear(4, 8)
+
+    assert lora_target_modules(Odd()) == ["mix"]
+
+
+def test_cpu_defaults_to_fp32_and_overrides_are_honoured():
+    assert choose_dtype(torch.device("cpu")) == torch.float32
+    assert choose_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+
+
+def test_interrupted_build_leaves_nothing_that_looks_finished(tmp_path):
+    def crash(out):
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        loading._publish(crash, tmp_path / "model")
+    assert not (tmp_path / "model").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_sensibly_and_reloads_fast_from_the_cache():
+    import time
+
+    from slimtune.models import load_model
+
+    load_model("smollm2")  # converts once if needed
+    start = time.perf_counter()
+    model, tokenizer = load_model("smollm2")
+    assert time.perf_counter() - start < 10
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12*3?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=20, do_sample=False)
+    assert "36" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
