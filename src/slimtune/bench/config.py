@@ -1,0 +1,146 @@
+"""A benchmark grid read from YAML: the pool, the evaluation tasks, training settings, methods, budgets, seeds.
+
+```yaml
+name: cpu-quick
+model: smollm2
+pool: {sizes: {gsm8k: 40, p3: 40, tatoeba: 40, taskmaster4: 20}, max_length: 256,
+       corrupt: {share: 0.1, kinds: [swap, truncate]}, seed: 0}
+eval: {gsm8k: {n: 16, generate: [full, random]}, tatoeba: {n: 16}, p3: {n: 24}, taskmaster4: {n: 12}}
+target_per_task: 3
+train: {epochs: 1, learning_rate: 2.0e-4, batch_size: 8, lora_r: 8}
+budgets: [0.3]
+seeds: [0]
+methods:
+  - loss                              # a bare name: defaults
+  - {name: uds, online: true, label: UDS, params: {alpha: 2.0e-3}}
+```
+Random at every budget and seed, the untrained model and full data are always part of the grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimtune.online import POLICIES
+from slimtune.select import SELECTORS
+
+ALWAYS = ("untrained", "full", "random")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the grid. ``online`` methods train on the whole pool and keep ``budget`` of each batch."""
+
+    name: str
+    label: str
+    online: bool = False
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def fingerprint(self) -> str:
+        return _digest({"name": self.name, "online": self.online, "params": self.params})
+
+
+@dataclass
+class PoolSpec:
+    sizes: dict[str, int]
+    max_length: int = 256
+    corrupt_share: float = 0.0
+    corrupt_kinds: tuple[str, ...] = ("swap", "truncate")
+    seed: int = 0
+
+
+@dataclass
+class EvalSpec:
+    task: str
+    n: int
+    generate: tuple[str, ...] | None = None  # labels whose cells get generation metrics; None = every cell
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class TrainSpec:
+    epochs: float = 1.0
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    lora_r: int = 8
+    lora_alpha: int = 16
+    max_steps: int = -1
+
+
+@dataclass
+class GridConfig:
+    name: str
+    model: str
+    pool: PoolSpec
+    evals: list[EvalSpec]
+    train: TrainSpec
+    methods: list[MethodSpec]
+    budgets: list[float]
+    seeds: list[int]
+    target_per_task: int = 3
+    out_dir: str | None = None
+    source: str | None = None
+
+    def fingerprint(self, *parts: str) -> str:
+        """Hash of what a cell's result depends on besides its method: model, pool, training, evaluation."""
+        return _digest({"model": self.model, "pool": dataclasses.asdict(self.pool),
+                        "train": dataclasses.asdict(self.train),
+                        "evals": [dataclasses.asdict(e) for e in self.evals],
+                        "target_per_task": self.target_per_task, "parts": parts})
+
+
+def load_config(path: str | Path) -> GridConfig:
+    """Read and validate a grid config; errors name the file and the offending key."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+
+    def need(key: str) -> Any:
+        if key not in raw:
+            raise ValueError(f"{path}: missing key '{key}'")
+        return raw[key]
+
+    pool_raw = dict(need("pool"))
+    corrupt = pool_raw.pop("corrupt", None) or {}
+    pool = PoolSpec(sizes={str(k): int(v) for k, v in pool_raw.pop("sizes").items()},
+                    corrupt_share=float(corrupt.get("share", 0.0)),
+                    corrupt_kinds=tuple(corrupt.get("kinds", ("swap", "truncate"))), **pool_raw)
+    evals = [EvalSpec(task=task, n=int(spec.get("n", 16)),
+                      generate=tuple(spec["generate"]) if spec.get("generate") is not None else None,
+                      max_new_tokens=spec.get("max_new_tokens"))
+             for task, spec in (need("eval") or {}).items()]
+    methods = []
+    for entry in raw.get("methods") or []:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        name = entry.pop("name")
+        online = bool(entry.pop("online", name in POLICIES and name not in SELECTORS))
+        known = POLICIES if online else SELECTORS
+        if name not in known:
+            raise ValueError(f"{path}: methods: unknown {'online' if online else 'offline'} method '{name}'; "
+                             f"known: {', '.join(sorted(known))}")
+        methods.append(MethodSpec(name=name, label=str(entry.pop("label", name)), online=online,
+                                  params=dict(entry.pop("params", {}))))
+        if entry:
+            raise ValueError(f"{path}: methods: '{name}' has unknown keys {sorted(entry)}")
+    labels = [m.label for m in methods]
+    clash = sorted({lab for lab in labels if labels.count(lab) > 1 or lab in ALWAYS})
+    if clash:
+        raise ValueError(f"{path}: methods: labels {clash} repeat or clash with the built-in controls {ALWAYS}")
+    budgets = [float(b) for b in need("budgets")]
+    if any(not 0 < b <= 1 for b in budgets):
+        raise ValueError(f"{path}: budgets must be fractions in (0, 1], got {budgets}")
+    return GridConfig(name=str(raw.get("name", path.stem)), model=str(raw.get("model", "smollm2")), pool=pool,
+                      evals=evals, train=TrainSpec(**(raw.get("train") or {})), methods=methods, budgets=budgets,
+                      seeds=[int(s) for s in raw.get("seeds", [0])],
+                      target_per_task=int(raw.get("target_per_task", 3)), out_dir=raw.get("out_dir"),
+                      source=str(path))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]

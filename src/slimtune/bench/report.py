@@ -1,0 +1,185 @@
+"""The grid's results: one tidy table (Parquet + CSV), a Markdown and a self-contained HTML report.
+
+Quality is compared with random selection at the same budget, whose spread over seeds (mean ± standard
+error) is the band a method must leave to have done anything; a method inside the band is reported as a tie.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from slimtune.bench.config import GridConfig
+from slimtune.utils import atomic_write_bytes, atomic_write_text
+
+#: Metrics where lower is better; every other metric is higher-is-better.
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+
+
+def tidy_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    table = pd.DataFrame(rows).drop(columns=["key"], errors="ignore")
+    table["total_seconds"] = table["selection_seconds"] + table["training_seconds"]
+    table["model_tokens"] = table["selection_tokens"] + table["trained_tokens"]
+    return table
+
+
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if "/" in c and pd.api.types.is_numeric_dtype(table[c])
+            and table[c].notna().any()]
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard error over seeds of every metric, per (method, budget)."""
+    metrics = [*metric_columns(table), "total_seconds", "model_tokens", "corrupted_kept_share"]
+    grouped = table.groupby(["method", "budget"], dropna=False)[metrics]
+    mean, sem = grouped.mean(), grouped.sem(ddof=1).fillna(0.0)
+    return mean.join(sem, rsuffix="_se").reset_index()
+
+
+def verdicts(config: GridConfig, summary: pd.DataFrame) -> list[str]:
+    """Plain-language lines: per metric and budget, the best method against random's band."""
+    lines = []
+    trained = summary[summary["budget"].notna()]
+    for metric in metric_columns(summary):
+        if metric.endswith("_se"):
+            continue
+        sign = -1 if lower_is_better(metric) else 1
+        for budget in config.budgets:
+            at = trained[trained["budget"] == budget].dropna(subset=[metric])
+            rand = at[at["method"] == "random"]
+            others = at[at["method"] != "random"]
+            if rand.empty or others.empty:
+                continue
+            r_mean, r_se = float(rand[metric].iloc[0]), float(rand[f"{metric}_se"].iloc[0])
+            best = others.loc[(sign * others[metric]).idxmax()]
+            delta = sign * (float(best[metric]) - r_mean)
+            band = max(r_se, float(best[f"{metric}_se"]))
+            if delta > band:
+                lines.append(f"{metric} at {budget:g}: **{best['method']}** beat random by {delta:.4g} "
+                             f"({best[metric]:.4g} vs {r_mean:.4g} ± {r_se:.2g}).")
+            else:
+                lines.append(f"{metric} at {budget:g}: nothing beat random beyond its spread (best "
+                             f"{best['method']} {best[metric]:.4g} vs random {r_mean:.4g} ± {r_se:.2g}).")
+    return lines
+
+
+def _figure_png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_quality_vs_budget(summary: pd.DataFrame, metric: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    trained = summary[summary["budget"].notna()].sort_values("budget")
+    for method, group in trained.groupby("method"):
+        if method == "random":
+            ax.fill_between(group["budget"], group[metric] - group[f"{metric}_se"],
+                            group[metric] + group[f"{metric}_se"], color="grey", alpha=0.3, label="random ± s.e.")
+            ax.plot(group["budget"], group[metric], color="grey", linestyle="--")
+        else:
+            ax.errorbar(group["budget"], group[metric], yerr=group[f"{metric}_se"], marker="o", label=method,
+                        capsize=3)
+    for method, style in (("full", "-"), ("untrained", ":")):
+        ref = summary[summary["method"] == method][metric].dropna()
+        if not ref.empty:
+            ax.axhline(float(ref.iloc[0]), color="black", linestyle=style, linewidth=1, label=method)
+    ax.set_xlabel("budget (share of the pool)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7, loc="best")
+    return _figure_png(fig)
+
+
+def plot_quality_vs_compute(summary: pd.DataFrame, metric: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method, group in summary.dropna(subset=[metric]).groupby("method"):
+        ax.scatter(group["total_seconds"], group[metric], label=method)
+    ax.set_xlabel("selection + training seconds")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7, loc="best")
+    return _figure_png(fig)
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.4g}"
+        return str(value)
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def write_report(config: GridConfig, rows: list[dict[str, Any]], out: Path) -> Path:
+    """Write results.parquet, results.csv, report.md and report.html into ``out``; return report.md."""
+    table = tidy_table(rows)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write_bytes(out / "results.parquet", buffer.getvalue())
+    atomic_write_text(out / "results.csv", table.to_csv(index=False))
+    summary = summarise(table)
+    metrics = metric_columns(table)
+    lines = verdicts(config, summary)
+    cost_cols = ["method", "budget", "total_seconds", "model_tokens"]
+    cost = summary[cost_cols + [m for m in metrics if m.endswith(("loss", "exact_match", "chrf", "accuracy"))]]
+    corrupt = summary[["method", "budget", "corrupted_kept_share"]].dropna()
+    pool_share = table["corrupted_pool_share"].dropna()
+
+    md = [f"# slimtune bench: {config.name}", "",
+          f"Model `{config.model}`; pool of {int(table['pool_size'].iloc[0])} rows "
+          f"({', '.join(f'{k} {v}' for k, v in config.pool.sizes.items())}); budgets {config.budgets}; "
+          f"seeds {config.seeds}; config `{config.source}`.", "", "## Summary", "",
+          *[f"- {line}" for line in lines], "", "## Quality and cost (mean over seeds)", "",
+          _markdown_table(cost), ""]
+    if not corrupt.empty:
+        md += ["## Corrupted rows kept", "",
+               f"Share of corrupted rows in the pool: {float(pool_share.iloc[0]):.3f}. A method that filters "
+               "noise keeps less than that.", "", _markdown_table(corrupt), ""]
+    md += ["## Every cell", "", _markdown_table(table[[c for c in table.columns if c != "cell"]]), ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+
+    figures = []
+    for metric in metrics:
+        figures.append((f"{metric} against budget", plot_quality_vs_budget(summary, metric)))
+        figures.append((f"{metric} against compute", plot_quality_vs_compute(summary, metric)))
+    body = [f"<h1>slimtune bench: {html.escape(config.name)}</h1>", "<h2>Summary</h2><ul>",
+            *[f"<li>{html.escape(line).replace('**', '')}</li>" for line in lines], "</ul>",
+            "<h2>Quality and cost</h2>", cost.to_html(index=False, float_format=lambda v: f"{v:.4g}")]
+    if not corrupt.empty:
+        body += ["<h2>Corrupted rows kept</h2>",
+                 f"<p>Share in the pool: {float(pool_share.iloc[0]):.3f}</p>",
+                 corrupt.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
+    body += ["<h2>Curves</h2>"]
+    body += [f'<figure><img src="data:image/png;base64,{png}"><figcaption>{html.escape(caption)}</figcaption>'
+             f"</figure>" for caption, png in figures]
+    body += ["<h2>Every cell</h2>", table.to_html(index=False, float_format=lambda v: f"{v:.4g}")]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}figure{display:inline-block}")
+    atomic_write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>slimtune "
+                      f"bench</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    return out / "report.md"

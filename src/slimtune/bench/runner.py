@@ -1,0 +1,201 @@
+"""Run a benchmark grid: every cell selects (offline) or trains with selection (online), fine-tunes, evaluates.
+
+Cells are cached by a fingerprint of everything their result depends on, each written atomically when
+finished, so a killed grid resumes at the first unfinished cell and changing one method re-runs only its
+cells. Selections that do not depend on the seed (no ``seed`` parameter) are computed once and shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from slimtune.bench.config import GridConfig, MethodSpec, load_config
+from slimtune.bench.pool import BenchData, build_bench_data
+from slimtune.utils import atomic_write_text, write_json
+
+UNTRAINED = MethodSpec(name="untrained", label="untrained")
+FULL = MethodSpec(name="full", label="full")
+RANDOM = MethodSpec(name="random", label="random")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: MethodSpec
+    budget: float | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        budget = "" if self.budget is None else f"-b{self.budget:g}"
+        return f"{self.method.label}{budget}-s{self.seed}"
+
+
+def grid_cells(config: GridConfig) -> list[Cell]:
+    """The untrained model, full data per seed, random at every budget and seed, then every method."""
+    cells = [Cell(UNTRAINED, None, config.seeds[0])]
+    cells += [Cell(FULL, None, seed) for seed in config.seeds]
+    for method in [RANDOM, *config.methods]:
+        cells += [Cell(method, budget, seed) for budget in config.budgets for seed in config.seeds]
+    return cells
+
+
+def _selector_is_seeded(method: MethodSpec) -> bool:
+    from slimtune.select import selector_class
+
+    return "seed" in {f.name for f in dataclasses.fields(selector_class(method.name))}
+
+
+class GridRunner:
+    def __init__(self, config: GridConfig, out_dir: Path, console: Console | None = None):
+        self.config, self.out, self.console = config, out_dir, console or Console()
+        self.cells_dir = out_dir / "cells"
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        self._data: BenchData | None = None
+
+    @property
+    def data(self) -> BenchData:
+        if self._data is None:
+            self._data = build_bench_data(self.config)
+        return self._data
+
+    def cell_key(self, cell: Cell) -> str:
+        return self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), str(cell.seed))
+
+    def run(self) -> list[dict[str, Any]]:
+        rows = []
+        cells = grid_cells(self.config)
+        for number, cell in enumerate(cells, 1):
+            path = self.cells_dir / f"{cell.name}.json"
+            key = self.cell_key(cell)
+            if path.exists():
+                cached = json.loads(path.read_text())
+                if cached.get("key") == key:
+                    rows.append(cached)
+                    continue
+            self.console.rule(f"[bold]cell {number}/{len(cells)}: {cell.name}")
+            row = self.run_cell(cell)
+            row["key"] = key
+            write_json(path, row)
+            rows.append(row)
+        return rows
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        from slimtune.models import load_model
+
+        data, config = self.data, self.config
+        row: dict[str, Any] = {"cell": cell.name, "method": cell.method.label, "method_name": cell.method.name,
+                               "online": cell.method.online, "budget": cell.budget, "seed": cell.seed,
+                               "pool_size": len(data.pool), "selection_seconds": 0.0, "selection_tokens": 0,
+                               "training_seconds": 0.0, "trained_tokens": 0, "examples_trained": 0}
+        if cell.method is UNTRAINED:
+            model, tokenizer = load_model(config.model)
+        else:
+            run_dir = self.out / "runs" / cell.name
+            shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run from a killed grid
+            result, kept_ids = self._train(cell, run_dir, row)
+            row.update(training_seconds=result.seconds, trained_tokens=result.tokens_seen,
+                       examples_trained=result.examples_seen)
+            row.update(self._corruption(kept_ids))
+            from slimtune.train import load_trained
+
+            model, tokenizer = load_trained(run_dir)
+        row.update(self._evaluate(cell, model, tokenizer))
+        return row
+
+    def _train(self, cell: Cell, run_dir: Path, row: dict[str, Any]):
+        from slimtune.models import LoraSettings
+        from slimtune.train import TrainSettings, train
+
+        spec = self.config.train
+        settings = TrainSettings(
+            output_dir=str(run_dir), epochs=spec.epochs, max_steps=spec.max_steps, learning_rate=spec.learning_rate,
+            batch_size=spec.batch_size, max_length=self.config.pool.max_length, seed=cell.seed,
+            lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha), progress=False)
+        pool = self.data.pool
+        if cell.method.online:
+            from slimtune.online import get_policy
+            from slimtune.online.trainer import read_selection_log, train_online
+
+            policy = get_policy(cell.method.name, **self._with_seed(cell, cell.method.params, online=True))
+            result = train_online(pool, policy, keep=cell.budget, model=self.config.model, settings=settings)
+            kept_ids = [eid for step in read_selection_log(run_dir) for eid in step["chosen_ids"]]
+            return result, kept_ids
+        if cell.method is FULL:
+            return train(pool, model=self.config.model, settings=settings), [ex.id for ex in pool]
+        selection = self._select(cell)
+        row.update(selection_seconds=selection.cost.seconds,
+                   selection_tokens=selection.cost.forward_tokens + selection.cost.backward_tokens)
+        subset = selection.subset(pool)
+        return train(subset, model=self.config.model, settings=settings), [ex.id for ex in subset]
+
+    def _select(self, cell: Cell):
+        """A cached selection: shared across seeds when the method has no seed."""
+        from slimtune.select import Selection, get_selector, selector_class
+
+        seed_part = f"-s{cell.seed}" if _selector_is_seeded(cell.method) else ""
+        path = self.out / "selections" / f"{cell.method.label}-b{cell.budget:g}{seed_part}"
+        key = self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), seed_part)
+        key_file = path / "key.txt"
+        if key_file.exists() and key_file.read_text() == key:
+            return Selection.load(path)
+        params = dict(cell.method.params)
+        if "model" in {f.name for f in dataclasses.fields(selector_class(cell.method.name))}:
+            params.setdefault("model", self.config.model)
+        selector = get_selector(cell.method.name, **self._with_seed(cell, params, online=False))
+        targeted = selector.needs_target or params.get("objective") == "flmi"
+        selection = selector.select(self.data.pool, cell.budget, target=self.data.targets if targeted else None)
+        selection.save(path, self.data.pool)
+        atomic_write_text(key_file, key)  # written last: a selection without its key is not trusted
+        return selection
+
+    @staticmethod
+    def _with_seed(cell: Cell, params: dict[str, Any], *, online: bool) -> dict[str, Any]:
+        from slimtune.online import policy_class
+        from slimtune.select import selector_class
+
+        cls = policy_class(cell.method.name) if online else selector_class(cell.method.name)
+        if "seed" in {f.name for f in dataclasses.fields(cls)}:
+            return {"seed": cell.seed, **params}
+        return dict(params)
+
+    def _corruption(self, kept_ids: list[str]) -> dict[str, Any]:
+        corrupted = self.data.corrupted_ids
+        if not corrupted or not kept_ids:
+            return {"corrupted_kept_share": None, "corrupted_pool_share": None}
+        return {"corrupted_kept_share": sum(eid in corrupted for eid in kept_ids) / len(kept_ids),
+                "corrupted_pool_share": len(corrupted) / len(self.data.pool)}
+
+    def _evaluate(self, cell: Cell, model, tokenizer) -> dict[str, Any]:
+        from slimtune.evaluate import evaluate
+
+        metrics: dict[str, Any] = {}
+        start = time.perf_counter()
+        for spec in self.config.evals:
+            generate = spec.generate is None or cell.method.label in spec.generate or \
+                cell.method.name in spec.generate
+            kwargs = {"max_new_tokens": spec.max_new_tokens} if spec.max_new_tokens else {}
+            report = evaluate(model, tokenizer, {spec.task: self.data.evals[spec.task]},
+                              metrics=None if generate else ("loss",), **kwargs)
+            for name, value in report.metrics[spec.task].items():
+                metrics[f"{spec.task}/{name}"] = value
+        metrics["eval_seconds"] = time.perf_counter() - start
+        return metrics
+
+
+def run_grid(config_path: str | Path, out_dir: str | Path | None = None, console: Console | None = None) -> Path:
+    """Run (or resume) the grid in ``config_path`` and write the table and the reports; returns report.md."""
+    from slimtune.bench.report import write_report
+
+    config = load_config(config_path)
+    out = Path(out_dir or config.out_dir or Path("runs") / "bench" / config.name)
+    runner = GridRunner(config, out, console)
+    rows = runner.run()
+    return write_report(config, rows, out)
