@@ -43,7 +43,7 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     metrics = [*metric_columns(table), "total_seconds", "model_tokens", "corrupted_kept_share"]
     grouped = table.groupby(["method", "budget"], dropna=False)[metrics]
     mean, sem = grouped.mean(), grouped.sem(ddof=1).fillna(0.0)
-    return mean.join(sem, rsuffix="_se").reset_index()
+    return mean.join(sem.add_suffix("_se")).reset_index()
 
 
 def verdicts(config: GridConfig, summary: pd.DataFrame) -> list[str]:

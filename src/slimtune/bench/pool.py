@@ -1,0 +1,71 @@
+"""The standard benchmark data: a "mix" pool from the shared real data, held-out evaluation rows per task,
+a few target examples per task for targeted methods, and optional corruption of a fixed share of the pool.
+
+Corruption is how a benchmark asks whether a method filters noise: a corrupted row keeps its prompt but gets
+a wrong response, either another corrupted row's response (``swap``) or its own cut to the first third
+(``truncate``). Which rows were corrupted, and how, is recorded so the report can compare the share a
+method kept with the share in the pool.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+from slimtune.bench.config import GridConfig
+from slimtune.data.example import Example
+
+
+@dataclass
+class BenchData:
+    pool: list[Example]
+    evals: dict[str, list[Example]]
+    targets: list[Example]
+    corrupted_ids: set[str]
+
+
+def _with_response(example: Example, response: str, kind: str) -> Example:
+    messages = list(example.messages)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    messages[last] = {"role": "assistant", "content": response}
+    return replace(example, messages=tuple(messages), metadata={**example.metadata, "corrupted": kind})
+
+
+def corrupt(pool: list[Example], share: float, kinds: tuple[str, ...], seed: int) -> tuple[list[Example], set[str]]:
+    """Corrupt ``share`` of the pool (seeded), cycling through ``kinds``; returns the new pool and the ids."""
+    if share <= 0:
+        return pool, set()
+    rng = random.Random(seed)
+    chosen = rng.sample(range(len(pool)), max(2, round(share * len(pool))))
+    by_kind = {kind: chosen[i::len(kinds)] for i, kind in enumerate(kinds)}
+    out = list(pool)
+    for kind, rows in by_kind.items():
+        if kind == "swap":
+            # a derangement: every swapped row gets another row's response
+            for a, b in zip(rows, rows[1:] + rows[:1]):
+                out[a] = _with_response(pool[a], pool[b].response, "swap")
+        elif kind == "truncate":
+            for a in rows:
+                words = pool[a].response.split()
+                out[a] = _with_response(pool[a], " ".join(words[: max(1, len(words) // 3)]), "truncate")
+        else:
+            raise ValueError(f"unknown corruption kind '{kind}'; known: swap, truncate")
+    return out, {pool[i].id for i in chosen}
+
+
+def build_bench_data(config: GridConfig) -> BenchData:
+    """Pool rows come from each source's training split, evaluation and target rows from its held-out split,
+    so no evaluation row is ever in the pool."""
+    from slimtune.data.recipes import load_recipe
+
+    spec = config.pool
+    pool: list[Example] = []
+    for source, size in spec.sizes.items():
+        pool += load_recipe(source, split="train", limit=size, seed=spec.seed)
+    pool, corrupted = corrupt(pool, spec.corrupt_share, spec.corrupt_kinds, spec.seed)
+    evals, targets = {}, []
+    for ev in config.evals:
+        held_out = load_recipe(ev.task, split="test", limit=ev.n + config.target_per_task, seed=spec.seed)
+        evals[ev.task] = held_out[: ev.n]
+        targets += held_out[ev.n:]
+    return BenchData(pool=pool, evals=evals, targets=targets, corrupted_ids=corrupted)
