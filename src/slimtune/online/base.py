@@ -15,7 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-#: Names a policy may ask for in ``needs()``; ``loss`` and ``token_count`` are always present.
+#: Names a policy may ask for in ``needs()``. ``ref_loss`` is each row's loss under the policy's
+#: ``reference_model`` attribute (a model id, path or PEFT adapter folder; None: the model being trained, as it
+#: was before training), computed once over the training set and cached.
 SIGNALS = frozenset({"loss", "logits", "hidden", "ref_loss", "embedding"})
 
 
@@ -27,6 +29,8 @@ class CandidateBatch:
     (B, T, H, last layer) are filled only when the policy needs them; ``response_mask`` (B, T) marks the
     positions whose *next* token is a response token (where the loss is taken), ``attention_mask`` the real
     tokens. ``ref_loss`` is a reference model's loss (RHO-loss). ``index`` is each row's dataset index.
+    ``loss`` is NaN when the policy asked for nothing (an empty ``needs()``): no scoring forward ran.
+    ``progress`` is the share of training done, in [0, 1], for schedules such as InfoBatch's annealing.
     """
 
     index: Tensor
@@ -38,6 +42,7 @@ class CandidateBatch:
     loss: Tensor
     token_count: Tensor
     step: int = 0
+    progress: float = 0.0
     logits: Tensor | None = None
     hidden: Tensor | None = None
     ref_loss: Tensor | None = None
@@ -74,19 +79,26 @@ class Policy(ABC):
     name: ClassVar[str]
 
     def needs(self) -> set[str]:
-        """Signals the shared forward must compute (a subset of :data:`SIGNALS`)."""
+        """Signals the shared forward must compute (a subset of :data:`SIGNALS`); an empty set means the policy
+        chooses without looking, and the mechanism skips the scoring forward altogether."""
         return {"loss"}
 
     @abstractmethod
     def choose(self, batch: CandidateBatch, k: int) -> Tensor:
-        """Indices (into the batch) of the K rows to backpropagate, most wanted first."""
+        """Indices (into the batch) of the K rows to backpropagate, most wanted first. A policy that sets its
+        own budget (InfoBatch) may return another number of rows, at least one."""
 
     def scores(self, batch: CandidateBatch) -> Tensor | None:
         """Per-candidate scores of the last ``choose`` call, for the selection log (None if not scored)."""
         return getattr(self, "_last_scores", None)
 
+    def weights(self, batch: CandidateBatch) -> Tensor | None:
+        """Per-candidate loss weights of the last ``choose`` call (None: every chosen row weighs 1)."""
+        return getattr(self, "_last_weights", None)
+
     def observe(self, chosen: CandidateBatch) -> None:
-        """Called with the chosen rows after the update: memories and running statistics go here."""
+        """Called with the chosen rows right after ``choose``, before the next candidate batch is scored (their
+        backward follows; the weights do not change inside an accumulation window): memories go here."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly (memories, running statistics)."""
