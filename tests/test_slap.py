@@ -1,0 +1,188 @@
+"""SLAP: strata coverage, the curvature term, relative distances, the logged allocation, state and pruning."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from slimtune.online import get_policy
+from slimtune.online.base import CandidateBatch
+from slimtune.online.policies.slap import (
+    BatchGain,
+    Reference,
+    RowFeatures,
+    SLAPPolicy,
+    allocate,
+    gradient_sketch,
+    rademacher,
+)
+
+V, H, T = 40, 8, 10
+
+
+def make_batch(loss, *, reps=None, tasks=None, seed=0) -> CandidateBatch:
+    """Candidates with the given losses; random logits and hidden states, or hidden states whose mean over the
+    real tokens is ``reps`` row by row."""
+    gen = torch.Generator().manual_seed(seed)
+    loss = torch.as_tensor(loss, dtype=torch.float32)
+    b = len(loss)
+    labels = torch.randint(0, V, (b, T), generator=gen)
+    labels[:, :4] = -100
+    hidden = (torch.randn(b, T, H, generator=gen) if reps is None
+              else torch.as_tensor(reps, dtype=torch.float32)[:, None, :].expand(b, T, -1).clone())
+    return CandidateBatch(
+        index=torch.arange(b), ids=[f"r{i}" for i in range(b)], tasks=tasks or ["t"] * b,
+        input_ids=labels.clamp_min(0), attention_mask=torch.ones(b, T, dtype=torch.long), labels=labels,
+        loss=loss, token_count=torch.full((b,), T - 4), logits=torch.randn(b, T, V, generator=gen),
+        hidden=hidden)
+
+
+def strata_of(policy: SLAPPolicy, rows) -> list[str]:
+    return [policy.last.strata[i] for i in rows]
+
+
+def test_registry_builds_slap_and_needs_follow_the_switches():
+    assert isinstance(get_policy("slap"), SLAPPolicy)
+    assert SLAPPolicy().needs() == {"loss", "logits", "hidden"}
+    assert SLAPPolicy(learnability=False).needs() == {"loss", "hidden"}
+    assert SLAPPolicy(learnability=False, diversity=False).needs() == {"loss"}
+
+
+def test_stratification_keeps_every_loss_stratum_where_big_loss_takes_the_top():
+    loss = torch.linspace(0.1, 4.0, 16)
+    batch = make_batch(loss)
+    big_loss = set(loss.topk(4).indices.tolist())
+    for policy in (SLAPPolicy(strata=4), SLAPPolicy(strata=4, learnability=False, diversity=False)):
+        chosen = policy.choose(batch, 4).tolist()
+        assert sorted(Counter(strata_of(policy, chosen)).values()) == [1, 1, 1, 1]
+        assert len(set(strata_of(policy, big_loss))) == 1  # the top-4 rows all sit in the top stratum
+    unstratified = SLAPPolicy(stratify=False, learnability=False, diversity=False)
+    assert set(unstratified.choose(batch, 4).tolist()) == big_loss
+
+
+def test_allocation_floor_proportional_and_neyman():
+    counts = {"a": 10, "b": 1, "c": 5}
+    assert allocate(counts, {h: float(n) for h, n in counts.items()}, 4) == {"a": 2, "b": 1, "c": 1}
+    assert allocate(counts, {h: float(n) for h, n in counts.items()}, 2) == {"a": 1, "b": 0, "c": 1}
+    neyman = allocate(counts, {"a": 10 * 0.1, "b": 1 * 1.0, "c": 5 * 2.0}, 7)  # N_h S_h
+    assert neyman == {"a": 1, "b": 1, "c": 5}  # c: N_h S_h = 10 of 12, though a holds twice the rows
+    assert allocate({"a": 2, "b": 0}, {"a": 2.0, "b": 0.0}, 5) == {"a": 2, "b": 0}
+
+
+def test_curvature_makes_aligned_gradients_worth_less_than_orthogonal_ones_of_the_same_norm():
+    a, b, c = torch.eye(4)[:3]
+    near_a = (a + 1e-3 * c) / (a + 1e-3 * c).norm()
+    g = torch.stack([a, near_a, b])
+    g_ref = (a + b) / 2  # equally aligned with both directions, so the linear terms tie
+    curved = Reference(g_ref, g.T @ g / 3 + 0.1 * torch.eye(4), 1.0, 1.0)
+    flat = Reference(g_ref, None, 1.0, 1.0)
+
+    def gain(ref: Reference, rows: list[int]) -> float:
+        batch = BatchGain(g, ref)
+        for i in rows:
+            batch.add(i)
+        return batch.value
+
+    assert gain(curved, [0, 1]) < gain(curved, [0, 2])
+    assert gain(flat, [0, 1]) == pytest.approx(gain(flat, [0, 2]))
+    grown = BatchGain(g, curved)
+    grown.add(0)
+    assert grown.marginal()[2] > grown.marginal()[1]
+    assert float(grown.marginal()[2]) == pytest.approx(gain(curved, [0, 2]) - gain(curved, [0]), rel=1e-5)
+
+
+def test_slap_pairs_orthogonal_rows_instead_of_near_duplicates():
+    a, b = torch.eye(6)[0], torch.eye(6)[1]
+    jitter = 1e-3 * torch.eye(6)[5]
+    sketch = torch.stack([a, a + jitter, b, b - jitter])
+    feats = RowFeatures(torch.ones(4), ["t"] * 4, sketch, None)
+    kept = SLAPPolicy(stratify=False, diversity=False).prune(feats, 2).tolist()
+    assert sorted(i // 2 for i in kept) == [0, 1]  # one row of each pair
+    flat = SLAPPolicy(stratify=False, diversity=False, curvature=False).prune(feats, 2).tolist()
+    assert sorted(i // 2 for i in flat) != [0, 1]  # without curvature nothing tells the pairs apart
+
+
+def test_relative_distance_picks_the_spread_out_rows_of_a_tight_stratum():
+    # tight stratum (losses ~1): a near-duplicate cluster with the highest losses, and two rows that are
+    # 0.01 apart, far for this stratum; loose stratum (losses ~3-4): rows metres apart.
+    gen = torch.Generator().manual_seed(1)
+    cluster = [[1e-5 * i, 0, 0, 0, 0, 0, 0, 0] for i in range(3)]
+    spread = [[0, 0.01, 0, 0, 0, 0, 0, 0], [0, 0, 0.01, 0, 0, 0, 0, 0]]
+    loose = (10 * torch.randn(5, H, generator=gen)).tolist()
+    loss = [1.05, 1.04, 1.03, 1.0, 1.01, 3.0, 3.2, 3.5, 3.8, 4.0]
+    batch = make_batch(loss, reps=cluster + spread + loose)
+    relative = SLAPPolicy(strata=2, learnability=False, diversity_weight=2.0)
+    picked = relative.choose(batch, 6).tolist()
+    tight = [i for i in picked if i < 5]
+    assert len(tight) == 3 and sum(i < 3 for i in tight) == 1 and {3, 4} <= set(tight)
+    by_loss = SLAPPolicy(strata=2, learnability=False, diversity=False).choose(batch, 6).tolist()
+    assert {0, 1, 2} <= set(by_loss)  # loss alone takes the redundant cluster
+
+
+def test_logged_allocation_matches_the_chosen_rows_strata():
+    loss = torch.rand(24, generator=torch.Generator().manual_seed(3)) * 5
+    policy = SLAPPolicy(strata=3)
+    chosen = policy.choose(make_batch(loss, seed=3), 7)
+    record = policy.log_record()
+    edges = torch.tensor(record["edges"]["all"])
+    observed = Counter(f"q{b}" for b in torch.bucketize(loss[chosen], edges).tolist())
+    assert {h: r["chosen"] for h, r in record["allocation"].items() if r["chosen"]} == dict(observed)
+    assert all(r["slots"] == r["chosen"] for r in record["allocation"].values())
+    assert sum(r["candidates"] for r in record["allocation"].values()) == 24
+    assert record["gain_share"] is not None
+    assert policy.scores(None).shape == (24,)
+
+
+def test_strata_crossed_with_task_cover_each_task():
+    loss = torch.cat([torch.linspace(0.1, 0.5, 8), torch.linspace(3.0, 6.0, 8)])
+    policy = SLAPPolicy(strata=2, by_task=True, learnability=False, diversity=False)
+    chosen = policy.choose(make_batch(loss, tasks=["qa"] * 8 + ["mt"] * 8), 4).tolist()
+    assert sorted(strata_of(policy, chosen)) == ["mt/q0", "mt/q1", "qa/q0", "qa/q1"]
+
+
+def test_state_dict_round_trip_continues_identically():
+    batches = [make_batch(torch.rand(12, generator=torch.Generator().manual_seed(s)) * (s + 1), seed=s)
+               for s in range(4)]
+    policy = SLAPPolicy(window=20, allocation="neyman")
+    for batch in batches[:3]:
+        policy.choose(batch, 4)
+    resumed = SLAPPolicy(window=20, allocation="neyman")
+    resumed.load_state_dict(policy.state_dict())
+    assert resumed.state_dict() == policy.state_dict()
+    assert resumed.choose(batches[3], 4).tolist() == policy.choose(batches[3], 4).tolist()
+    assert resumed.log_record() == policy.log_record()
+
+
+def test_gradient_sketch_is_the_projected_lm_head_gradient():
+    gen = torch.Generator().manual_seed(0)
+    b = 3
+    weight = torch.randn(V, H, generator=gen, requires_grad=True)
+    hidden = torch.randn(b, T, H, generator=gen)
+    labels = torch.randint(0, V, (b, T), generator=gen)
+    labels[:, :5] = -100
+    labels[1, 5:8] = -100
+    p_out, p_in = rademacher(5, V, 0), rademacher(3, H, 1)
+    sketch = gradient_sketch(hidden @ weight.detach().T, hidden, labels, p_out, p_in)
+    for i in range(b):
+        logits = hidden[i, :-1] @ weight.T
+        mask = labels[i, 1:] != -100
+        loss = torch.nn.functional.cross_entropy(logits[mask], labels[i, 1:][mask])
+        (grad,) = torch.autograd.grad(loss, weight)
+        torch.testing.assert_close(sketch[i], (p_out @ grad @ p_in.T).flatten(), atol=1e-5, rtol=1e-4)
+
+
+def test_pruning_keeps_the_requested_share_and_every_stratum():
+    gen = torch.Generator().manual_seed(0)
+    n = 203
+    feats = RowFeatures(torch.rand(n, generator=gen) ** 3 * 4, [("qa", "mt")[i % 2] for i in range(n)],
+                        torch.randn(n, 32, generator=gen), torch.randn(n, 16, generator=gen))
+    for policy in (SLAPPolicy(strata=5), SLAPPolicy(strata=3, by_task=True, block=50)):
+        kept = policy.prune(feats, 0.7)
+        assert len(kept) == round(0.7 * n) == len(set(kept.tolist()))
+        kept_strata = set(strata_of(policy, kept.tolist()))
+        assert kept_strata == set(policy.last.strata)
+        alloc = policy.log_record()["allocation"]
+        assert sum(r["chosen"] for r in alloc.values()) == len(kept)
+    assert len(SLAPPolicy().prune(feats, 50)) == 50
