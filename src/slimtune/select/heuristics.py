@@ -1,0 +1,207 @@
+"""Single-score baselines users compare every method against: random, length, loss / perplexity and IFD.
+
+Length, loss and IFD record the raw quantity (tokens, loss, IFD) as each example's manifest score and return
+their own keep order, so ``keep="shortest"`` or ``"lowest"`` needs no negated scores. Rows that cannot be
+scored (no response token left within ``max_length``) get no score and go last.
+
+The response y is an example's last assistant turn and its prompt x is everything before it, as in the
+papers' (x, y) notation; earlier assistant turns of a dialogue are context, not scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from slimtune.data.example import Example
+from slimtune.data.tokenize import IGNORE_INDEX, Collator, encode_example
+from slimtune.features.losses import score_losses
+from slimtune.select.base import Cost, Selector
+
+
+def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _keep_order(values: np.ndarray, first: str, *, demoted: np.ndarray | None = None) -> list[int]:
+    """Pool indices with the ``"highest"`` or ``"lowest"`` values ``first``; ``demoted`` rows come after all
+    others (lowest value first), unscored (NaN) rows last. Ties keep pool order."""
+    demoted = np.zeros(len(values), dtype=bool) if demoted is None else demoted
+    key = np.where(demoted, values, -values if first == "highest" else values)
+    group = np.where(np.isnan(values), 2, demoted.astype(int))
+    return np.lexsort((np.nan_to_num(key, nan=0.0), group)).tolist()
+
+
+@dataclass
+class RandomSelector(Selector):
+    """Uniform random subset: every example gets a seeded uniform score and the top ``k`` are kept.
+
+    The same seed gives the same ranking, so a smaller budget keeps a prefix of a larger one.
+    """
+
+    name: ClassVar[str] = "random"
+    seed: int = 0
+
+    def score(self, pool, *, target=None, existing=None, cost: Cost) -> np.ndarray:
+        return np.random.default_rng(self.seed).random(len(pool))
+
+
+@dataclass
+class LengthSelector(Selector):
+    """Keep the longest (or shortest) responses: score = len(y) in the model's tokens or in characters.
+
+    Longest-first is the strong simple baseline of Zhao et al., "Long Is More for Alignment" (ICML 2024).
+    ``model`` only supplies the tokenizer for ``unit="tokens"``; no forward pass runs.
+    """
+
+    name: ClassVar[str] = "length"
+    keep: str = "longest"
+    unit: str = "tokens"
+    model: str = "smollm2"
+
+    def __post_init__(self):
+        _check("keep", self.keep, ("longest", "shortest"))
+        _check("unit", self.unit, ("tokens", "chars"))
+
+    def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
+        responses = [ex.response for ex in pool]
+        if self.unit == "chars":
+            lengths = np.array([len(r) for r in responses], dtype=np.float64)
+        else:
+            from slimtune.models import load_tokenizer
+
+            ids = load_tokenizer(self.model)(responses, add_special_tokens=False)["input_ids"]
+            lengths = np.array([len(row) for row in ids], dtype=np.float64)
+        return lengths, _keep_order(lengths, "highest" if self.keep == "longest" else "lowest")
+
+
+@dataclass
+class _ResponseLossSelector(Selector):
+    """What loss and IFD share: the model, and one batched pass scoring each row's mean response loss."""
+
+    model: str = "smollm2"
+    batch_size: int = 8
+    max_length: int = 512
+    device: str | None = None
+
+    def _load(self):
+        from slimtune.models import load_model
+
+        return load_model(self.model, device=self.device)
+
+    def _score_rows(self, model, tokenizer, rows: list[dict[str, list[int]]], cost: Cost) -> np.ndarray:
+        """Mean loss over each row's labelled tokens (NaN for rows with none), batched longest first so rows
+        of a batch pad little and an out-of-memory error shows at once."""
+        losses = np.full(len(rows), np.nan)
+        scored = sorted((i for i, r in enumerate(rows) if any(t != IGNORE_INDEX for t in r["labels"])),
+                        key=lambda i: -len(rows[i]["input_ids"]))
+        if not scored:
+            return losses
+        collate = Collator(pad_token_id=tokenizer.pad_token_id)
+        batches = (collate([rows[i] for i in scored[s:s + self.batch_size]])
+                   for s in range(0, len(scored), self.batch_size))
+        loss, _ = score_losses(model, batches)
+        losses[scored] = loss.double().numpy()
+        cost.forward_tokens += sum(len(rows[i]["input_ids"]) for i in scored)
+        return losses
+
+    def _conditioned_rows(self, pool: Sequence[Example], tokenizer) -> list[dict[str, list[int]]]:
+        """Each example as trained (chat template), labels on y only, cut to ``max_length`` tokens."""
+        rows = []
+        for ex in pool:
+            # y is located before cutting: once cut, the last labelled turn may be an earlier one
+            row = encode_example(ex, tokenizer)
+            labels = _last_turn_only(row["labels"])
+            rows.append({"input_ids": row["input_ids"][:self.max_length], "labels": labels[:self.max_length]})
+        return rows
+
+
+@dataclass
+class LossSelector(_ResponseLossSelector):
+    """Keep the examples the model finds hardest (or easiest): score = the mean cross-entropy of y given x
+    under ``model``, L(y | x) = -1/|y| sum_t log p(y_t | x, y_<t), or its perplexity exp(L) (same order).
+
+    The loss / perplexity baseline of the data-pruning literature (e.g. Marion et al., 2023, "When Less is
+    More: Investigating Data Pruning for Pretraining LLMs at Scale"): ``"highest"`` keeps informative or
+    noisy rows, ``"lowest"`` clean, easy ones.
+    """
+
+    name: ClassVar[str] = "loss"
+    keep: str = "highest"
+    metric: str = "loss"
+
+    def __post_init__(self):
+        _check("keep", self.keep, ("highest", "lowest"))
+        _check("metric", self.metric, ("loss", "perplexity"))
+
+    def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
+        model, tokenizer = self._load()
+        losses = self._score_rows(model, tokenizer, self._conditioned_rows(pool, tokenizer), cost)
+        values = np.exp(losses) if self.metric == "perplexity" else losses
+        return values, _keep_order(values, self.keep)
+
+
+@dataclass
+class IFDSelector(_ResponseLossSelector):
+    """Instruction-Following Difficulty (Li et al., NAACL 2024, "From Quantity to Quality: Boosting LLM
+    Performance with Self-Guided Data Selection for Instruction Tuning"):
+
+        IFD(x, y) = L(y | x) / L(y)
+
+    with L the mean response-token cross-entropy under ``model``. A high IFD means the instruction helps the
+    model little, so the pair is hard and worth learning; the paper keeps the highest. IFD > 1 means the
+    instruction makes the response *less* likely, which the paper reads as a misaligned pair and filters out:
+    with ``drop_above_one`` those rows are ranked after every other (closest to 1 first), so they are kept
+    only when the budget exceeds the rest.
+
+    L(y) is scored on y after an empty user turn rather than on bare text as in the paper's code, so that in a
+    chat template both losses average over exactly the same response tokens. When ``max_length`` cuts a
+    response short, L(y) is taken over the same surviving tokens as L(y | x).
+    """
+
+    name: ClassVar[str] = "ifd"
+    keep: str = "highest"
+    drop_above_one: bool = True
+
+    def __post_init__(self):
+        _check("keep", self.keep, ("highest", "lowest"))
+
+    def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
+        model, tokenizer = self._load()
+        conditioned = self._conditioned_rows(pool, tokenizer)
+        alone = [_response_alone(ex, tokenizer, sum(t != IGNORE_INDEX for t in row["labels"]))
+                 for ex, row in zip(pool, conditioned)]
+        with_x = self._score_rows(model, tokenizer, conditioned, cost)
+        without_x = self._score_rows(model, tokenizer, alone, cost)
+        ifd = with_x / without_x
+        above = ifd > 1
+        cost.details["ifd_above_one"] = int(above.sum())
+        return ifd, _keep_order(ifd, self.keep, demoted=above if self.drop_above_one else None)
+
+
+def _last_turn_only(labels: list[int]) -> list[int]:
+    """Labels with every assistant turn but the last masked (turns are separated by unlabelled headers)."""
+    end = max((t for t, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [label if start <= t <= end else IGNORE_INDEX for t, label in enumerate(labels)]
+
+
+def _response_alone(example: Example, tokenizer, n_tokens: int) -> dict[str, list[int]]:
+    """y after an empty user turn, labelled on its first ``n_tokens`` tokens and cut right after them."""
+    alone = Example(id=example.id, messages=({"role": "user", "content": ""},
+                                             {"role": "assistant", "content": example.response}))
+    row = encode_example(alone, tokenizer)
+    labelled = [t for t, label in enumerate(row["labels"]) if label != IGNORE_INDEX][:n_tokens]
+    if not labelled:
+        return {"input_ids": row["input_ids"][:1], "labels": [IGNORE_INDEX]}
+    end = labelled[-1] + 1
+    return {"input_ids": row["input_ids"][:end], "labels": row["labels"][:end]}
+
+
+__all__ = ["IFDSelector", "LengthSelector", "LossSelector", "RandomSelector"]
