@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -186,3 +187,59 @@ def test_pruning_keeps_the_requested_share_and_every_stratum():
         alloc = policy.log_record()["allocation"]
         assert sum(r["chosen"] for r in alloc.values()) == len(kept)
     assert len(SLAPPolicy().prune(feats, 50)) == 50
+
+
+def mixed_examples(shared_data, n):
+    """Half short GSM8K problems, half Tatoeba French-to-English pairs, tasks set accordingly."""
+    from slimtune.data.example import make_example
+
+    rows = (json.loads(line) for line in open(shared_data / "gsm8k" / "train.jsonl"))
+    gsm = [r for r, _ in zip((r for r in rows if len(r["question"] + r["answer"]) < 300), range(n // 2))]
+    folder = shared_data / "tatoeba"
+    fra = (folder / "tatoeba.fra-eng.fra").read_text().splitlines()
+    eng = (folder / "tatoeba.fra-eng.eng").read_text().splitlines()
+    return ([make_example([{"role": "user", "content": r["question"]},
+                           {"role": "assistant", "content": r["answer"]}], task="gsm8k") for r in gsm]
+            + [make_example([{"role": "user", "content": f"Translate from French to English: {f}"},
+                             {"role": "assistant", "content": e}], task="tatoeba")
+               for f, e in zip(fra[: n - n // 2], eng)])
+
+
+def tiny_settings(tmp_path, name, **kw):
+    from slimtune.models import LoraSettings
+    from slimtune.train import TrainSettings
+
+    base = dict(output_dir=str(tmp_path / name), epochs=1, batch_size=8, learning_rate=1e-2, max_length=128,
+                lora=LoraSettings(r=4, alpha=8, dropout=0.0), progress=False, logging_steps=1)
+    return TrainSettings(**{**base, **kw})
+
+
+def test_per_step_selection_through_the_trainer_logs_the_allocation(tmp_path, shared_data):
+    from slimtune.online.trainer import read_selection_log, train_online
+
+    examples = mixed_examples(shared_data, 24)
+    result = train_online(examples, SLAPPolicy(strata=2, by_task=True), keep=0.5, model="tiny",
+                          settings=tiny_settings(tmp_path, "step"))
+    assert result.examples_seen == 12
+    records = read_selection_log(result.output_dir)
+    assert len(records) == 3
+    for record in records:
+        alloc = record["policy"]["allocation"]
+        assert sum(r["chosen"] for r in alloc.values()) == len(record["chosen"]) == 4
+        assert {h.split("/")[0] for h, r in alloc.items() if r["chosen"]} == {
+            h.split("/")[0] for h, r in alloc.items() if r["candidates"]}  # every task present is trained
+
+
+def test_per_epoch_pruning_trains_each_epoch_on_the_kept_share(tmp_path, shared_data):
+    from slimtune.online.pruning import LOG_NAME, train_pruned
+
+    examples = mixed_examples(shared_data, 20)
+    result = train_pruned(examples, SLAPPolicy(strata=3), keep=0.7, model="tiny",
+                          settings=tiny_settings(tmp_path, "epoch", epochs=2, batch_size=7))
+    assert result.examples_seen == 2 * 14
+    log = [json.loads(line) for line in (result.output_dir / LOG_NAME).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["kept"] == 14 and r["pool"] == 20 for r in log)
+    for record in log:
+        alloc = record["allocation"]
+        assert all(r["chosen"] >= 1 for r in alloc.values() if r["candidates"])
+    assert log[1]["step"] == 2  # the second epoch was scored with the model after the first one's steps

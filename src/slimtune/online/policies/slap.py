@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -250,17 +250,16 @@ class SLAPPolicy(Policy):
     diversity: bool = True
     block: int = 2048
     seed: int = 0
-    _window_loss: deque = field(init=False, repr=False)
-    _window_tasks: deque = field(init=False, repr=False)
-    _projections: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         if self.allocation not in ("proportional", "neyman"):
             raise ValueError(f"allocation must be 'proportional' or 'neyman', got {self.allocation!r}")
         if self.representation not in ("hidden", "sketch"):
             raise ValueError(f"representation must be 'hidden' or 'sketch', got {self.representation!r}")
-        self._window_loss = deque(maxlen=self.window)
-        self._window_tasks = deque(maxlen=self.window)
+        # State, not parameters: kept out of the dataclass fields so asdict() stays the method's config.
+        self._window_loss: deque[float] = deque(maxlen=self.window)
+        self._window_tasks: deque[str] = deque(maxlen=self.window)
+        self._projections: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self.last: Assembly | None = None
         self.last_edges: dict[str, list[float]] = {}
 
