@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+from slimtune.features.projection import RademacherProjector
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch
 from slimtune.online.policies.slap import (
@@ -17,7 +18,6 @@ from slimtune.online.policies.slap import (
     SLAPPolicy,
     allocate,
     gradient_sketch,
-    rademacher,
 )
 
 V, H, T = 40, 8, 10
@@ -164,14 +164,16 @@ def test_gradient_sketch_is_the_projected_lm_head_gradient():
     labels = torch.randint(0, V, (b, T), generator=gen)
     labels[:, :5] = -100
     labels[1, 5:8] = -100
-    p_out, p_in = rademacher(5, V, 0), rademacher(3, H, 1)
+    p_out, p_in = RademacherProjector(5, seed=0), RademacherProjector(3, seed=1)
     sketch = gradient_sketch(hidden @ weight.detach().T, hidden, labels, p_out, p_in)
+    out_matrix, in_matrix = p_out.project(torch.eye(V)).T, p_in.project(torch.eye(H)).T
     for i in range(b):
         logits = hidden[i, :-1] @ weight.T
         mask = labels[i, 1:] != -100
         loss = torch.nn.functional.cross_entropy(logits[mask], labels[i, 1:][mask])
         (grad,) = torch.autograd.grad(loss, weight)
-        torch.testing.assert_close(sketch[i], (p_out @ grad @ p_in.T).flatten(), atol=1e-5, rtol=1e-4)
+        expected = (out_matrix @ grad @ in_matrix.T).flatten()
+        torch.testing.assert_close(sketch[i], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_pruning_keeps_the_requested_share_and_every_stratum():

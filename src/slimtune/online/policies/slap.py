@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 from slimtune.data.tokenize import IGNORE_INDEX
+from slimtune.features.projection import Projector, RademacherProjector
 from slimtune.online.base import CandidateBatch, Policy
 
 #: Relative distances are capped here: two rows further apart than twice their stratum's typical spread are
@@ -105,14 +106,8 @@ class RowFeatures:
         return RowFeatures(join("loss"), [t for p in parts for t in p.tasks], join("sketch"), join("rep"))
 
 
-def rademacher(rows: int, cols: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
-    """A seeded (rows x cols) matrix of +-1/sqrt(rows): a JL projection, inner products kept on average."""
-    gen = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (rows, cols), generator=gen, dtype=torch.int8)
-    return (signs.float() * 2 - 1).div_(math.sqrt(rows)).to(device)
-
-
-def gradient_sketch(logits: Tensor, hidden: Tensor, labels: Tensor, p_out: Tensor, p_in: Tensor) -> Tensor:
+def gradient_sketch(logits: Tensor, hidden: Tensor, labels: Tensor, p_out: Projector,
+                    p_in: Projector) -> Tensor:
     """Each row's LM-head gradient of its mean response loss, projected to (d_out x d_in) and flattened.
 
     grad_W_i = (1/T_i) sum_t d_t h_t^T with d_t = softmax(z_t) - onehot(y_t), so
@@ -121,14 +116,11 @@ def gradient_sketch(logits: Tensor, hidden: Tensor, labels: Tensor, p_out: Tenso
     """
     targets = labels[:, 1:]
     rows, pos = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    y = targets[rows, pos]
-    probs = torch.softmax(logits[rows, pos].float(), dim=-1)
-    p_out = p_out.to(probs.device)
-    delta = probs @ p_out.T - p_out.T[y]                                   # (N, d_out)
-    act = hidden[rows, pos].float() @ p_in.to(probs.device).T             # (N, d_in)
-    outer = (delta.unsqueeze(2) * act.unsqueeze(1)).flatten(1)             # (N, d_out d_in)
-    sketch = torch.zeros(labels.shape[0], outer.shape[1], device=outer.device)
-    sketch.index_add_(0, rows, outer)
+    delta = torch.softmax(logits[rows, pos].float(), dim=-1)
+    delta[torch.arange(len(rows)), targets[rows, pos]] -= 1
+    outer = p_out.project(delta).unsqueeze(2) * p_in.project(hidden[rows, pos].float()).unsqueeze(1)
+    sketch = torch.zeros(labels.shape[0], outer[0].numel(), device=outer.device)
+    sketch.index_add_(0, rows, outer.flatten(1))
     count = torch.bincount(rows, minlength=labels.shape[0]).clamp_min(1)
     return sketch / count.unsqueeze(1)
 
@@ -259,7 +251,8 @@ class SLAPPolicy(Policy):
         # State, not parameters: kept out of the dataclass fields so asdict() stays the method's config.
         self._window_loss: deque[float] = deque(maxlen=self.window)
         self._window_tasks: deque[str] = deque(maxlen=self.window)
-        self._projections: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._projectors = (RademacherProjector(self.sketch_out, self.seed),
+                            RademacherProjector(self.sketch_in, self.seed + 1))
         self.last: Assembly | None = None
         self.last_edges: dict[str, list[float]] = {}
 
@@ -275,20 +268,13 @@ class SLAPPolicy(Policy):
             wanted.add("hidden")
         return wanted
 
-    def _projection(self, vocab: int, width: int) -> tuple[Tensor, Tensor]:
-        if (vocab, width) not in self._projections:
-            self._projections[(vocab, width)] = (rademacher(self.sketch_out, vocab, self.seed),
-                                                 rademacher(self.sketch_in, width, self.seed + 1))
-        return self._projections[(vocab, width)]
-
     def features(self, batch: CandidateBatch) -> RowFeatures:
         """What SLAP keeps of a candidate batch: loss, task, and the sketch / representation it needs."""
         sketch = rep = None
         if self._wants_sketch():
             if batch.logits is None or batch.hidden is None:
                 raise ValueError("SLAP's gradient sketch needs the batch's logits and hidden states")
-            p_out, p_in = self._projection(batch.logits.shape[-1], batch.hidden.shape[-1])
-            sketch = gradient_sketch(batch.logits, batch.hidden, batch.labels, p_out, p_in).cpu()
+            sketch = gradient_sketch(batch.logits, batch.hidden, batch.labels, *self._projectors).cpu()
         if self.diversity:
             rep = (sketch if self.representation == "sketch"
                    else mean_pool(batch.hidden, batch.attention_mask).cpu())
