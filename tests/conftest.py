@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,3 +33,18 @@ def tiny():
 @pytest.fixture(scope="session")
 def tokenizer(tiny):
     return tiny[1]
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """``write(rows, name)`` writes a JSONL file in tmp_path: dicts as JSON, str or bytes rows verbatim."""
+
+    def write(rows, name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        lines = [row if isinstance(row, bytes) else
+                 (row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)).encode("utf-8")
+                 for row in rows]
+        path.write_bytes(b"".join(line + b"\n" for line in lines))
+        return path
+
+    return write

@@ -1,0 +1,289 @@
+"""Reading user data: every shape and file type, and a precise error for every kind of bad record."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from slimtune.data import DataError, load_examples
+from slimtune.data.example import content_id
+
+USER_ASSISTANT = ({"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"})
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "Say hi", "output": "Hi!"},
+    {"instruction": "Say hi", "input": "", "output": "Hi!"},
+    {"prompt": "Say hi", "completion": "Hi!"},
+    {"prompt": "Say hi", "completion": "Hi!<|endoftext|>"},
+    {"question": "Say hi", "answer": "Hi!"},
+    {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"}]},
+    {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "Hi!"}]},
+    {"conversations": [{"from": "user", "value": "Say hi"}, {"from": "assistant", "value": "Hi!"}]},
+], ids=["alpaca", "alpaca-empty-input", "prompt-completion", "completion-end-marker", "question-answer",
+        "messages", "sharegpt", "sharegpt-user-assistant"])
+def test_every_shape_becomes_the_same_conversation(write_jsonl, record):
+    example, = load_examples(write_jsonl([record])).examples
+    assert example.messages == USER_ASSISTANT
+    # No id field: the id is the content's hash, so the same example has the same id in any shape or file.
+    assert example.id == content_id(USER_ASSISTANT)
+
+
+def test_alpaca_input_follows_the_instruction(write_jsonl):
+    path = write_jsonl([{"instruction": "Translate", "input": "chat", "output": "cat"}])
+    example, = load_examples(path).examples
+    assert example.messages[0]["content"] == "Translate\n\nchat"
+
+
+def test_multi_turn_conversations_keep_every_turn_and_system_prompt(write_jsonl):
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+2?"},
+             {"from": "gpt", "value": "4"}, {"from": "human", "value": "And 3+3?"},
+             {"from": "gpt", "value": "6"}]
+    example, = load_examples(write_jsonl([{"conversations": turns}])).examples
+    assert [m["role"] for m in example.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert example.response == "6"
+    assert [m["content"] for m in example.prompt_messages] == ["Be brief.", "2+2?", "4", "And 3+3?"]
+
+
+def test_a_file_may_mix_shapes_and_the_report_counts_them(write_jsonl):
+    path = write_jsonl([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"},
+                        {"question": "e", "answer": "f"}])
+    report = load_examples(path).report
+    assert report.shape == "mixed (prompt-completion 2, question-answer 1)"
+    assert (report.read, report.kept, report.skipped) == (3, 3, 0)
+
+
+def test_shape_override_reads_records_by_the_named_shape(write_jsonl):
+    # Both shapes fit; by default messages wins, the override picks the other.
+    record = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+              "question": "Q", "answer": "A"}
+    path = write_jsonl([record])
+    assert load_examples(path).examples[0].response == "y"
+    result = load_examples(path, shape="question_answer")
+    assert result.examples[0].messages[0]["content"] == "Q"
+    assert result.report.shape == "question-answer"
+    with pytest.raises(ValueError, match="unknown shape 'chatml'; known: messages, sharegpt, taskmaster, "):
+        load_examples(path, shape="chatml")
+
+
+def test_metadata_names_source_task_file_and_line_and_keeps_the_record(write_jsonl):
+    rows = [{"id": 7, "prompt": "a", "completion": "b", "category": "brainstorm"}, "",
+            {"id": "x-2", "prompt": "c", "completion": "d"}]
+    path = write_jsonl(rows, name="my_pool.jsonl")
+    first, second = load_examples(path).examples
+    assert (first.id, second.id) == ("7", "x-2")
+    assert first.metadata == {"source": "my_pool", "task": "brainstorm", "file": str(path), "line": 1,
+                              "format": "jsonl"}
+    assert (second.task, second.metadata["line"]) == ("my_pool", 3)  # blank lines still count as lines
+    assert first.record == rows[0]
+
+
+def test_source_task_field_and_id_field_override_the_defaults(write_jsonl):
+    path = write_jsonl([{"uid": "q1", "kind": "math", "task": "ignored", "question": "1+1", "answer": "2"}])
+    example, = load_examples(path, source="mine", task_field="kind", id_field="uid").examples
+    assert (example.id, example.task, example.metadata["source"]) == ("q1", "math", "mine")
+
+
+def test_limit_keeps_the_first_examples_or_a_seeded_sample(write_jsonl):
+    path = write_jsonl([{"question": str(i), "answer": str(i)} for i in range(20)])
+    first = load_examples(path, limit=3)
+    assert [ex.response for ex in first.examples] == ["0", "1", "2"]
+    assert first.report.read == 3  # reading stopped early
+    sample = [ex.response for ex in load_examples(path, limit=5, seed=1).examples]
+    assert sample == [ex.response for ex in load_examples(path, limit=5, seed=1).examples]
+    assert sample != ["0", "1", "2", "3", "4"]
+    assert [ex.response for ex in load_examples(path, limit=3, seed=1).examples] == sample[:3]
+
+
+# --- bad input: every error names file, line and field -------------------------------------------------
+
+BAD_RECORDS = [
+    ('{"prompt": "a", "completion": }', "not valid JSON (Expecting value at column 31)"),
+    ('["prompt", "completion"]', "expected a JSON object, got list"),
+    ({"instruction": "a", "input": "b"},
+     "field 'output': missing; expected alpaca (instruction, input?, output), found keys: instruction, "
+     "input"),
+    ({"completion": "b"},
+     "field 'prompt': missing; expected prompt-completion (prompt, completion), found keys: completion"),
+    ({"instruction": "a", "output": "  \n"}, "field 'output': empty response"),
+    ({"prompt": "a", "completion": "<|endoftext|>"}, "field 'completion': empty response"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
+     "field 'messages[1].content': empty response"),
+    ({"text": "a", "label": 1},
+     "unknown record shape (keys found: text, label); known shapes: messages (messages), sharegpt "
+     "(conversations), taskmaster (utterances), alpaca (instruction, input?, output), prompt-completion "
+     "(prompt, completion), question-answer (question, answer)"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}]},
+     "field 'messages': the last turn is a user turn; a conversation must end with an assistant turn"),
+    ({"conversations": [{"from": "system", "value": "a"}, {"from": "human", "value": "b"}]},
+     "field 'conversations': no assistant turn: there is no response to learn"),
+    ({"messages": "user: hi"}, "field 'messages': expected a list of {role, content} turns, got string"),
+    ({"messages": ["hi"]}, "field 'messages[0]': expected an object with 'role' and 'content', got string"),
+    ({"messages": [{"role": "bot", "content": "a"}]},
+     "field 'messages[0].role': unknown role 'bot' (known: system, user, assistant)"),
+    ({"messages": [{"role": ["user"], "content": "a"}]},
+     "field 'messages[0].role': unknown role ['user'] (known: system, user, assistant)"),
+    ({"messages": [{"role": "user"}]}, "field 'messages[0].content': missing"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ["b"]}]},
+     "field 'messages[1].content': expected a string, got list"),
+    ({"question": "a", "answer": 42}, "field 'answer': expected a string, got number"),
+    ({"id": {"n": 1}, "question": "a", "answer": "b"},
+     "field 'id': expected a string or an integer, got object"),
+]
+
+
+@pytest.mark.parametrize(("bad", "problem"), BAD_RECORDS, ids=[p.split(":")[0][:40] for _, p in BAD_RECORDS])
+def test_a_bad_record_stops_loading_with_file_line_and_field(write_jsonl, bad, problem):
+    path = write_jsonl([{"question": "fine", "answer": "ok"}, bad])
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    assert str(caught.value) == f"{path}:2: {problem}"
+    assert (caught.value.file, caught.value.line) == (str(path), 2)
+
+
+def test_bytes_that_are_not_utf8_are_reported_with_line_byte_and_column(write_jsonl):
+    path = write_jsonl([{"question": "fine", "answer": "ok"}, b'{"question": "caf\xe9", "answer": "x"}'])
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    assert str(caught.value) == f"{path}:2: not valid UTF-8 (byte 0xe9 at column 18)"
+    # the column counts characters, not bytes
+    path = write_jsonl([b'{"question": "\xc3\xa9t\xc3\xa9 \xff", "answer": "x"}'])
+    with pytest.raises(DataError, match=r"data.jsonl:1: not valid UTF-8 \(byte 0xff at column 19\)"):
+        load_examples(path)
+
+
+def test_duplicate_ids_and_duplicate_records_name_both_lines(write_jsonl):
+    path = write_jsonl([{"id": "a", "question": "1", "answer": "1"},
+                        {"id": "a", "question": "2", "answer": "2"}])
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    assert str(caught.value) == f"{path}:2: field 'id': duplicate id 'a' (first on line 1)"
+    path = write_jsonl([{"question": "1", "answer": "1"}, {"question": "2", "answer": "2"},
+                        {"question": "1", "answer": "1"}])
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    assert str(caught.value) == f"{path}:3: duplicate record: same content as line 1"
+
+
+def test_missing_task_or_id_field_named_by_the_caller(write_jsonl):
+    path = write_jsonl([{"question": "1", "answer": "1"}])
+    with pytest.raises(DataError, match=r"data.jsonl:1: field 'kind': missing \(named as the task field\)"):
+        load_examples(path, task_field="kind")
+    with pytest.raises(DataError, match=r"data.jsonl:1: field 'uid': missing \(named as the id field\)"):
+        load_examples(path, id_field="uid")
+
+
+def test_skip_bad_counts_and_reports_each_bad_record_and_keeps_the_rest(write_jsonl):
+    path = write_jsonl([{"question": "1", "answer": "one"}, "{oops", {"question": "2", "answer": ""},
+                        {"question": "3", "answer": "three"}, {"question": "1", "answer": "one"},
+                        b'{"question": "\xff"}'])
+    result = load_examples(path, skip_bad=True)
+    assert [ex.response for ex in result.examples] == ["one", "three"]
+    report = result.report
+    assert (report.read, report.kept, report.skipped) == (6, 2, 4)
+    assert [(p.line, p.field) for p in report.problems] == [(2, None), (3, "answer"), (5, None), (6, None)]
+    assert str(report.problems[1]) == f"{path}:3: field 'answer': empty response"
+
+
+# --- file types ---------------------------------------------------------------------------------------
+
+RECORDS = [{"id": "r1", "instruction": "Name a colour", "output": "Blue"},
+           {"id": "r2", "instruction": "Café?", "input": "", "output": "Oui"}]
+
+
+def _responses(result):
+    return [ex.response for ex in result.examples]
+
+
+def test_gzipped_jsonl(tmp_path):
+    path = tmp_path / "pool.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in RECORDS).encode()))
+    result = load_examples(path)
+    assert _responses(result) == ["Blue", "Oui"]
+    assert result.report.format == "jsonl.gz"
+    assert result.examples[0].metadata["source"] == "pool"
+
+
+@pytest.mark.parametrize("document", [RECORDS, {"version": 2, "data": RECORDS}], ids=["list", "data-key"])
+def test_json_list_or_object_holding_the_list(tmp_path, document):
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    result = load_examples(path)
+    assert _responses(result) == ["Blue", "Oui"]
+    assert [ex.metadata["line"] for ex in result.examples] == [1, 2]  # the record's position in the list
+
+
+def test_json_file_holding_json_lines_is_read_as_jsonl(tmp_path):
+    path = tmp_path / "pool.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    result = load_examples(path)
+    assert (_responses(result), result.report.format) == (["Blue", "Oui"], "jsonl")
+
+
+def test_broken_json_file_names_the_line(tmp_path):
+    path = tmp_path / "pool.json"
+    path.write_text('[\n  {"prompt": "a",\n   "completion" "b"}\n]', encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_examples(path, skip_bad=True)  # a broken document cannot be skipped past
+    assert str(caught.value) == f"{path}:3: not valid JSON (Expecting ':' delimiter at column 17)"
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pool.parquet"
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+             "id": 1},
+            {"messages": [{"role": "user", "content": "yo"}, {"role": "assistant", "content": ""}], "id": 2}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    result = load_examples(path, skip_bad=True)
+    assert _responses(result) == ["hello"]
+    assert str(result.report.problems[0]) == f"{path}:2: field 'messages[1].content': empty response"
+
+
+def test_csv_lines_are_where_each_row_starts(tmp_path):
+    path = tmp_path / "pool.csv"
+    path.write_text('instruction,input,output\nList two fruits,,"apple\npear"\nName a colour,,Blue\n'
+                    "Too,many,values,here\n", encoding="utf-8")
+    result = load_examples(path, skip_bad=True)
+    assert _responses(result) == ["apple\npear", "Blue"]
+    assert [ex.metadata["line"] for ex in result.examples] == [2, 4]
+    assert str(result.report.problems[0]) == f"{path}:5: 4 values for 3 columns (instruction, input, output)"
+
+
+def test_csv_line_that_is_not_utf8(tmp_path):
+    path = tmp_path / "pool.csv"
+    path.write_bytes(b"question,answer\nok,fine\ncaf\xe9,x\nlast,one\n")
+    result = load_examples(path, skip_bad=True)
+    assert _responses(result) == ["fine", "one"]
+    assert str(result.report.problems[0]) == f"{path}:3: not valid UTF-8 (byte 0xe9 at column 4)"
+
+
+def test_saved_datasets_folder(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    folder = tmp_path / "hf_pool"
+    Dataset.from_list(RECORDS).save_to_disk(str(folder))
+    result = load_examples(folder)
+    assert _responses(result) == ["Blue", "Oui"]
+    assert (result.report.format, result.examples[1].metadata["line"]) == ("hf", 2)
+    both = tmp_path / "hf_splits"
+    splits = DatasetDict({"train": Dataset.from_list(RECORDS), "test": Dataset.from_list(RECORDS)})
+    splits.save_to_disk(str(both))
+    with pytest.raises(ValueError, match="holds the splits train, test: give one split's folder"):
+        load_examples(both)
+    assert _responses(load_examples(both / "test")) == ["Blue", "Oui"]
+
+
+def test_paths_that_cannot_be_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder, and not a recipe"):
+        load_examples(tmp_path / "missing.jsonl")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        load_examples(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="is a folder but not a saved Hugging Face datasets folder"):
+        load_examples(tmp_path)
