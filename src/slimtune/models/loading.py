@@ -12,12 +12,15 @@ Names that :func:`resolve_model` understands besides Hugging Face ids and local 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from slimtune.utils import atomic_write_text
 
 DEFAULT_MODEL = "smollm2"
 TINY_MODEL = "tiny"
@@ -85,7 +88,17 @@ def _embedded_model_dir() -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    return _publish(build, cache_dir() / "smollm2-135m-instruct")
+    return _drop_quantization_config(_publish(build, cache_dir() / "smollm2-135m-instruct"))
+
+
+def _drop_quantization_config(directory: Path) -> Path:
+    """The cached weights are dequantised fp32, but the config copied from the GGUF load still names GGUF, and
+    the Trainer refuses to train a model whose config does; caches built before this fix are healed here."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        atomic_write_text(path, json.dumps(config, indent=2))
+    return directory
 
 
 def _tiny_model_dir() -> Path:
