@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 #: Names a policy may ask for in ``needs()``. ``ref_loss`` is each row's loss under the policy's
-#: ``reference_model`` attribute (a model id, path or PEFT adapter folder; None: the model being trained, as it
-#: was before training), computed once over the training set and cached.
+#: ``reference_model`` attribute (a model id, path or PEFT adapter folder; None: the model being trained,
+#: as it was before training), computed once over the training set and cached.
 SIGNALS = frozenset({"loss", "logits", "hidden", "ref_loss", "embedding"})
 
 
@@ -79,8 +79,8 @@ class Policy(ABC):
     name: ClassVar[str]
 
     def needs(self) -> set[str]:
-        """Signals the shared forward must compute (a subset of :data:`SIGNALS`); an empty set means the policy
-        chooses without looking, and the mechanism skips the scoring forward altogether."""
+        """Signals the shared forward must compute (a subset of :data:`SIGNALS`); an empty set means the
+        policy chooses without looking, and the mechanism skips the scoring forward altogether."""
         return {"loss"}
 
     @abstractmethod
@@ -97,8 +97,8 @@ class Policy(ABC):
         return getattr(self, "_last_weights", None)
 
     def observe(self, chosen: CandidateBatch) -> None:
-        """Called with the chosen rows right after ``choose``, before the next candidate batch is scored (their
-        backward follows; the weights do not change inside an accumulation window): memories go here."""
+        """Called with the chosen rows right after ``choose``, before the next candidate batch is scored
+        (their backward follows; weights do not change inside an accumulation window): memories go here."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly (memories, running statistics)."""
@@ -106,3 +106,15 @@ class Policy(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+class TopKPolicy(Policy):
+    """A policy that scores each candidate on its own and keeps the K highest: top-K of ``score``."""
+
+    @abstractmethod
+    def score(self, batch: CandidateBatch) -> Tensor:
+        """One score per candidate, (B,); higher is more wanted."""
+
+    def choose(self, batch: CandidateBatch, k: int) -> Tensor:
+        self._last_scores = self.score(batch)
+        return torch.topk(self._last_scores, min(k, len(batch))).indices
