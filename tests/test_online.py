@@ -1,0 +1,249 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimtune.data.example import make_example
+from slimtune.data.tokenize import IGNORE_INDEX, Collator, TokenizedDataset
+from slimtune.features.losses import score_losses
+from slimtune.models import LoraSettings
+from slimtune.online import get_policy
+from slimtune.online.base import CandidateBatch
+from slimtune.online.policies.uds import UDSPolicy, nuclear_norm, srft_matrix
+from slimtune.online.trainer import SelectiveTrainer, keep_count, read_selection_log, train_online
+from slimtune.train import TrainSettings, prepare_model, train, training_arguments
+
+
+def gsm8k_examples(shared_data, n):
+    rows = [json.loads(line) for line in open(shared_data / "gsm8k" / "train.jsonl")][:n]
+    return [make_example([{"role": "user", "content": r["question"]},
+                          {"role": "assistant", "content": r["answer"]}], task="gsm8k") for r in rows]
+
+
+def settings(tmp_path, name, **kw):
+    base = dict(output_dir=str(tmp_path / name), epochs=1, batch_size=4, learning_rate=3e-2, max_length=160,
+                lora=LoraSettings(r=4, alpha=8), progress=False, logging_steps=1)
+    return TrainSettings(**{**base, **kw})
+
+
+def candidates(loss=None, logits=None, labels=None, ref_loss=None, attention_mask=None, progress=0.0):
+    """A CandidateBatch built by hand: only the fields a policy reads need to be meaningful."""
+    size = len(loss) if loss is not None else len(logits)
+    width = labels.shape[1] if labels is not None else (logits.shape[1] if logits is not None else 4)
+    blank = torch.zeros(size, width, dtype=torch.long)
+    return CandidateBatch(
+        index=torch.arange(size), ids=[f"e{i}" for i in range(size)], tasks=["t"] * size, input_ids=blank,
+        attention_mask=attention_mask if attention_mask is not None else torch.ones_like(blank),
+        labels=labels if labels is not None else blank, token_count=torch.full((size,), width),
+        loss=torch.zeros(size) if loss is None else torch.tensor(loss, dtype=torch.float),
+        ref_loss=None if ref_loss is None else torch.tensor(ref_loss, dtype=torch.float),
+        logits=logits, progress=progress)
+
+
+# ---- the mechanism ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("batch_size", "grad_accum"), [(4, 1), (2, 2)])
+def test_keeping_every_candidate_trains_exactly_like_the_plain_trainer(tmp_path, shared_data, batch_size,
+                                                                       grad_accum):
+    from safetensors.torch import load_file
+
+    examples = gsm8k_examples(shared_data, 8)
+    kw = dict(batch_size=batch_size, grad_accum=grad_accum)
+    plain = train(examples, model="tiny", settings=settings(tmp_path, "plain", **kw))
+    online = train_online(examples, "big-loss", keep=batch_size, model="tiny",
+                          settings=settings(tmp_path, "online", **kw))
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (plain, online))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [row["loss"] for row in plain.log_history if "loss" in row] == \
+        [row["loss"] for row in online.log_history if "loss" in row]
+    assert online.examples_seen == plain.examples_seen == 8
+    assert online.tokens_seen == plain.tokens_seen
+
+
+def selective_trainer(tmp_path, examples, policy, keep, warmup_steps=0, **args):
+    run = settings(tmp_path, "run", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model, tokenizer = prepare_model("tiny", run)
+    dataset = TokenizedDataset(examples, tokenizer, run.max_length)
+    trainer = SelectiveTrainer(model=model, args=training_arguments(run, **args), train_dataset=dataset,
+                               data_collator=Collator(tokenizer.pad_token_id, keep_index=True),
+                               policy=policy, keep=keep, warmup_steps=warmup_steps)
+    return trainer, dataset
+
+
+def test_the_log_names_exactly_the_rows_that_were_backpropagated(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 12)
+    trainer, dataset = selective_trainer(tmp_path, examples, UDSPolicy(), 0.5, warmup_steps=1,
+                                         include_num_input_tokens_seen="non_padding")
+    row_of = {tuple(row["input_ids"]): i for i, row in enumerate(dataset.rows)}
+    backpropagated = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():
+            ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+            backpropagated.append([row_of[tuple(r[m.bool()].tolist())] for r, m in zip(ids, mask)])
+
+    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    log = read_selection_log(tmp_path / "run")
+    assert [step["chosen"] for step in log] == backpropagated
+    assert [step["phase"] for step in log] == ["warmup", "select", "select"]
+    assert [len(step["chosen"]) for step in log] == [4, 2, 2]
+    assert all(step["chosen_ids"] == [examples[i].id for i in step["chosen"]] for step in log)
+    assert all(len(step["scores"]) == 4 for step in log[1:])
+    summary = json.loads((tmp_path / "run" / "selection_summary.json").read_text())
+    assert summary["examples_trained"] == trainer.examples_trained == 8
+    assert summary["candidates_scored"] == 8
+    assert trainer.tokens_trained == sum(len(dataset.rows[i]["input_ids"]) for s in log for i in s["chosen"])
+    assert trainer.state.num_input_tokens_seen == trainer.tokens_trained  # the Trainer counts the same rows
+
+
+def test_a_resumed_run_selects_as_the_uninterrupted_one_did(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 8)
+    first, _ = selective_trainer(tmp_path, examples, UDSPolicy(), 0.5, num_train_epochs=2,
+                                 save_strategy="epoch")
+    first.train()
+    whole = read_selection_log(tmp_path / "run")
+    memory = first.policy.state_dict()["memory"]
+    second, _ = selective_trainer(tmp_path, examples, UDSPolicy(), 0.5, num_train_epochs=2,
+                                  save_strategy="epoch")
+    second.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert read_selection_log(tmp_path / "run") == whole
+    assert torch.equal(second.policy.state_dict()["memory"], memory)
+    assert second.examples_trained == first.examples_trained == 8
+
+
+def test_uniform_runs_no_scoring_forward_and_rho_loss_caches_the_reference(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 8)
+    uniform, _ = selective_trainer(tmp_path / "u", examples, get_policy("uniform", seed=3), 0.25)
+    uniform.train()
+    assert uniform.candidates_scored == 0 and uniform.examples_trained == 2
+    assert all(step["loss"] == [None] * 4 for step in read_selection_log(tmp_path / "u" / "run"))
+
+    rho, dataset = selective_trainer(tmp_path / "r", examples, get_policy("rho-loss"), 0.25)
+    before = score_losses(rho.model, [rho.data_collator([dataset[i] for i in range(len(dataset))])])[0]
+    rho.train()
+    cached = torch.load(tmp_path / "r" / "run" / "ref_losses.pt")
+    assert torch.allclose(cached["loss"], before, atol=1e-5)
+    first = read_selection_log(tmp_path / "r" / "run")[0]
+    assert first["scores"] == pytest.approx([0.0] * 4, abs=1e-4)  # the model has not moved yet
+
+
+def test_keep_is_a_share_below_one_and_a_count_from_one():
+    assert keep_count(0.25, 8) == 2 and keep_count(0.01, 8) == 1 and keep_count(3, 8) == 3
+    assert keep_count(1, 8) == 1 and keep_count(20, 8) == 8
+    with pytest.raises(ValueError):
+        keep_count(0, 8)
+
+
+# ---- the policies -----------------------------------------------------------------------------------------
+
+def test_big_loss_keeps_the_highest_losses():
+    chosen = get_policy("big-loss").choose(candidates(loss=[0.5, 3.0, 1.0, 2.0]), 2)
+    assert sorted(chosen.tolist()) == [1, 3]
+
+
+def test_grad_norm_scores_the_logit_gradient_and_keeps_the_largest():
+    torch.manual_seed(0)
+    labels = torch.full((3, 6), IGNORE_INDEX)
+    labels[:, 3:] = torch.randint(0, 10, (3, 3))
+    logits = torch.randn(3, 6, 10)
+    logits[1, 2:5].scatter_(1, labels[1, 3:].unsqueeze(1), 12.0)  # row 1 predicts its answer: small gradient
+    logits[2, 2:5] *= 6  # row 2 is confidently random: large gradient
+    policy = get_policy("grad-norm")
+    chosen = policy.choose(candidates(logits=logits, labels=labels), 1)
+
+    z = logits[:, :-1].clone().requires_grad_()
+    F.cross_entropy(z.reshape(-1, 10), labels[:, 1:].reshape(-1), reduction="sum").backward()
+    expected = z.grad.norm(dim=-1).sum(1)
+    assert torch.allclose(policy.scores(None), expected, atol=1e-5)
+    assert chosen.tolist() == [int(expected.argmax())] == [2]
+
+
+def test_rho_loss_keeps_the_largest_gap_to_the_reference_not_the_largest_loss():
+    batch = candidates(loss=[3.0, 2.0, 5.0], ref_loss=[2.9, 0.5, 4.9])
+    assert get_policy("rho-loss").choose(batch, 1).tolist() == [1]
+
+
+def test_infobatch_keeps_every_above_mean_row_and_upweights_the_kept_below_mean_ones():
+    losses = [1.0, 2.0, 3.0, 10.0, 11.0, 12.0]
+    policy = get_policy("infobatch", prune_ratio=0.5, seed=0)
+    kept_below = 0
+    for _ in range(20):
+        chosen = policy.choose(candidates(loss=losses), 2).tolist()
+        assert {3, 4, 5} <= set(chosen)
+        kept_below += len(set(chosen) - {3, 4, 5})
+        weights = policy.weights(None)
+        assert weights.tolist() == [2.0, 2.0, 2.0, 1.0, 1.0, 1.0]
+    assert 15 < kept_below < 45  # about half of the 60 below-mean draws survive
+    chosen = policy.choose(candidates(loss=losses, progress=0.9), 2)  # annealing: the full batch, unweighted
+    assert sorted(chosen.tolist()) == list(range(6)) and policy.weights(None).tolist() == [1.0] * 6
+
+
+def test_row_weights_scale_each_rows_share_of_the_training_loss(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 2)
+    trainer, dataset = selective_trainer(tmp_path, examples, get_policy("infobatch"), 0.5)
+    batch = Collator(0)([dataset[0], dataset[1]])
+    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+    model = trainer.model
+    own = trainer.compute_loss(model, dict(batch))
+    per_row = score_losses(model, [batch])[0] * tokens  # summed token losses of each row
+    unit = trainer.compute_loss(model, {**batch, "loss_weight": torch.tensor([1.0, 1.0])})
+    weighted = trainer.compute_loss(model, {**batch, "loss_weight": torch.tensor([1.0, 2.0])})
+    assert float(unit) == pytest.approx(float(own), rel=1e-5)
+    assert float(weighted) == pytest.approx(float((per_row[0] + 2 * per_row[1]) / tokens.sum()), rel=1e-5)
+
+
+def test_infobatch_trains_the_rows_it_keeps_with_their_weights(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 16)
+    trainer, _ = selective_trainer(tmp_path, examples, get_policy("infobatch", seed=1), 0.25)
+    trainer.train()
+    log = read_selection_log(tmp_path / "run")
+    assert trainer.examples_trained == sum(len(step["chosen"]) for step in log) > 4
+    assert {w for step in log for w in step["weights"]} == {1.0, 2.0}
+
+
+def test_nuclear_norm_from_the_gram_matrix_equals_the_svd():
+    torch.manual_seed(0)
+    for shape in [(37, 500), (500, 37), (64, 49152)]:
+        matrix = torch.randn(shape) * 3 + torch.randn(shape[1])  # a shared offset, as logits have
+        assert torch.allclose(nuclear_norm(matrix), torch.linalg.svdvals(matrix.double()).sum().float(),
+                              rtol=1e-5)
+
+
+def test_the_sketch_is_the_subsampled_randomised_fourier_transform():
+    n, d = 50, 7
+    matrix = srft_matrix(n, d, torch.Generator().manual_seed(5))
+    replay = torch.Generator().manual_seed(5)
+    signs = torch.randint(0, 2, (n,), generator=replay) * 2 - 1
+    rows = torch.randperm(n, generator=replay)[:d]
+    x = torch.randn(n, 3, dtype=torch.double)
+    fourier = torch.fft.fft(x * signs.unsqueeze(1), dim=0).real[rows] * (n / d) ** 0.5
+    assert torch.allclose(matrix.double() @ x, fourier, atol=1e-4)
+
+
+def test_uds_prefers_a_new_example_to_a_duplicate_of_a_remembered_one():
+    torch.manual_seed(0)
+    remembered = torch.randn(6, 40)
+    twin = remembered[:, torch.randperm(40)]  # same singular values, other direction
+    policy = UDSPolicy(max_length=8, vocab_dim=16)
+    first = candidates(logits=remembered.unsqueeze(0))
+    policy.choose(first, 1)
+    policy.observe(first)
+    batch = candidates(logits=torch.stack([remembered, twin]))
+    assert policy.choose(batch, 1).tolist() == [1]
+    assert policy.scores(batch)[1] > policy.scores(batch)[0]
+
+
+def test_uds_masks_padding_unless_asked_for_the_authors_raw_variant():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 30)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    logits[0, 3:] = 100.0  # huge logits on padding: must not count
+    batch = candidates(logits=logits, attention_mask=mask)
+    masked = UDSPolicy(max_length=8, vocab_dim=16)
+    raw = UDSPolicy(max_length=8, vocab_dim=16, unmasked_raw=True, alpha=0.0)
+    masked.choose(batch, 1)
+    raw.choose(batch, 1)
+    assert masked.scores(batch)[0] < masked.scores(batch)[1]
+    assert raw.scores(batch)[0] == pytest.approx(float(torch.linalg.svdvals(logits[0]).sum()), rel=1e-4)
