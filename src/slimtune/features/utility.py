@@ -20,12 +20,15 @@ the template's end-of-turn marker, as in training labels, and the answer is clip
 ``max_text_tokens`` tokens in every context, so d(i | no example) and d(i | j) score exactly the same tokens.
 
 Cost and how it is cut:
-- every sequence is assembled from token pieces tokenised once (template text, each x, each y), so building
-  n^2 pairs costs no tokenisation and ``count_tokens`` is exact arithmetic, without running anything;
+- every sequence is assembled from token pieces tokenised once (template text, each x, each y; they join
+  exactly as the whole text tokenises, see :class:`_Pieces`), so building n^2 pairs costs no tokenisation
+  and ``count_tokens`` is exact arithmetic, without running anything;
 - sequences are sorted by length and batched under a token budget, which keeps padding small;
 - the no-example pass runs once per target, inside the block that holds that target;
 - the decoder's hidden states go through the LM head only at the positions that predict response tokens
-  (with a 49k vocabulary the head costs more than the 135M-parameter body for short rows);
+  (with a 49k vocabulary the head costs more than the 135M-parameter body for short rows); a model whose
+  logits are more than head(hidden) (soft-capping, scaling) is detected once and gets full logits instead,
+  in batches of at most ``head_chunk`` tokens;
 - sparse mode scores each target only against given neighbour columns (the k nearest candidates by sentence
   embedding): n * k pairs instead of n^2.
 
@@ -128,6 +131,8 @@ class _Pieces:
 
     The sequence is ``lit[0] + field[0] + lit[1] + ... + field[-1] + lit[-1]`` where the last field is the
     answer y_i and ``lit[-1]`` closes the assistant turn; the scored tokens are the answer and that closer.
+    Spaces that end a literal ("Query: {query}") are moved to the front of the next field's text, because
+    byte-level BPE attaches a leading space to the word after it: so pieces tokenise as the whole text does.
     """
 
     def __init__(self, tokenizer, template: str):
@@ -144,6 +149,10 @@ class _Pieces:
         literals[0] = pre + literals[0]
         literals[-1] = literals[-1] + mid
         literals.append(post)
+        self.leads: dict[str, str] = {}
+        for f, name in enumerate(self.fields):
+            kept = literals[f].rstrip(" ")
+            self.leads[name], literals[f] = literals[f][len(kept):], kept
         self.literals = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in literals]
         self.fixed_tokens = sum(len(lit) for lit in self.literals)
         self.scored_tail = len(self.literals[-1])
@@ -182,28 +191,29 @@ class InContextUtility:
         self.cache_root = Path(cache) if cache else None
         self.no_example = _Pieces(tokenizer, TEMPLATE_NO_EXAMPLE)
         self.with_example = _Pieces(tokenizer, TEMPLATE_WITH_EXAMPLE)
-        self._token_memo: dict[str, tuple[list[int], list[int]]] = {}
+        self._token_memo: dict[tuple[str, str], list[int]] = {}
 
     # ---- tokens -------------------------------------------------------------------------------------
-    def _tokens(self, example: Example) -> tuple[list[int], list[int]]:
-        """(x, y) token ids, clipped; memoised by content so a pool and its targets share the work."""
-        key = example.id + "\x00" + example.prompt_text + "\x00" + example.response
+    def _field(self, pieces: _Pieces, name: str, text: str) -> list[int]:
+        """A field's token ids, clipped; memoised by text, so a pool and its targets are tokenised once."""
+        lead = pieces.leads[name]
+        key = (lead, text)
         if key not in self._token_memo:
-            cap = self.max_text_tokens
-            x, y = (self.tokenizer(text, add_special_tokens=False)["input_ids"][:cap]
-                    for text in (example.prompt_text, example.response))
-            self._token_memo[key] = (x, y)
+            self._token_memo[key] = self.tokenizer(lead + text, add_special_tokens=False)["input_ids"][
+                : self.max_text_tokens]
         return self._token_memo[key]
+
+    def _fields(self, pieces: _Pieces, target: Example, context: Example | None) -> dict[str, list[int]]:
+        texts = {"query": target.prompt_text, _ANSWER: target.response}
+        if context is not None:
+            texts |= {"example_prompt": context.prompt_text, "example_response": context.response}
+        return {name: self._field(pieces, name, texts[name]) for name in pieces.fields}
 
     def _sequence(self, target: Example, context: Example | None) -> tuple[list[int], int]:
         """Token ids of one forward and the number of scored tokens at its end."""
-        x_i, y_i = self._tokens(target)
-        if context is None:
-            return self.no_example.build({"query": x_i, _ANSWER: y_i}), len(y_i) + self.no_example.scored_tail
-        x_j, y_j = self._tokens(context)
-        ids = self.with_example.build({"example_prompt": x_j, "example_response": y_j, "query": x_i,
-                                       _ANSWER: y_i})
-        return ids, len(y_i) + self.with_example.scored_tail
+        pieces = self.no_example if context is None else self.with_example
+        fields = self._fields(pieces, target, context)
+        return pieces.build(fields), len(fields[_ANSWER]) + pieces.scored_tail
 
     def count_tokens(self, targets: Sequence[Example], contexts: Sequence[Example] | None = None, *,
                      neighbours: np.ndarray | None = None, k: int | None = None) -> TokenCount:
@@ -214,22 +224,27 @@ class InContextUtility:
         context length, so ``exact`` is False unless every context has the same length.
         """
         contexts = targets if contexts is None else contexts
-        target_len = np.array([sum(map(len, self._tokens(t))) for t in targets], dtype=np.int64)
-        context_len = np.array([sum(map(len, self._tokens(c))) for c in contexts], dtype=np.int64)
-        base = int(target_len.sum()) + len(targets) * self.no_example.fixed_tokens
-        per_pair = self.with_example.fixed_tokens
+
+        def lengths(pieces: _Pieces, examples: Sequence[Example], fields: tuple[str, ...]) -> np.ndarray:
+            return np.array([sum(len(f) for name, f in self._fields(pieces, ex, ex).items() if name in fields)
+                             for ex in examples], dtype=np.int64)
+
+        alone = lengths(self.no_example, targets, ("query", _ANSWER))
+        as_target = lengths(self.with_example, targets, ("query", _ANSWER))
+        as_context = lengths(self.with_example, contexts, ("example_prompt", "example_response"))
         if neighbours is not None:
             width = neighbours.shape[1]
-            ctx_tokens, exact = int(context_len[neighbours].sum()), True
+            context_tokens, exact = int(as_context[neighbours].sum()), True
         elif k is not None and k < len(contexts):
             width = k
-            ctx_tokens = round(len(targets) * k * float(context_len.mean()))
-            exact = bool((context_len == context_len[0]).all())
+            context_tokens = round(len(targets) * k * float(as_context.mean()))
+            exact = bool((as_context == as_context[0]).all())
         else:
             width = len(contexts)
-            ctx_tokens, exact = len(targets) * int(context_len.sum()), True
+            context_tokens, exact = len(targets) * int(as_context.sum()), True
         pairs = len(targets) * width
-        tokens = base + pairs * per_pair + width * int(target_len.sum()) + ctx_tokens
+        tokens = (int(alone.sum()) + len(targets) * self.no_example.fixed_tokens
+                  + pairs * self.with_example.fixed_tokens + width * int(as_target.sum()) + context_tokens)
         return TokenCount(pairs=pairs, sequences=pairs + len(targets), tokens=tokens, exact=exact)
 
     # ---- the model ----------------------------------------------------------------------------------
@@ -251,7 +266,9 @@ class InContextUtility:
         """d(i | c) for every (ids, n_scored) sequence; also the real and the padded tokens run."""
         out = np.empty(len(sequences), dtype=np.float64)
         real = padded = 0
-        for rows in _length_batches([len(ids) for ids, _ in sequences], self.batch_tokens):
+        # full logits are batch x length x vocabulary floats: keep such batches as small as a head chunk
+        budget = self.batch_tokens if self._head_only else min(self.batch_tokens, self.head_chunk)
+        for rows in _length_batches([len(ids) for ids, _ in sequences], budget):
             longest = len(sequences[rows[0]][0])
             out[rows] = self._batch_distances([sequences[r] for r in rows], longest)
             real += sum(len(sequences[r][0]) for r in rows)

@@ -1,0 +1,236 @@
+"""DELIFT: the utility kernel against a hand computation, its batching, sparsity, resumption and token counts;
+the selectors' behaviour on constructed pools (duplicates, a target task, a gap in an existing set)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slimtune.data.example import make_example
+from slimtune.data.tokenize import IGNORE_INDEX, encode_example
+from slimtune.features.utility import TEMPLATE_NO_EXAMPLE, TEMPLATE_WITH_EXAMPLE, InContextUtility
+from slimtune.select import get_selector
+
+
+def qa(question: str, answer: str, task: str, id: str | None = None):
+    return make_example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                        id=id, task=task)
+
+
+@pytest.fixture(scope="module")
+def gsm8k(shared_data):
+    rows = [json.loads(line) for line in open(shared_data / "gsm8k" / "train.jsonl")][:8]
+    return [qa(r["question"], r["answer"], "gsm8k") for r in rows]
+
+
+@pytest.fixture(scope="module")
+def translations(shared_data):
+    src = (shared_data / "tatoeba" / "tatoeba.fra-eng.fra").read_text().splitlines()[:8]
+    eng = (shared_data / "tatoeba" / "tatoeba.fra-eng.eng").read_text().splitlines()[:8]
+    return [qa(f"Translate from French to English: {s}", e, "fra-eng") for s, e in zip(src, eng)]
+
+
+@pytest.fixture(scope="module")
+def peaky(tiny, gsm8k):
+    """The tiny model with an untied LM head biased toward the tokens of the GSM8K answers, so the answers'
+    probabilities are ~1e-2 rather than the ~1/49152 of a random model and utilities are far from zero."""
+    model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    answer_tokens = sorted({t for ex in gsm8k[:2] for t in tokenizer(ex.response)["input_ids"]})
+    with torch.no_grad():
+        head.weight.copy_(model.get_output_embeddings().weight)
+        head.bias.zero_()
+        head.bias[answer_tokens] = 10.0
+    model.lm_head = head
+    return model, tokenizer
+
+
+def hand_distance(model, tokenizer, user: str, answer: str, distance: str) -> float:
+    """d(i | prompt) the slow way: the whole chat rendered and tokenised at once, the full logits, and the
+    training labels (encode_example) to find the response tokens."""
+    row = encode_example(qa(user, answer, "t"), tokenizer)
+    ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].double()
+    scored = labels[1:] != IGNORE_INDEX
+    logp = torch.log_softmax(logits[scored], -1).gather(1, labels[1:][scored][:, None])[:, 0]
+    if distance == "euclidean":
+        return float(torch.linalg.norm(1 - logp.exp()) / np.sqrt(len(logp)))
+    return float(-logp.mean())
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "kl"])
+def test_a_pair_utility_is_the_distance_drop_computed_by_hand(peaky, gsm8k, distance):
+    model, tokenizer = peaky
+    target, context = gsm8k[0], gsm8k[1]
+    alone = hand_distance(model, tokenizer, TEMPLATE_NO_EXAMPLE.format(query=target.prompt_text),
+                          target.response, distance)
+    shown = hand_distance(model, tokenizer, TEMPLATE_WITH_EXAMPLE.format(
+        example_prompt=context.prompt_text, example_response=context.response, query=target.prompt_text),
+        target.response, distance)
+    utility = InContextUtility(model, tokenizer, distance=distance, max_text_tokens=None, cache=False)
+    kernel = utility.kernel([target], [context])
+    assert abs(alone - shown) > 1e-5  # far above float error: the check below is not comparing two zeros
+    assert kernel.values[0, 0] == pytest.approx(alone - shown, rel=1e-4, abs=1e-7)
+
+
+def test_batched_pairs_equal_pairs_one_at_a_time_and_the_full_logits_path(peaky, gsm8k):
+    model, tokenizer = peaky
+    pool = gsm8k[:4]
+    batched = InContextUtility(model, tokenizer, max_text_tokens=32, cache=False, batch_tokens=4096)
+    alone = InContextUtility(model, tokenizer, max_text_tokens=32, cache=False, batch_tokens=1)
+    full_logits = InContextUtility(model, tokenizer, max_text_tokens=32, cache=False)
+    full_logits._head_only = False  # the fallback for models whose logits are not just head(hidden)
+    a, b, c = (u.kernel(pool) for u in (batched, alone, full_logits))
+    assert batched._head_only and a.stats["padded_tokens"] > a.stats["model_tokens"]
+    assert b.stats["padded_tokens"] == b.stats["model_tokens"]
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(a.values, c.values, rtol=1e-5, atol=1e-8)
+
+
+def test_sparse_with_every_column_equals_dense_and_keeps_zeros_out_of_the_scaling(peaky, gsm8k):
+    model, tokenizer = peaky
+    pool = gsm8k[:5]
+    utility = InContextUtility(model, tokenizer, max_text_tokens=32, cache=False)
+    dense = utility.kernel(pool)
+    shuffled = np.stack([np.random.default_rng(i).permutation(5) for i in range(5)])
+    sparse = utility.kernel(pool, neighbours=shuffled)
+    np.testing.assert_allclose(sparse.to_dense(), dense.values, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sparse.scaled().to_dense(), dense.scaled().values, rtol=1e-5, atol=1e-6)
+    scaled = dense.scaled().values
+    assert scaled.min() == 0 and scaled.max() == 1
+    # two neighbours each: scaled over the computed entries only; the others are exactly 0
+    partial = utility.kernel(pool, neighbours=shuffled[:, :2]).scaled()
+    stored = partial.values
+    assert stored.min() == 0 and stored.max() == 1
+    assert (partial.to_dense() != 0).sum() <= 10
+    assert torch.equal(partial.to_torch().to_dense(), torch.from_numpy(partial.to_dense()))
+
+
+def test_a_killed_run_resumes_from_its_blocks_and_gives_the_uninterrupted_result(peaky, gsm8k, tmp_path):
+    model, tokenizer = peaky
+    pool = gsm8k[:6]
+    settings = dict(max_text_tokens=24, block_pairs=12)  # 6 x 6 pairs, two targets per block: 3 blocks
+    uninterrupted = InContextUtility(model, tokenizer, cache=False, **settings).kernel(pool)
+
+    def kill_after_two(done, total):
+        assert total == 3
+        if done == 2:
+            raise KeyboardInterrupt
+
+    utility = InContextUtility(model, tokenizer, cache=tmp_path, **settings)
+    with pytest.raises(KeyboardInterrupt):
+        utility.kernel(pool, on_block=kill_after_two)
+    resumed = InContextUtility(model, tokenizer, cache=tmp_path, **settings).kernel(pool)
+    assert resumed.stats["blocks_from_cache"] == 2 and resumed.stats["pairs_scored"] == 12
+    np.testing.assert_allclose(resumed.values, uninterrupted.values, rtol=1e-6, atol=1e-9)
+    # another model (or the same one changed) never reads these blocks
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.bias.mul_(0.5)
+    fresh = InContextUtility(other, tokenizer, cache=tmp_path, **settings).kernel(pool)
+    assert fresh.stats["blocks_from_cache"] == 0
+
+
+def test_token_counts_match_the_tokens_actually_run(peaky, gsm8k, translations):
+    model, tokenizer = peaky
+    targets, contexts = gsm8k[:4], translations[:5]
+    utility = InContextUtility(model, tokenizer, max_text_tokens=48, cache=False)
+    neighbours = np.array([[0, 2], [1, 3], [4, 0], [2, 2 + 1]])
+    for kwargs in ({}, {"neighbours": neighbours}):
+        predicted = utility.count_tokens(targets, contexts, **kwargs)
+        run = utility.kernel(targets, contexts, **kwargs).stats
+        assert predicted.exact and predicted.tokens == run["model_tokens"]
+        assert predicted.sequences == run["forward_sequences"] and predicted.pairs == run["pairs_scored"]
+    # from the tokenizer alone, k neighbours of unknown identity: the estimate uses the mean context length
+    estimate = InContextUtility(None, tokenizer, max_text_tokens=48, cache=False).count_tokens(
+        targets, contexts, k=2)
+    exact = utility.count_tokens(targets, contexts, neighbours=neighbours)
+    assert not estimate.exact and estimate.pairs == exact.pairs
+    assert abs(estimate.tokens - exact.tokens) < 0.1 * exact.tokens
+
+
+def test_delift_selection_costs_exactly_its_predicted_tokens(gsm8k, translations):
+    pool = gsm8k[:3] + translations[:3]
+    selector = get_selector("delift", model="tiny", sparse_k=None, max_text_tokens=24, cache=False)
+    selection = selector.select(pool, 0.5)
+    assert len(selection.kept) == 3 and len(set(selection.kept)) == 3
+    assert selection.cost.forward_tokens == selector.count_tokens(pool).tokens
+    assert selection.cost.details["pool_kernel_pairs_scored"] == 36
+    assert selection.params["objective"] == "fl" and selection.params["budget"] == "0.5"
+    # greedy gains fall as the set grows; every unpicked row is scored by what it would still add
+    gains = selection.scores[selection.kept]
+    assert np.all(np.diff(gains) <= 1e-9) and np.isfinite(selection.scores).all()
+
+
+def test_sparse_delift_scores_k_neighbours_per_row(gsm8k, translations):
+    pool = gsm8k[:4] + translations[:4]
+    selector = get_selector("delift", model="tiny", sparse_k=3, max_text_tokens=24, cache=False)
+    selection = selector.select(pool, 2)
+    assert selection.cost.details["pool_kernel_pairs_scored"] == 8 * 3
+    assert selection.cost.details["pool_kernel_mode"] == "sparse-3"
+
+
+def duplicated(groups, copies):
+    return [qa(ex.prompt_text, ex.response, ex.task, id=f"{g}-{c}") for c in range(copies)
+            for g, ex in enumerate(groups)]
+
+
+@pytest.mark.parametrize("sparse_k", [None, 4])
+def test_fl_picks_one_of_each_duplicate_group_before_any_second_copy(gsm8k, translations, sparse_k):
+    groups = [gsm8k[0], gsm8k[1], translations[0], translations[1]]
+    pool = duplicated(groups, 3)
+    selection = get_selector("delift-se", sparse_k=sparse_k).select(pool, 4)
+    assert sorted(i.split("-")[0] for i in selection.kept_ids) == ["0", "1", "2", "3"]
+
+
+def test_flmi_with_a_target_task_picks_that_task_first(gsm8k, translations):
+    pool = [ex for pair in zip(gsm8k[:6], translations[:6]) for ex in pair]
+    for target, task in ((gsm8k[6:], "gsm8k"), (translations[6:], "fra-eng")):
+        selection = get_selector("delift-se", objective="flmi").select(pool, 6, target=target)
+        picked = [pool[i].task for i in selection.kept]
+        assert picked[:3] == [task] * 3
+
+
+def test_flcg_prefers_what_the_existing_set_lacks(gsm8k, translations):
+    pool = [ex for pair in zip(gsm8k[:6], translations[:6]) for ex in pair]
+    selection = get_selector("delift-se", objective="flcg").select(pool, 4, existing=gsm8k[6:])
+    assert [pool[i].task for i in selection.kept[:3]] == ["fra-eng"] * 3
+    with pytest.raises(ValueError, match="existing"):
+        get_selector("delift-se", objective="flcg").select(pool, 4)
+
+
+def test_flmi_on_a_hand_made_kernel_follows_the_query_set(monkeypatch, gsm8k):
+    """The objective wiring without any encoder: two clusters, the query set sits in the second."""
+    from slimtune.features.utility import UtilityMatrix
+    from slimtune.select.delift import DeliftSESelector
+
+    cluster = np.array([0, 0, 0, 1, 1, 1])
+    same = (cluster[:, None] == cluster[None, :]).astype(np.float64)
+
+    def kernel(self, rows, cols, row_emb, col_emb, cost, name):
+        if name == "pool":
+            return UtilityMatrix(0.2 + 0.7 * same, None, len(cols))
+        to_query = np.where(cluster[:, None] == 1, 0.9, 0.1) * np.ones((6, len(cols)))
+        return UtilityMatrix(to_query, None, len(cols))
+
+    monkeypatch.setattr(DeliftSESelector, "_embed", lambda self, examples, cost: None)
+    monkeypatch.setattr(DeliftSESelector, "_kernel", kernel)
+    pool = [qa(f"q{i}", f"a{i}", "t") for i in range(6)]
+    selection = DeliftSESelector(objective="flmi").select(pool, 2, target=gsm8k[:2])
+    assert cluster[selection.kept[0]] == 1
+
+
+@pytest.mark.slow
+def test_with_the_embedded_model_an_example_helps_itself_most(gsm8k):
+    """Sanity of the sign: with its own answer in context, SmolLM2 should find its answer easiest."""
+    from slimtune.models import load_model
+
+    model, tokenizer = load_model("smollm2", device="cpu")
+    pool = gsm8k[:3]
+    kernel = InContextUtility(model, tokenizer, max_text_tokens=64, cache=False).kernel(pool).values
+    assert all(kernel[i, i] == kernel[i].max() and kernel[i, i] > 0 for i in range(3))
