@@ -117,16 +117,16 @@ def test_a_killed_run_resumes_from_its_blocks_and_gives_the_uninterrupted_result
     settings = dict(max_text_tokens=24, block_pairs=12)  # 6 x 6 pairs, two targets per block: 3 blocks
     uninterrupted = InContextUtility(model, tokenizer, cache=False, **settings).kernel(pool)
 
-    def kill_after_two(done, total):
-        assert total == 3
-        if done == 2:
+    def kill_in_the_third(lo, hi):
+        if lo == 4:
             raise KeyboardInterrupt
 
     utility = InContextUtility(model, tokenizer, cache=tmp_path, **settings)
     with pytest.raises(KeyboardInterrupt):
-        utility.kernel(pool, on_block=kill_after_two)
+        utility.kernel(pool, on_block=kill_in_the_third)
     resumed = InContextUtility(model, tokenizer, cache=tmp_path, **settings).kernel(pool)
-    assert resumed.stats["blocks_from_cache"] == 2 and resumed.stats["pairs_scored"] == 12
+    assert resumed.stats["blocks"] == 3 and resumed.stats["blocks_from_cache"] == 2
+    assert resumed.stats["pairs_scored"] == 12
     np.testing.assert_allclose(resumed.values, uninterrupted.values, rtol=1e-6, atol=1e-9)
     # another model (or the same one changed) never reads these blocks
     other = copy.deepcopy(model)

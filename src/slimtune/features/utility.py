@@ -32,9 +32,10 @@ Cost and how it is cut:
 - sparse mode scores each target only against given neighbour columns (the k nearest candidates by sentence
   embedding): n * k pairs instead of n^2.
 
-The kernel is computed in blocks of target rows and each block is written atomically under a key made of the
-two example lists, the neighbours, the model's identity and the settings, so a killed run resumes at the
-first missing block.
+The kernel is computed in blocks of target rows, each written atomically to the feature store
+(:mod:`slimtune.features.store`) under a key made of the two example lists, the neighbours, the model's
+identity and the settings: a killed run resumes at the first missing block, and under ``torchrun`` each
+rank computes its share of the blocks.
 
 Scaling: the authors min-max scale the whole kernel to [0, 1]. In sparse mode only computed pairs enter the
 minimum and maximum; pairs never computed stay at 0, i.e. they count as no more useful than the least useful
@@ -43,23 +44,22 @@ computed pair, which is what a sparse facility-location kernel means by a missin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import io
-import json
 import os
 import string
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from slimtune.data.example import Example, pool_hash
-from slimtune.utils import atomic_write_bytes, write_json
+from slimtune.features.store import FeatureStore
 
 TEMPLATE_NO_EXAMPLE = "Instruction: Please generate a response to the following query.\n\n\nQuery: {query}\n"
 TEMPLATE_WITH_EXAMPLE = (
@@ -173,7 +173,8 @@ class InContextUtility:
     ``max_text_tokens`` clips every prompt and response to its first tokens (the in-context example costs
     as much as the target, so one long row would otherwise dominate a dense kernel's n^2 pairs).
     ``batch_tokens`` bounds padded tokens per forward; ``block_pairs`` the pairs per stored block.
-    ``cache``: True for the slimtune cache folder, a path, or False to keep nothing.
+    ``cache``: True for the feature store under the slimtune cache, a folder for a store root elsewhere, or
+    False to keep nothing.
     """
 
     def __init__(self, model, tokenizer, *, distance: str = "euclidean", max_text_tokens: int | None = 256,
@@ -184,11 +185,7 @@ class InContextUtility:
         self.model, self.tokenizer = model, tokenizer
         self.distance, self.max_text_tokens = distance, max_text_tokens
         self.batch_tokens, self.block_pairs, self.head_chunk = batch_tokens, block_pairs, head_chunk
-        if cache is True:
-            from slimtune.models import cache_dir
-
-            cache = cache_dir() / "delift-kernel"
-        self.cache_root = Path(cache) if cache else None
+        self.cache = cache
         self.no_example = _Pieces(tokenizer, TEMPLATE_NO_EXAMPLE)
         self.with_example = _Pieces(tokenizer, TEMPLATE_WITH_EXAMPLE)
         self._token_memo: dict[tuple[str, str], list[int]] = {}
@@ -331,57 +328,55 @@ class InContextUtility:
                on_block: Callable[[int, int], None] | None = None) -> UtilityMatrix:
         """Raw UF (unscaled; call ``.scaled()``) of ``targets`` (rows) by ``contexts`` (columns, default the
         targets themselves). ``neighbours`` (n_targets, k) int: score only those columns (sparse mode).
-        ``on_block(done, total)`` is called after each block is stored."""
+        ``on_block(lo, hi)`` is called when the block of target rows lo..hi has been computed, before it is
+        stored (a progress hook; an exception there loses only that block)."""
         contexts = targets if contexts is None else contexts
         if neighbours is not None:
             neighbours = np.asarray(neighbours, dtype=np.int64)
-            if neighbours.shape[0] != len(targets) or neighbours.ndim != 2:
+            if neighbours.ndim != 2 or neighbours.shape[0] != len(targets):
                 raise ValueError("neighbours must have one row of column indices per target")
         width = len(contexts) if neighbours is None else neighbours.shape[1]
-        per_block = max(1, self.block_pairs // max(width, 1))
-        blocks = [(s, min(s + per_block, len(targets))) for s in range(0, len(targets), per_block)]
-        store = self._block_dir(targets, contexts, neighbours)
-        values = np.empty((len(targets), width), dtype=np.float64)
-        stats = {"pairs_scored": 0, "model_tokens": 0, "padded_tokens": 0, "forward_sequences": 0,
-                 "blocks": len(blocks), "blocks_from_cache": 0, "head_on_response_only": self._head_only}
-        start = time.perf_counter()
-        for done, (lo, hi) in enumerate(blocks, 1):
-            path = store / f"rows-{lo:09d}-{hi:09d}.npy" if store else None
-            if path is not None and path.exists():
-                values[lo:hi] = np.load(path)
-                stats["blocks_from_cache"] += 1
-            else:
-                cols = [range(width) if neighbours is None else neighbours[i] for i in range(lo, hi)]
-                seqs = [self._sequence(targets[i], None) for i in range(lo, hi)]
-                seqs += [self._sequence(targets[i], contexts[j])
-                         for i, row in zip(range(lo, hi), cols) for j in row]
-                d, real, padded = self._distances(seqs)
-                n = hi - lo
-                values[lo:hi] = d[:n, None] - d[n:].reshape(n, width)
-                stats["pairs_scored"] += n * width
-                stats["forward_sequences"] += len(seqs)
-                stats["model_tokens"] += real
-                stats["padded_tokens"] += padded
-                if path is not None:
-                    _save_atomic(path, values[lo:hi])
+        rows_per_block = max(1, self.block_pairs // max(width, 1))
+        stats = {"pairs_scored": 0, "model_tokens": 0, "padded_tokens": 0, "forward_sequences": 0}
+
+        def compute(lo: int, hi: int) -> dict[str, np.ndarray]:
+            cols = [range(width) if neighbours is None else neighbours[i] for i in range(lo, hi)]
+            # the no-example pass of each target runs once, alongside its pairs
+            seqs = [self._sequence(targets[i], None) for i in range(lo, hi)]
+            seqs += [self._sequence(targets[i], contexts[j])
+                     for i, row in zip(range(lo, hi), cols) for j in row]
+            d, real, padded = self._distances(seqs)
+            n = hi - lo
+            stats["pairs_scored"] += n * width
+            stats["forward_sequences"] += len(seqs)
+            stats["model_tokens"] += real
+            stats["padded_tokens"] += padded
             if on_block is not None:
-                on_block(done, len(blocks))
-        stats["seconds"] = time.perf_counter() - start
+                on_block(lo, hi)
+            return {"utility": d[:n, None] - d[n:].reshape(n, width)}
+
+        start = time.perf_counter()
+        with self._store(targets, contexts, neighbours, rows_per_block) as store:
+            shards = store.fill(["utility"], len(targets), rows_per_block, compute)
+            values = np.asarray(store.open("utility", len(targets)))
+        stats |= {"seconds": time.perf_counter() - start, "blocks": shards["computed"] + shards["reused"],
+                  "blocks_from_cache": shards["reused"], "head_on_response_only": self._head_only}
         return UtilityMatrix(values, neighbours, len(contexts), stats)
 
-    def _block_dir(self, targets, contexts, neighbours) -> Path | None:
-        if self.cache_root is None:
-            return None
-        key = {"version": _FORMAT_VERSION, "targets": pool_hash(list(targets)),
+    @contextlib.contextmanager
+    def _store(self, targets, contexts, neighbours, rows_per_block) -> Iterator[FeatureStore]:
+        """The feature store for this kernel: keyed by everything its values depend on; with ``cache=False``
+        a temporary one, gone when the kernel is read."""
+        if self.cache is False:
+            with tempfile.TemporaryDirectory(prefix="slimtune-delift-") as tmp:
+                yield FeatureStore(tmp)
+            return
+        key = {"kind": "delift-kernel", "version": _FORMAT_VERSION, "targets": pool_hash(list(targets)),
                "contexts": pool_hash(list(contexts)),
                "neighbours": None if neighbours is None else hashlib.sha256(neighbours.tobytes()).hexdigest(),
                "model": self.fingerprint(), "distance": self.distance,
-               "max_text_tokens": self.max_text_tokens}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        path = self.cache_root / digest
-        path.mkdir(parents=True, exist_ok=True)
-        write_json(path / "key.json", key)
-        return path
+               "max_text_tokens": self.max_text_tokens, "rows_per_block": rows_per_block}
+        yield FeatureStore.keyed(key, None if self.cache is True else self.cache)
 
 
 def _length_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -394,9 +389,3 @@ def _length_batches(lengths: list[int], budget: int) -> list[list[int]]:
         else:
             batches.append([index])
     return batches
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())
