@@ -26,7 +26,7 @@ console = Console()
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face id, local path, 'smollm2' (embedded "
                                        "default) or 'tiny' (random test model).")]
 ShapeOpt = Annotated[str | None, typer.Option(help="Force the record shape: alpaca, prompt-completion, "
-                                              "question-answer, messages, sharegpt.")]
+                                              "question-answer, messages, sharegpt, taskmaster.")]
 SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip bad records (counted and reported) "
                                           "instead of stopping at the first.")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Method parameter as key=value "
@@ -48,6 +48,8 @@ def _load(spec: str, shape: str | None = None, skip_bad: bool = False) -> list:
     except (FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
+    for note in result.report.notes:
+        console.print(f"[dim]{note}[/dim]")
     if result.report.skipped:
         console.print(f"[yellow]skipped {result.report.skipped} bad record(s) in {spec}[/yellow]; first: "
                       f"{result.report.problems[0]}")
