@@ -220,8 +220,8 @@ class SLAPPolicy(Policy):
     or "neyman"; ``window`` recent candidates whose losses fix the strata edges; ``diversity_weight`` lambda;
     ``representation`` "hidden" (mean-pooled last hidden state) or "sketch" (the gradient sketch) for
     distances; ``sketch_out`` x ``sketch_in`` the sketch's shape; ``damping`` delta over H's mean eigenvalue;
-    ``step_scale`` eta over the Newton step. ``stratify``/``learnability``/``curvature``/``diversity`` switch
-    components off for ablations.
+    ``step_scale`` eta over the Newton step; ``block`` the most pool rows one pruning greedy runs over.
+    ``stratify``/``learnability``/``curvature``/``diversity`` switch components off for ablations.
     """
 
     name: ClassVar[str] = "slap"
@@ -295,14 +295,14 @@ class SLAPPolicy(Policy):
             ref = ref_loss[torch.tensor([t == group for t in ref_groups])]
             cut = torch.quantile(ref, levels) if len(ref) else torch.zeros(len(levels))
             edges[group] = cut.tolist()
-            name = "q{}" if group == "all" else f"{group}/q{{}}"
+            prefix = "" if group == "all" else f"{group}/"
             ref_bins = torch.bucketize(ref, cut)
             for b in ref_bins.unique().tolist():
                 members = ref[ref_bins == b]
-                spread[name.format(b)] = float(members.std()) if len(members) > 1 else 0.0
+                spread[f"{prefix}q{b}"] = float(members.std()) if len(members) > 1 else 0.0
             rows = [i for i, t in enumerate(groups) if t == group]
             for i, b in zip(rows, torch.bucketize(feats.loss[rows], cut).tolist()):
-                keys[i] = name.format(b)
+                keys[i] = f"{prefix}q{b}"
         return keys, spread, edges
 
     # -- assembly ------------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ class SLAPPolicy(Policy):
 
         overall = median_distance(torch.arange(len(keys))) or 1.0
         scale = {}
-        for h in set(keys):
+        for h in sorted(set(keys)):  # sorted: the seeded subsampling must not follow string hashing
             scale[h] = median_distance(torch.tensor([i for i, key in enumerate(keys) if key == h])) or overall
         return torch.tensor([scale[h] for h in keys])
 
