@@ -74,8 +74,9 @@ def training_arguments(settings: TrainSettings, **overrides: Any):
         save_strategy="epoch" if settings.save_checkpoints else "no", save_only_model=False,
         report_to=[], remove_unused_columns=False, use_cpu=device.type == "cpu", bf16=use_bf16,
         disable_tqdm=not settings.progress, dataloader_pin_memory=device.type == "cuda",
-        gradient_checkpointing=settings.gradient_checkpointing,
     )
+    if settings.gradient_checkpointing:  # the argument is being renamed; pass it only when asked for
+        kwargs["gradient_checkpointing"] = True
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 

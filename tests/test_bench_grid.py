@@ -1,0 +1,68 @@
+"""The bench grid end to end on the tiny model: table, caching, corrupted-row accounting."""
+
+import pandas as pd
+import pytest
+
+from slimtune.bench.config import load_config
+from slimtune.bench.pool import corrupt
+from slimtune.bench.runner import GridRunner, run_grid
+from slimtune.data.example import make_example
+
+GRID = """
+name: tiny-grid
+model: tiny
+pool: {sizes: {gsm8k: 8, tatoeba: 8}, max_length: 96, corrupt: {share: 0.25, kinds: [swap, truncate]}}
+eval: {gsm8k: {n: 2, generate: [full], max_new_tokens: 4}, tatoeba: {n: 3, max_new_tokens: 4}}
+target_per_task: 1
+train: {epochs: 1, batch_size: 4, lora_r: 2, lora_alpha: 4}
+budgets: [0.5]
+seeds: [0]
+methods: [length, {name: big-loss, online: true}]
+"""
+
+
+def test_corruption_swaps_responses_between_rows_and_truncates_others():
+    pool = [make_example([{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"answer number {i} is long enough"}], id=str(i))
+            for i in range(20)]
+    out, ids = corrupt(pool, 0.3, ("swap", "truncate"), seed=0)
+    assert len(ids) == 6 and [ex.id for ex in out] == [ex.id for ex in pool]
+    changed = {ex.id: ex for ex in out if ex.metadata.get("corrupted")}
+    assert set(changed) == ids
+    originals = {ex.response for ex in pool}
+    for ex in changed.values():
+        original = pool[int(ex.id)].response
+        if ex.metadata["corrupted"] == "swap":
+            assert ex.response != original and ex.response in originals
+        else:
+            assert original.startswith(ex.response) and len(ex.response) < len(original)
+    assert corrupt(pool, 0.3, ("swap", "truncate"), seed=0)[1] == ids
+
+
+@pytest.mark.usefixtures("shared_data")
+def test_two_method_grid_on_the_tiny_model_writes_the_table_and_reuses_every_cell(tmp_path, monkeypatch):
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID)
+    report = run_grid(path, out_dir=tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert sorted(table["cell"]) == sorted(["untrained-s0", "full-s0", "random-b0.5-s0", "length-b0.5-s0",
+                                            "big-loss-b0.5-s0"])
+    for column in ("method", "budget", "seed", "selection_seconds", "training_seconds", "model_tokens",
+                   "tatoeba/loss", "tatoeba/chrf", "gsm8k/loss", "corrupted_kept_share", "corrupted_pool_share"):
+        assert column in table.columns
+    full = table.set_index("cell").loc["full-s0"]
+    assert full["corrupted_kept_share"] == pytest.approx(full["corrupted_pool_share"]) == pytest.approx(0.25)
+    assert pd.isna(table.set_index("cell").loc["random-b0.5-s0", "gsm8k/exact_match"])
+    assert not pd.isna(full["gsm8k/exact_match"])
+
+    # the kept share is what the selection actually kept
+    config = load_config(path)
+    runner = GridRunner(config, tmp_path / "out")
+    from slimtune.select import Selection
+
+    kept = Selection.load(tmp_path / "out" / "selections" / "length-b0.5").kept_ids
+    share = sum(i in runner.data.corrupted_ids for i in kept) / len(kept)
+    assert table.set_index("cell").loc["length-b0.5-s0", "corrupted_kept_share"] == pytest.approx(share)
+
+    monkeypatch.setattr(GridRunner, "run_cell", lambda self, cell: pytest.fail(f"{cell.name} re-ran"))
+    assert run_grid(path, out_dir=tmp_path / "out") == report
