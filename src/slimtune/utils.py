@@ -48,3 +48,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def load_registered(registry: dict[str, str], name: str, kind: str) -> Any:
+    """The object a ``name -> "module:attr"`` registry names, imported only now (heavy imports stay lazy)."""
+    import importlib
+
+    if name not in registry:
+        raise ValueError(f"unknown {kind} '{name}'; known: {', '.join(sorted(registry))}")
+    module, attr = registry[name].split(":")
+    return getattr(importlib.import_module(module), attr)

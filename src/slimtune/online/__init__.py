@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from slimtune.online.base import CandidateBatch, Policy
+from slimtune.utils import load_registered
 
 #: name -> "module:Class", loaded lazily.
 POLICIES: dict[str, str] = {
@@ -20,10 +20,7 @@ POLICIES: dict[str, str] = {
 
 
 def policy_class(name: str) -> type[Policy]:
-    if name not in POLICIES:
-        raise ValueError(f"unknown online method '{name}'; known: {', '.join(sorted(POLICIES))}")
-    module, cls = POLICIES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return load_registered(POLICIES, name, "online method")
 
 
 def get_policy(name: str, **params: Any) -> Policy:

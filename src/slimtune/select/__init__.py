@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from slimtune.select.base import Budget, Cost, Selection, Selector
+from slimtune.utils import load_registered
 
 #: name -> "module:Class". Modules load lazily so a method's heavy imports cost nothing until it is used.
 SELECTORS: dict[str, str] = {
@@ -21,10 +21,7 @@ SELECTORS: dict[str, str] = {
 
 
 def selector_class(name: str) -> type[Selector]:
-    if name not in SELECTORS:
-        raise ValueError(f"unknown selection method '{name}'; known: {', '.join(sorted(SELECTORS))}")
-    module, cls = SELECTORS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return load_registered(SELECTORS, name, "selection method")
 
 
 def get_selector(name: str, **params: Any) -> Selector:
