@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slimtune.data.tokenize import IGNORE_INDEX
+from slimtune.data.tokenize import IGNORE_INDEX, Collator
 
 
 def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -27,6 +28,30 @@ def example_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return losses.sum(dim=1) / count.clamp_min(1), count
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward can skip the LM head on leading positions."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def response_logits(model, input_ids: Tensor, attention_mask: Tensor,
+                    labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits from the position before the batch's first response token onwards, and the labels cut to match.
+
+    The LM head over a large vocabulary dominates a small model's forward, and prompt positions predict
+    nothing that is scored, so their logits are skipped with ``logits_to_keep`` where the model supports it.
+    """
+    labelled = labels != IGNORE_INDEX
+    start = 0
+    if accepts_logits_to_keep(model) and labelled.any():
+        first = labelled.int().argmax(dim=1)[labelled.any(dim=1)]
+        start = max(int(first.min()) - 1, 0)
+    keep = {"logits_to_keep": labels.shape[1] - start} if start > 0 else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits
+    # Align on what came back rather than on what was asked, in case a wrapper ignored the request.
+    return logits, labels[:, labels.shape[1] - logits.shape[1]:]
+
+
 @torch.no_grad()
 def score_losses(model, batches: Iterable[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
     """Mean response loss and response-token count of every row of ``batches``, in order (on the CPU)."""
@@ -34,11 +59,30 @@ def score_losses(model, batches: Iterable[dict[str, Tensor]]) -> tuple[Tensor, T
     was_training = model.training
     model.eval()
     losses, counts = [], []
-    for batch in batches:
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        loss, count = example_losses(logits, batch["labels"].to(device))
-        losses.append(loss.cpu())
-        counts.append(count.cpu())
-    model.train(was_training)
+    try:
+        for batch in batches:
+            logits, labels = response_logits(model, batch["input_ids"].to(device),
+                                              batch["attention_mask"].to(device), batch["labels"].to(device))
+            loss, count = example_losses(logits, labels)
+            losses.append(loss.cpu())
+            counts.append(count.cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(losses), torch.cat(counts)
+
+
+def score_rows(model, rows: Sequence[dict[str, list[int]]], *, pad_token_id: int,
+               batch_size: int = 8) -> tuple[Tensor, Tensor]:
+    """:func:`score_losses` over tokenised rows (``input_ids``, ``labels``), returned in the rows' order.
+
+    Rows are batched longest first, so each batch pads little and an out-of-memory error shows at once.
+    """
+    if not rows:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    collate = Collator(pad_token_id=pad_token_id)
+    batches = (collate([rows[i] for i in order[s:s + batch_size]]) for s in range(0, len(order), batch_size))
+    sorted_losses, sorted_counts = score_losses(model, batches)
+    losses, counts = torch.empty_like(sorted_losses), torch.empty_like(sorted_counts)
+    losses[order], counts[order] = sorted_losses, sorted_counts
+    return losses, counts
