@@ -279,7 +279,8 @@ def evaluate_cmd(
     run: Annotated[Path | None, typer.Option(help="A `slimtune train` run folder (base model + adapter).")] = None,
     task: Annotated[str, typer.Option(help="gsm8k, translation, choice, loss, or auto (from the data).")] = "auto",
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N examples only.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation length for generative metrics.")] = 200,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length (default: per task, 256 for "
+                                                       "GSM8K, 64 for translation).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size for scoring and generation.")] = 8,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,

@@ -87,6 +87,16 @@ def encode_example(example: Example, tokenizer, max_length: int | None = None) -
     return {"input_ids": ids, "labels": labels}
 
 
+def last_turn_only(labels: list[int]) -> list[int]:
+    """Labels with every assistant turn but the last masked: the y of single-response methods and metrics.
+    Turns are told apart by the unlabelled template header between them."""
+    end = max((t for t, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [label if start <= t <= end else IGNORE_INDEX for t, label in enumerate(labels)]
+
+
 class TokenizedDataset(Dataset):
     """Examples tokenised once; rows with no response token left after truncation are dropped and counted."""
 

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from slimtune.data.example import Example
-from slimtune.data.tokenize import IGNORE_INDEX, encode_example
+from slimtune.data.tokenize import encode_example
+from slimtune.data.tokenize import last_turn_only as last_turn_only_labels
 from slimtune.evaluate.metrics import perplexity, token_weighted_loss
 from slimtune.features.losses import score_rows
 
@@ -23,11 +24,7 @@ def _rows(examples: Sequence[Example], tokenizer, max_length: int | None, *,
         row = encode_example(example, tokenizer)
         ids, labels = row["input_ids"], row["labels"]
         if last_turn_only:
-            # The last turn's labels run back from its end-of-turn token to the unlabelled header before it.
-            start = max(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
-            while start > 0 and labels[start - 1] != IGNORE_INDEX:
-                start -= 1
-            labels = [IGNORE_INDEX] * start + labels[start:]
+            labels = last_turn_only_labels(labels)
         if max_length is not None and len(ids) > max_length:
             ids, labels = ids[-max_length:], labels[-max_length:]
             truncated += 1

@@ -17,8 +17,8 @@ from typing import ClassVar
 import numpy as np
 
 from slimtune.data.example import Example
-from slimtune.data.tokenize import IGNORE_INDEX, Collator, encode_example
-from slimtune.features.losses import score_losses
+from slimtune.data.tokenize import IGNORE_INDEX, encode_example, last_turn_only
+from slimtune.features.losses import score_rows
 from slimtune.select.base import Cost, Selector
 
 
@@ -94,17 +94,13 @@ class _ResponseLossSelector(Selector):
         return load_model(self.model, device=self.device)
 
     def _score_rows(self, model, tokenizer, rows: list[dict[str, list[int]]], cost: Cost) -> np.ndarray:
-        """Mean loss over each row's labelled tokens (NaN for rows with none), batched longest first so rows
-        of a batch pad little and an out-of-memory error shows at once."""
+        """Mean loss over each row's labelled tokens (NaN for rows with none)."""
         losses = np.full(len(rows), np.nan)
-        scored = sorted((i for i, r in enumerate(rows) if any(t != IGNORE_INDEX for t in r["labels"])),
-                        key=lambda i: -len(rows[i]["input_ids"]))
+        scored = [i for i, r in enumerate(rows) if any(t != IGNORE_INDEX for t in r["labels"])]
         if not scored:
             return losses
-        collate = Collator(pad_token_id=tokenizer.pad_token_id)
-        batches = (collate([rows[i] for i in scored[s:s + self.batch_size]])
-                   for s in range(0, len(scored), self.batch_size))
-        loss, _ = score_losses(model, batches)
+        loss, _ = score_rows(model, [rows[i] for i in scored], pad_token_id=tokenizer.pad_token_id,
+                             batch_size=self.batch_size)
         losses[scored] = loss.double().numpy()
         cost.forward_tokens += sum(len(rows[i]["input_ids"]) for i in scored)
         return losses
@@ -115,7 +111,7 @@ class _ResponseLossSelector(Selector):
         for ex in pool:
             # y is located before cutting: once cut, the last labelled turn may be an earlier one
             row = encode_example(ex, tokenizer)
-            labels = _last_turn_only(row["labels"])
+            labels = last_turn_only(row["labels"])
             rows.append({"input_ids": row["input_ids"][:self.max_length], "labels": labels[:self.max_length]})
         return rows
 
@@ -181,15 +177,6 @@ class IFDSelector(_ResponseLossSelector):
         above = ifd > 1
         cost.details["ifd_above_one"] = int(above.sum())
         return ifd, _keep_order(ifd, self.keep, demoted=above if self.drop_above_one else None)
-
-
-def _last_turn_only(labels: list[int]) -> list[int]:
-    """Labels with every assistant turn but the last masked (turns are separated by unlabelled headers)."""
-    end = max((t for t, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return [label if start <= t <= end else IGNORE_INDEX for t, label in enumerate(labels)]
 
 
 def _response_alone(example: Example, tokenizer, n_tokens: int) -> dict[str, list[int]]:
