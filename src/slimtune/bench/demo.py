@@ -26,7 +26,7 @@ from slimtune.utils import write_json
 class DemoSettings:
     pool_sizes: tuple[tuple[str, int], ...] = (("gsm8k", 80), ("p3", 80), ("tatoeba", 80), ("taskmaster4", 20))
     target_examples: int = 4
-    eval_examples: int = 30
+    eval_examples: int = 24
     budget: float = 0.15
     max_length: int = 256
     epochs: float = 2.0

@@ -1,0 +1,1 @@
+"""Benchmarking: grid configs, the cached resumable runner, the report, and the demo (the main job)."""
