@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+
+from slimtune.data.example import make_example, pool_hash
+from slimtune.features.gradients import FEATURES, NORMS
+from slimtune.features.store import FeatureStore
+from slimtune.select import get_selector
+from slimtune.select.less import LessSelector, run_checkpoints
+
+
+def gsm8k(shared_data, split, rows):
+    """GSM8K problems short enough to keep their whole answer within the tests' 128 tokens."""
+    records = [json.loads(line) for line in open(shared_data / "gsm8k" / f"{split}.jsonl")]
+    short = [r for r in records if len(r["question"]) + len(r["answer"]) < 280][rows]
+    return [make_example([{"role": "user", "content": r["question"]},
+                          {"role": "assistant", "content": r["answer"]}], task="gsm8k") for r in short]
+
+
+def tatoeba(shared_data, lang, rows):
+    source = open(shared_data / "tatoeba" / f"tatoeba.{lang}-eng.{lang}").read().splitlines()[rows]
+    english = open(shared_data / "tatoeba" / f"tatoeba.{lang}-eng.eng").read().splitlines()[rows]
+    return [make_example([{"role": "user", "content": f"Translate to English: {s}"},
+                          {"role": "assistant", "content": e}], task=f"tatoeba-{lang}")
+            for s, e in zip(source, english)]
+
+
+@pytest.fixture(scope="module")
+def pool(shared_data):
+    """Interleaved math word problems and French-English translations."""
+    math, french = gsm8k(shared_data, "train", slice(0, 10)), tatoeba(shared_data, "fra", slice(0, 10))
+    return [ex for pair in zip(math, french) for ex in pair]
+
+
+def small_less(cache, **kw):
+    """LESS at test scale: the tiny model, a rank-4 LoRA, a fifth of the pool for a 2-epoch warm-up."""
+    base = dict(model="tiny", warmup_fraction=0.2, epochs=2, batch_size=2, grad_accum=1, learning_rate=1e-3,
+                lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=128, proj_dim=512, shard_rows=6,
+                grad_batch_size=4, cache_dir=str(cache))
+    return LessSelector(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory, pool, shared_data):
+    """One full LESS run (warm-up, Adam features at both checkpoints, target gradients) toward GSM8K."""
+    cache = tmp_path_factory.mktemp("less")
+    target = gsm8k(shared_data, "test", slice(0, 4))
+    return cache, target, small_less(cache).select(pool, 10, target=target)
+
+
+def test_less_keeps_the_pool_examples_of_the_target_task(warm, pool):
+    cache, target, selection = warm
+    for chosen in (selection, small_less(cache, aggregate="mean-cosine").select(pool, 10, target=target)):
+        kept_tasks = [pool[i].task for i in chosen.kept]
+        assert kept_tasks.count("gsm8k") >= 8, kept_tasks
+    cost = selection.cost
+    assert cost.forward_tokens > 0 and cost.backward_tokens == cost.forward_tokens and cost.seconds > 0
+    details = cost.details["less"]
+    assert len(details["checkpoints"]) == 2 and details["warmup_rows"] == 4
+    assert details["pool_features"]["rows"] == 2 * len(pool)  # once per checkpoint
+    assert sum(c["weight"] for c in details["checkpoints"]) == pytest.approx(1)
+
+
+def test_a_repeated_selection_reuses_the_warm_up_and_every_feature_shard(warm, pool):
+    cache, target, first = warm
+    again = small_less(cache).select(pool, 10, target=target)
+    assert np.array_equal(first.scores, again.scores) and first.kept == again.kept
+    details = again.cost.details["less"]
+    assert "warmup_seconds" not in details and again.cost.forward_tokens == 0
+    assert details["pool_features"]["shards"] == {"computed": 0, "reused": 2 * 4}
+
+
+@pytest.fixture(scope="module")
+def cold_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("less-cold")
+
+
+@pytest.mark.parametrize("aggregate", ["mean-gradient", "mean-cosine"])
+def test_chunked_scoring_equals_in_memory_scoring(cold_cache, pool, shared_data, aggregate):
+    """Without warm-up (plain gradients of a fresh LoRA), two target subtasks, the pool read two rows at a
+    time: the scores are the in-memory formula's, max over subtasks of the aggregated cosines."""
+    target = gsm8k(shared_data, "test", slice(0, 3)) + tatoeba(shared_data, "fra", slice(200, 202))
+    less = small_less(cold_cache, warmup=False, chunk_rows=2, aggregate=aggregate)
+    chunked = less.select(pool, 6, target=target)
+    stores = {store.key["rows"]: store for store in map(FeatureStore, (cold_cache / "features").iterdir())}
+    features = np.asarray(stores[pool_hash(pool)].open(FEATURES), dtype=np.float32)
+    targets = np.asarray(stores[pool_hash(target)].open(FEATURES), dtype=np.float32)
+    subtasks = [slice(0, 3), slice(3, 5)]
+    if aggregate == "mean-cosine":
+        cosines = features @ targets.T
+        per_subtask = [cosines[:, rows].mean(1) for rows in subtasks]
+    else:  # cosine with each subtask's mean (unnormalised) gradient
+        grads = targets * np.asarray(stores[pool_hash(target)].open(NORMS))[:, None]
+        means = [grads[rows].mean(0) for rows in subtasks]
+        per_subtask = [features @ (m / np.linalg.norm(m)) for m in means]
+    assert np.allclose(chunked.scores, np.max(per_subtask, axis=0), atol=1e-5)
+    assert chunked.cost.details["less"]["subtasks"] == ["gsm8k", "tatoeba-fra"]
+
+
+def test_checkpoint_weights_are_the_epochs_mean_learning_rates(tmp_path):
+    history = [{"step": s, "learning_rate": lr} for s, lr in enumerate([4, 4, 3, 3, 2, 2], start=1)]
+    for step in (2, 4, 6):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    checkpoints = run_checkpoints(tmp_path)
+    assert [c.weight for c in checkpoints] == pytest.approx([4 / 9, 3 / 9, 2 / 9])
+    assert [c.path.name for c in checkpoints] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_less_is_registered_and_refuses_unknown_options():
+    assert isinstance(get_selector("less", model="tiny"), LessSelector)
+    with pytest.raises(ValueError, match="aggregate"):
+        LessSelector(aggregate="max")
+    with pytest.raises(ValueError, match="unknown projector"):
+        LessSelector(projector="gaussian")
