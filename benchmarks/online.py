@@ -1,0 +1,254 @@
+"""Online selection benchmark: every policy at keep = 25% of B = 8 candidates, and full-data training.
+
+Trains the embedded SmolLM2-135M (LoRA r=8) on a seeded pool of GSM8K training rows (max length 256) for
+``--steps`` optimiser steps per run, and reports per run: the median step time; the floor, which is B no-grad
+forwards plus a forward + backward on the rows actually trained, timed on the very batches of that step right
+after it (interleaved, so both see the same machine load); the scoring share of a step (scoring forward +
+policy); candidates per second against full-data examples per second; wall time per epoch-equivalent (pool / B
+steps at the median step time); examples and tokens trained and scored; and the response-token loss on
+held-out GSM8K test rows. Targets: step time within 10% of the floor for every policy; candidates/second at
+keep = 25% at least 1.4x full-data examples/second.
+
+    .venv/bin/python benchmarks/online.py            # ~15 min on 2 CPU cores
+    .venv/bin/python benchmarks/online.py --steps 3 --policies big-loss uds   # a quick look
+
+Prints the table, writes benchmarks/results/online.json and rewrites the "Online selection" section of
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from slimtune.data.example import make_example
+from slimtune.data.tokenize import Collator, TokenizedDataset
+from slimtune.features.losses import score_losses
+from slimtune.models import LoraSettings
+from slimtune.online import get_policy, policy_class
+from slimtune.online.trainer import SelectiveTrainer, train_online
+from slimtune.train import TrainSettings, load_trained, train
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "gsm8k"
+POLICIES = ["uniform", "big-loss", "grad-norm", "rho-loss", "infobatch", "uds"]
+SECTION = "## Online selection"
+
+
+def gsm8k(split: str, n: int, seed: int | None = None) -> list:
+    rows = [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines()]
+    if seed is not None:
+        rows = random.Random(seed).sample(rows, n)
+    return [make_example([{"role": "user", "content": r["question"]},
+                          {"role": "assistant", "content": r["answer"]}], task="gsm8k") for r in rows[:n]]
+
+
+class StepClock(TrainerCallback):
+    """Wall time between optimiser steps, excluding the floor replay that runs inside the gap."""
+
+    def __init__(self, trainer):
+        self.trainer, self.steps, self.floors, self.scoring = trainer, [], [], []
+        self._since = self._scored = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        scored = getattr(self.trainer, "scoring_seconds", 0.0)
+        if self._since is not None:  # the first step pays one-off costs
+            self.steps.append(now - self._since)
+            self.scoring.append(scored - self._scored)
+            if hasattr(self.trainer, "floor_seconds"):
+                self.floors.append(self.trainer.floor_seconds())
+        self._since, self._scored = time.perf_counter(), scored
+
+
+class TimedSelectiveTrainer(SelectiveTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clock = StepClock(self)
+        self.add_callback(self.clock)
+
+    def _select(self, batch):
+        trained = super()._select(batch)
+        self._candidates_batch, self._trained_batch = batch, trained
+        return trained
+
+    def floor_seconds(self) -> float:
+        """B no-grad forwards plus a forward + backward on the rows trained, on this step's own batches."""
+        model, candidates = self.model, self._candidates_batch
+        started = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=candidates["input_ids"], attention_mask=candidates["attention_mask"])
+        model.train()
+        trained = {k: v for k, v in self._trained_batch.items() if k != "loss_weight"}
+        model(**trained).loss.backward()
+        model.zero_grad()
+        return time.perf_counter() - started
+
+
+class TimedTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clock = StepClock(self)
+        self.add_callback(self.clock)
+
+    def _prepare_inputs(self, inputs):  # train() hands non-plain trainers an index-keeping collator
+        return super()._prepare_inputs({k: v for k, v in inputs.items() if k != "example_index"})
+
+
+def held_out_loss(run_dir: Path, examples: list) -> float:
+    model, tokenizer = load_trained(run_dir)
+    data = TokenizedDataset(examples, tokenizer, 256)
+    collate = Collator(tokenizer.pad_token_id)
+    batches = [collate([data[i] for i in range(s, min(s + 8, len(data)))]) for s in range(0, len(data), 8)]
+    losses, counts = score_losses(model, batches)
+    return float((losses * counts).sum() / counts.sum())
+
+
+def run(name: str, pool: list, held_out: list, args, out: Path) -> dict:
+    run_dir = out / name
+    settings = TrainSettings(output_dir=str(run_dir), max_steps=args.steps, batch_size=args.candidates,
+                             learning_rate=args.lr, max_length=256, seed=args.seed,
+                             lora=LoraSettings(r=8, alpha=16), progress=False, logging_steps=1)
+    captured = {}
+
+    def keep_trainer(cls):
+        class Captured(cls):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                captured["trainer"] = self
+        return Captured
+
+    started = time.perf_counter()
+    if name == "full":
+        result = train(pool, model="smollm2", settings=settings, trainer_class=keep_trainer(TimedTrainer))
+    else:
+        seeded = "seed" in {f.name for f in dataclasses.fields(policy_class(name))}
+        policy = get_policy(name, **({"seed": args.seed} if seeded else {}))
+        result = train_online(pool, policy, keep=args.keep, model="smollm2", settings=settings,
+                              trainer_class=keep_trainer(TimedSelectiveTrainer))
+    wall = time.perf_counter() - started
+    trainer = captured["trainer"]
+    clock = trainer.clock
+    step = statistics.median(clock.steps)
+    row = {
+        "method": name, "keep": 1.0 if name == "full" else args.keep, "candidates": args.candidates,
+        "steps": args.steps, "wall_seconds": wall,
+        "step_seconds": step, "step_seconds_all": clock.steps,
+        "candidates_per_second": args.candidates / step,
+        "seconds_per_epoch_equivalent": step * len(pool) / args.candidates,
+        "examples_trained": result.examples_seen, "tokens_trained": result.tokens_seen,
+        "held_out_loss": held_out_loss(run_dir, held_out),
+    }
+    if name != "full":
+        ratios = [s / f for s, f in zip(clock.steps, clock.floors)]
+        row.update(floor_seconds=statistics.median(clock.floors), floor_seconds_all=clock.floors,
+                   step_over_floor=statistics.median(ratios),
+                   scoring_share=sum(clock.scoring) / sum(clock.steps),
+                   candidates_scored=trainer.candidates_scored, scoring_tokens=trainer.scoring_tokens)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    full = next(r for r in rows if r["method"] == "full")
+    head = ("| method | K of B | step s | floor s | step / floor | scoring share | candidates/s | vs full | "
+            "s / epoch-eq | examples trained | tokens trained | tokens scored | held-out loss |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        selecting = r["method"] != "full"
+        cells = [r["method"], f"{r['examples_trained'] / r['steps']:.3g} of {r['candidates']}",
+                 f"{r['step_seconds']:.2f}", f"{r['floor_seconds']:.2f}" if selecting else "",
+                 f"{r['step_over_floor']:.2f}" if selecting else "",
+                 f"{r['scoring_share']:.0%}" if selecting else "", f"{r['candidates_per_second']:.2f}",
+                 f"{r['candidates_per_second'] / full['candidates_per_second']:.2f}x",
+                 f"{r['seconds_per_epoch_equivalent']:.0f}", str(r["examples_trained"]),
+                 f"{r['tokens_trained']:,}", f"{r['scoring_tokens']:,}" if selecting else "",
+                 f"{r['held_out_loss']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    full = next(r for r in rows if r["method"] == "full")
+    out = []
+    for r in rows:
+        if r["method"] == "full":
+            continue
+        speed = r["candidates_per_second"] / full["candidates_per_second"]
+        out.append(f"- {r['method']}: step / floor {r['step_over_floor']:.2f} "
+                   f"({'meets' if r['step_over_floor'] <= 1.10 else 'MISSES'} <= 1.10); candidates/s "
+                   f"{speed:.2f}x full ({'meets' if speed >= 1.4 else 'MISSES'} >= 1.4x)")
+    return out
+
+
+def machine() -> str:
+    load = os.getloadavg()
+    return (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch "
+            f"{torch.__version__} with {torch.get_num_threads()} threads, load average {load[0]:.1f}")
+
+
+def write_readme(text: str) -> None:
+    path = HERE / "README.md"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SECTION in current:
+        start = current.index(SECTION)
+        end = current.find("\n## ", start + len(SECTION))
+        current = current[:start].rstrip("\n") + "\n\n" + text + ("" if end < 0 else current[end:])
+    else:
+        current = current.rstrip("\n") + "\n\n" + text
+    path.write_text(current.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool", type=int, default=128)
+    parser.add_argument("--held-out", type=int, default=32)
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--keep", type=float, default=0.25)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policies", nargs="+", default=POLICIES)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-online"))
+    args = parser.parse_args()
+
+    pool, held_out = gsm8k("train", args.pool, seed=args.seed), gsm8k("test", args.held_out)
+    started, load_before = time.perf_counter(), machine()
+    rows = []
+    for name in ["full", *args.policies]:
+        rows.append(run(name, pool, held_out, args, args.out))
+        print(f"{name}: {rows[-1]['step_seconds']:.2f} s/step", file=sys.stderr, flush=True)
+    text = table(rows)
+    checks = verdicts(rows)
+    print(text, *checks, sep="\n")
+    command = "python benchmarks/online.py " + " ".join(sys.argv[1:])
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / "online.json").write_text(json.dumps(
+        {"command": command, "machine": load_before, "machine_after": machine(),
+         "seconds": time.perf_counter() - started, "settings": vars(args) | {"out": str(args.out)},
+         "rows": rows, "checks": checks}, indent=1))
+    setup = (f"`{command.strip()}` on {load_before} ({time.perf_counter() - started:.0f} s in all). "
+             f"Pool: {args.pool} GSM8K training rows (seed {args.seed}, max length 256); held-out loss on "
+             f"the first {args.held_out} GSM8K test rows; SmolLM2-135M, LoRA r=8, lr {args.lr:g}, "
+             f"{args.steps} steps per run, B = {args.candidates}. Step and floor are medians over steps "
+             f"2..{args.steps}.")
+    write_readme("\n\n".join([SECTION, setup, text, "\n".join(checks)]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
