@@ -247,3 +247,39 @@ def test_uds_masks_padding_unless_asked_for_the_authors_raw_variant():
     raw.choose(batch, 1)
     assert masked.scores(batch)[0] < masked.scores(batch)[1]
     assert raw.scores(batch)[0] == pytest.approx(float(torch.linalg.svdvals(logits[0]).sum()), rel=1e-4)
+
+
+def test_uds_from_logit_factors_scores_as_uds_from_the_logits(tiny, shared_data):
+    from slimtune.online.trainer import forward_signals, logits_are_linear
+
+    model, tokenizer = tiny
+    dataset = TokenizedDataset(gsm8k_examples(shared_data, 4), tokenizer, 160)
+    batch = Collator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    assert logits_are_linear(model, batch)
+    signals = forward_signals(model, batch, logits=True, hidden=True, trim_logits=True)
+    common = dict(index=torch.arange(4), ids=list("abcd"), tasks=["t"] * 4, input_ids=batch["input_ids"],
+                  attention_mask=batch["attention_mask"], labels=batch["labels"], loss=signals["loss"],
+                  token_count=torch.ones(4))
+    full = CandidateBatch(**common, logits=signals["logits"])
+    factored = CandidateBatch(**common, hidden=signals["hidden"],
+                              extras={"head": model.get_output_embeddings().weight})
+    a, b = UDSPolicy(seed=1), UDSPolicy(seed=1)
+    for batch_a, batch_b in ((full, factored), (full, factored)):  # the second time with a memory
+        assert a.choose(batch_a, 2).tolist() == b.choose(batch_b, 2).tolist()
+        assert torch.allclose(a.scores(None), b.scores(None), atol=1e-3)
+        a.observe(batch_a.subset([0]))
+        b.observe(batch_b.subset([0]))
+    assert torch.allclose(a.state_dict()["memory"], b.state_dict()["memory"], rtol=1e-3, atol=1e-2)
+
+
+def test_a_head_with_a_bias_is_not_taken_for_logit_factors(shared_data):
+    from slimtune.models import load_model
+    from slimtune.online.trainer import logits_are_linear
+
+    model, tokenizer = load_model("tiny", device="cpu")
+    weight = model.get_output_embeddings().weight
+    biased = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+    biased.weight = weight
+    model.set_output_embeddings(biased)
+    batch = Collator(tokenizer.pad_token_id)([TokenizedDataset(gsm8k_examples(shared_data, 1), tokenizer)[0]])
+    assert not logits_are_linear(model, batch)

@@ -17,8 +17,11 @@ from torch import Tensor
 
 #: Names a policy may ask for in ``needs()``. ``ref_loss`` is each row's loss under the policy's
 #: ``reference_model`` attribute (a model id, path or PEFT adapter folder; None: the model being trained,
-#: as it was before training), computed once over the training set and cached.
-SIGNALS = frozenset({"loss", "logits", "hidden", "ref_loss", "embedding"})
+#: as it was before training), computed once over the training set and cached. ``logit_factors`` is the
+#: logits in factored form, ``hidden`` plus ``extras["head"]`` (V, H) with logits = hidden @ head.T, for
+#: policies that need only products of the logits with thin matrices (far cheaper than B x T x V); where the
+#: model's output layer is not exactly that linear map, the mechanism fills ``logits`` instead.
+SIGNALS = frozenset({"loss", "logits", "logit_factors", "hidden", "ref_loss", "embedding"})
 
 
 @dataclass

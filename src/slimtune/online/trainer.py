@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: Signals this trainer's scoring forward computes (see :data:`slimtune.online.base.SIGNALS`).
-COMPUTED_SIGNALS = frozenset({"loss", "logits", "hidden", "ref_loss"})
+COMPUTED_SIGNALS = frozenset({"loss", "logits", "logit_factors", "hidden", "ref_loss"})
 COUNTERS = ("examples_trained", "tokens_trained", "candidates_scored", "scoring_tokens", "scoring_seconds")
 LOG_STEM = "selection_log"
 
@@ -100,27 +100,42 @@ def response_losses(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def forward_signals(model: torch.nn.Module, batch: dict[str, Tensor], needs: set[str], *,
+def forward_signals(model: torch.nn.Module, batch: dict[str, Tensor], *, logits: bool, hidden: bool,
                     trim_logits: bool) -> dict[str, Tensor]:
     """One no-grad forward: each row's mean response loss, plus the logits (B, T, V) and the last hidden
-    state (B, T, H) when ``needs`` names them.
+    state (B, T, H) when asked for.
 
-    When the logits are not needed and the model takes ``logits_to_keep`` (``trim_logits``), the LM head runs
-    only from the batch's first response position on: the prompt's logits would be thrown away, and the head
-    is a large share of a small model's forward.
+    Without ``logits``, and when the model takes ``logits_to_keep`` (``trim_logits``), the LM head runs only
+    from the batch's first response position on: the prompt's logits would be thrown away, and the head is a
+    large share of a small model's forward.
     """
     labels = batch["labels"]
-    kwargs: dict[str, Any] = {"output_hidden_states": "hidden" in needs}
-    if "logits" not in needs and trim_logits:
+    kwargs: dict[str, Any] = {"output_hidden_states": hidden}
+    if not logits and trim_logits:
         response = (labels != IGNORE_INDEX).any(0).nonzero()
         kwargs["logits_to_keep"] = labels.shape[1] - (max(int(response[0]) - 1, 0) if len(response) else 0)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
     signals = {"loss": response_losses(out.logits, labels[:, labels.shape[1] - out.logits.shape[1]:])}
-    if "logits" in needs:
+    if logits:
         signals["logits"] = out.logits
-    if "hidden" in needs:
+    if hidden:
         signals["hidden"] = out.hidden_states[-1]
     return signals
+
+
+def logits_are_linear(model: torch.nn.Module, batch: dict[str, Tensor]) -> bool:
+    """Whether the model's logits are exactly last hidden state @ W.T for its output layer's weight W (no
+    bias, scaling or soft-capping), checked on one row of ``batch``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return False
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
+                    output_hidden_states=True)
+        product = out.hidden_states[-1].float() @ head.weight.float().T
+        logits = out.logits.float()
+    tolerance = 1e-2 * float(logits.abs().max()) + 1e-3  # bf16 autocast logits stay within this
+    return float((product - logits).abs().max()) <= tolerance
 
 
 def load_reference(spec: str, device: torch.device) -> torch.nn.Module:
@@ -173,6 +188,7 @@ class SelectionMixin:
         self._ref_losses: Tensor | None = None
         self._log_file = None
         self._trim_logits = accepts_logits_to_keep(self.model)
+        self._head_checked = self._head_is_linear = False
 
     # ---- the selection step -------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -235,14 +251,20 @@ class SelectionMixin:
         size = len(index)
         labels = batch["labels"]
         signals: dict[str, Tensor] = {"loss": torch.full((size,), math.nan, device=labels.device)}
+        extras: dict[str, Any] = {}
         if needs:
             model = self.model_wrapped
             was_training = model.training
             model.eval()  # deterministic scores; dropout would also draw from the training RNG
             try:
-                signals = forward_signals(model, batch, needs, trim_logits=self._trim_logits)
+                head = self._factor_head(batch) if "logit_factors" in needs else None
+                signals = forward_signals(
+                    model, batch, logits="logits" in needs or ("logit_factors" in needs and head is None),
+                    hidden="hidden" in needs or head is not None, trim_logits=self._trim_logits)
             finally:
                 model.train(was_training)
+            if head is not None:
+                extras["head"] = head
             self.candidates_scored += size
             self.scoring_tokens += int(batch["attention_mask"].sum())
         if "ref_loss" in needs:
@@ -251,7 +273,20 @@ class SelectionMixin:
             index=index, ids=ids, tasks=tasks, input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"], labels=labels,
             token_count=(labels[:, 1:] != IGNORE_INDEX).sum(1), step=self.state.global_step,
-            progress=self.state.global_step / max(1, self.state.max_steps), **signals)
+            progress=self.state.global_step / max(1, self.state.max_steps), extras=extras, **signals)
+
+    def _factor_head(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """The LM head's weight for ``logit_factors``, or None where the logits are not linear in it (checked
+        once, on the first batch)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not self._head_checked:
+            self._head_checked = True
+            self._head_is_linear = logits_are_linear(model, batch)
+            if not self._head_is_linear:
+                logger.warning("the model's logits are not last hidden state @ head weight; policies asking "
+                               "for logit factors get the full logits")
+        # Fetched each time rather than kept: a full fine-tune replaces and updates it.
+        return model.get_output_embeddings().weight if self._head_is_linear else None
 
     @staticmethod
     def _rows(batch: dict[str, Any], rows: Tensor, weights: Tensor | None) -> dict[str, Any]:

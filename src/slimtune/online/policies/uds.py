@@ -16,12 +16,16 @@ example's real tokens (padding masked), and both terms are z-scored over the can
 weight of diversity in units of the batch's spread and one value works across models and lengths.
 ``unmasked_raw=True`` reproduces the code's variant (all positions, no normalisation; use its alpha values).
 
-Two cheap computations make this affordable at V ~ 50k-150k:
+Three cheap computations make this affordable at V ~ 50k-150k:
 - singular values from the N x N Gram matrix, sigma_j = sqrt(lambda_j(L L^T)), instead of an SVD of N x V;
 - the sketch as two thin matrix products. An SRFT G = sqrt(n/d) * R * Re(F) * D (random signs D, DFT F, d
   random rows R) applied to real data is a product with a d x n cosine matrix with signed columns, and zero-
   padding the sequence to ``max_length`` means only its first N columns meet data: z = G2[:, :N] (L G1^T).
-  The scale sqrt(n/d) on the unnormalised DFT is the authors', so raw-mode alphas carry over.
+  The scale sqrt(n/d) on the unnormalised DFT is the authors', so raw-mode alphas carry over;
+- no logits at all when the model's logits are L = H W^T (last hidden state H, N x h; LM head W, V x h), as
+  in Llama, Qwen or Mistral: L L^T = H (W^T W) H^T and L G1^T = H (W^T G1^T), with the h x h and h x d1
+  products of the head computed once while the head is unchanged (always, under LoRA). The scoring forward
+  then costs what a loss-only forward costs. The trainer falls back to full logits for other heads.
 """
 
 from __future__ import annotations
@@ -36,12 +40,16 @@ from torch import Tensor
 from slimtune.online.base import CandidateBatch, TopKPolicy
 
 
-def nuclear_norm(logits: Tensor) -> Tensor:
-    """||L||_* from the eigenvalues of the smaller Gram matrix: an N x N eigenproblem when N << V."""
-    matrix = logits.float()
-    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
+def gram_nuclear_norm(gram: Tensor) -> Tensor:
+    """sum_j sigma_j(L) from the Gram matrix L L^T (or L^T L): the square roots of its eigenvalues."""
     # float64 eigenvalues: the small ones, near float32 round-off of the large ones, still add up.
-    return torch.linalg.eigvalsh(gram.double()).clamp_min(0).sqrt().sum().to(matrix.dtype)
+    return torch.linalg.eigvalsh(gram.double()).clamp_min(0).sqrt().sum().float()
+
+
+def nuclear_norm(matrix: Tensor) -> Tensor:
+    """||L||_* from the smaller of the two Gram matrices: an N x N eigenproblem when N << V."""
+    matrix = matrix.float()
+    return gram_nuclear_norm(matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix)
 
 
 def srft_matrix(n: int, d: int, generator: torch.Generator) -> Tensor:
@@ -80,13 +88,15 @@ class UDSPolicy(TopKPolicy):
     def __post_init__(self) -> None:
         self._vocab_side: Tensor | None = None
         self._seq_side: Tensor | None = None
+        self._head_key: tuple | None = None
         self._memory = torch.empty(0, self.vocab_dim * self.seq_dim)
         self._last_sketch: dict[int, Tensor] = {}
 
     def needs(self) -> set[str]:
-        return {"logits"}
+        return {"logit_factors"}
 
     def _projections(self, vocab: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """G1 (d1 x V) and G2 (d2 x max_length), drawn once from ``seed``."""
         if self._vocab_side is None or self._vocab_side.shape[1] != vocab:
             if self.vocab_dim > vocab or self.seq_dim > self.max_length:
                 raise ValueError(f"UDS sketch of {self.seq_dim} x {self.vocab_dim} does not fit logits of "
@@ -97,25 +107,41 @@ class UDSPolicy(TopKPolicy):
         self._vocab_side, self._seq_side = self._vocab_side.to(device), self._seq_side.to(device)
         return self._vocab_side, self._seq_side
 
-    def sketch(self, logits: Tensor) -> Tensor:
-        """z = vec(G2 L G1^T) of one example's N x V logits, (d2 * d1,)."""
-        n, vocab = logits.shape
+    def _head_products(self, head: Tensor) -> tuple[Tensor, Tensor]:
+        """W^T W (float64) and W^T G1^T, recomputed only when the head weight changes."""
+        key = (head.data_ptr(), head._version, head.device)
+        if key != self._head_key:
+            weight = head.detach().float()
+            self._head_gram = (weight.T @ weight).double()
+            self._head_sketch = weight.T @ self._projections(len(weight), weight.device)[0].T
+            self._head_key = key
+        return self._head_gram, self._head_sketch
+
+    def _grams_and_vocab_sketches(self, batch: CandidateBatch) -> list[tuple[Tensor, Tensor]]:
+        """Per row, L L^T and L G1^T over its positions (real tokens, or all with ``unmasked_raw``)."""
+        real = torch.ones_like(batch.attention_mask, dtype=torch.bool) if self.unmasked_raw \
+            else batch.attention_mask.bool()
+        if batch.logits is not None:
+            vocab_side = self._projections(batch.logits.shape[-1], batch.logits.device)[0]
+            rows = [batch.logits[i][real[i]].float() for i in range(len(batch))]
+            return [(row @ row.T, row @ vocab_side.T) for row in rows]
+        head_gram, head_sketch = self._head_products(batch.extras["head"])
+        rows = [batch.hidden[i][real[i]].float() for i in range(len(batch))]
+        return [(row.double() @ head_gram @ row.double().T, row @ head_sketch) for row in rows]
+
+    def sketch(self, vocab_sketch: Tensor) -> Tensor:
+        """z = vec(G2 L G1^T) from L G1^T (N x d1) of one example, (d2 * d1,)."""
+        n = len(vocab_sketch)
         if n > self.max_length:
             raise ValueError(f"UDS sketches sequences of up to max_length={self.max_length} tokens; got {n}. "
                              "Set the policy's max_length to the training max length.")
-        vocab_side, seq_side = self._projections(vocab, logits.device)
-        return (seq_side[:, :n] @ (logits.float() @ vocab_side.T)).flatten()
-
-    def _rows(self, batch: CandidateBatch) -> list[Tensor]:
-        if self.unmasked_raw:
-            return [logits.float() for logits in batch.logits]
-        real = batch.attention_mask.bool()
-        return [batch.logits[i][real[i]].float() for i in range(len(batch))]
+        return (self._seq_side[:, :n].to(vocab_sketch.device) @ vocab_sketch).flatten()
 
     def score(self, batch: CandidateBatch) -> Tensor:
-        rows = self._rows(batch)
-        intra = torch.stack([nuclear_norm(rows_i) for rows_i in rows])
-        sketches = torch.stack([self.sketch(rows_i) for rows_i in rows])
+        parts = self._grams_and_vocab_sketches(batch)
+        intra = torch.stack([gram_nuclear_norm(gram) for gram, _ in parts])
+        sketches = torch.stack([self.sketch(vocab_sketch) for _, vocab_sketch in parts])
+        intra = intra.to(sketches.device)
         memory = self._memory.to(sketches.device)
         inter = (torch.cdist(sketches, memory).mean(1) if len(memory)
                  else torch.zeros(len(batch), device=sketches.device))
