@@ -153,9 +153,9 @@ class AdamMoments:
         """m' / sqrt(v' + eps) for per-example gradients ``grad`` (B, numel) of parameter ``name``."""
         m = self.exp_avg[name].reshape(1, -1).to(grad)
         v = self.exp_avg_sq[name].reshape(1, -1).to(grad)
-        m_new = self.beta1 * m + (1 - self.beta1) * grad
-        v_new = self.beta2 * v + (1 - self.beta2) * grad.square()
-        return m_new / torch.sqrt(v_new + self.eps)
+        # B x numel is the largest thing in the loop: two allocations, the rest in place
+        denominator = grad.square().mul_(1 - self.beta2).add_(v, alpha=self.beta2).add_(self.eps).sqrt_()
+        return torch.lerp(grad, m.expand_as(grad), self.beta1).div_(denominator)
 
     def to(self, device: torch.device | str) -> AdamMoments:
         return AdamMoments({k: v.to(device) for k, v in self.exp_avg.items()},
