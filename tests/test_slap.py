@@ -46,7 +46,8 @@ def strata_of(policy: SLAPPolicy, rows) -> list[str]:
 
 def test_registry_builds_slap_and_needs_follow_the_switches():
     assert isinstance(get_policy("slap"), SLAPPolicy)
-    assert SLAPPolicy().needs() == {"loss", "logits", "hidden"}
+    assert SLAPPolicy().needs() == {"loss", "logit_factors", "hidden"}
+    assert SLAPPolicy(representation="sketch").needs() == {"loss", "logit_factors"}
     assert SLAPPolicy(learnability=False).needs() == {"loss", "hidden"}
     assert SLAPPolicy(learnability=False, diversity=False).needs() == {"loss"}
 
@@ -165,7 +166,9 @@ def test_gradient_sketch_is_the_projected_lm_head_gradient():
     labels[:, :5] = -100
     labels[1, 5:8] = -100
     p_out, p_in = RademacherProjector(5, seed=0), RademacherProjector(3, seed=1)
-    sketch = gradient_sketch(hidden @ weight.detach().T, hidden, labels, p_out, p_in)
+    sketch = gradient_sketch(hidden, labels, p_out, p_in, head=weight.detach())
+    full = gradient_sketch(hidden, labels, p_out, p_in, logits=hidden @ weight.detach().T)
+    torch.testing.assert_close(sketch, full)
     out_matrix, in_matrix = p_out.project(torch.eye(V)).T, p_in.project(torch.eye(H)).T
     for i in range(b):
         logits = hidden[i, :-1] @ weight.T

@@ -39,7 +39,7 @@ from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch
 from slimtune.online.policies.slap import RowFeatures, SLAPPolicy
-from slimtune.online.trainer import accepts_logits_to_keep, forward_signals, keep_count
+from slimtune.online.trainer import accepts_logits_to_keep, forward_signals, keep_count, logits_are_linear
 
 if TYPE_CHECKING:
     from slimtune.data.example import Example
@@ -76,13 +76,15 @@ def score_pool(model: torch.nn.Module, dataset: Dataset, collator, policy: SLAPP
                batch_size: int = 8) -> tuple[RowFeatures, int]:
     """``policy.features`` of every pool row, in pool order, and the tokens the forward read.
 
-    Rows are batched longest first, so batches pad little and an out-of-memory error shows at once.
+    Signals as the online trainer computes them (``logit_factors``: hidden states and the LM head where the
+    logits are exactly their product, the full logits otherwise). Rows are batched longest first, so batches
+    pad little and an out-of-memory error shows at once.
     """
     device = next(model.parameters()).device
     needs, trim = policy.needs(), accepts_logits_to_keep(model)
     examples = getattr(dataset, "examples", None)
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
-    parts, tokens = [], 0
+    parts, tokens, head = [], 0, None
     was_training = model.training
     model.eval()
     try:
@@ -90,13 +92,18 @@ def score_pool(model: torch.nn.Module, dataset: Dataset, collator, policy: SLAPP
             rows = order[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collator([dataset[i] for i in rows]).items()
                      if k != "example_index"}
-            signals = forward_signals(model, batch, needs, trim_logits=trim)
+            if start == 0 and "logit_factors" in needs and logits_are_linear(model, batch):
+                head = model.get_output_embeddings().weight
+            factored = "logit_factors" in needs
+            signals = forward_signals(model, batch, logits="logits" in needs or (factored and head is None),
+                                      hidden="hidden" in needs or factored, trim_logits=trim)
             labels = batch["labels"]
             parts.append(policy.features(CandidateBatch(
                 index=torch.tensor(rows), ids=[examples[i].id if examples else str(i) for i in rows],
                 tasks=[examples[i].task if examples else "default" for i in rows],
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                token_count=(labels[:, 1:] != IGNORE_INDEX).sum(1), **signals)))
+                token_count=(labels[:, 1:] != IGNORE_INDEX).sum(1),
+                extras={} if head is None else {"head": head}, **signals)))
             tokens += int(batch["attention_mask"].sum())
     finally:
         model.train(was_training)

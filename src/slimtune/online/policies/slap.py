@@ -106,19 +106,22 @@ class RowFeatures:
         return RowFeatures(join("loss"), [t for p in parts for t in p.tasks], join("sketch"), join("rep"))
 
 
-def gradient_sketch(logits: Tensor, hidden: Tensor, labels: Tensor, p_out: Projector,
-                    p_in: Projector) -> Tensor:
+def gradient_sketch(hidden: Tensor, labels: Tensor, p_out: Projector, p_in: Projector, *,
+                    logits: Tensor | None = None, head: Tensor | None = None) -> Tensor:
     """Each row's LM-head gradient of its mean response loss, projected to (d_out x d_in) and flattened.
 
     grad_W_i = (1/T_i) sum_t d_t h_t^T with d_t = softmax(z_t) - onehot(y_t), so
     P_out grad_W_i P_in^T = (1/T_i) sum_t (P_out d_t)(P_in h_t)^T: only response positions are touched and
-    the V x H gradient is never formed.
+    the V x H gradient is never formed. z_t comes from ``logits`` (B, T, V) or, cheaper, as h_t @ ``head``.T
+    at the response positions alone.
     """
     targets = labels[:, 1:]
     rows, pos = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    delta = torch.softmax(logits[rows, pos].float(), dim=-1)
+    h = hidden[rows, pos].float()
+    z = logits[rows, pos].float() if logits is not None else h @ head.float().T
+    delta = torch.softmax(z, dim=-1)
     delta[torch.arange(len(rows)), targets[rows, pos]] -= 1
-    outer = p_out.project(delta).unsqueeze(2) * p_in.project(hidden[rows, pos].float()).unsqueeze(1)
+    outer = p_out.project(delta).unsqueeze(2) * p_in.project(h).unsqueeze(1)
     sketch = torch.zeros(labels.shape[0], outer[0].numel(), device=outer.device)
     sketch.index_add_(0, rows, outer.flatten(1))
     count = torch.bincount(rows, minlength=labels.shape[0]).clamp_min(1)
@@ -263,7 +266,7 @@ class SLAPPolicy(Policy):
     def needs(self) -> set[str]:
         wanted = {"loss"}
         if self._wants_sketch():
-            wanted |= {"logits", "hidden"}
+            wanted.add("logit_factors")  # hidden + head: logits at response positions only, never B x T x V
         if self.diversity and self.representation == "hidden":
             wanted.add("hidden")
         return wanted
@@ -272,9 +275,10 @@ class SLAPPolicy(Policy):
         """What SLAP keeps of a candidate batch: loss, task, and the sketch / representation it needs."""
         sketch = rep = None
         if self._wants_sketch():
-            if batch.logits is None or batch.hidden is None:
-                raise ValueError("SLAP's gradient sketch needs the batch's logits and hidden states")
-            sketch = gradient_sketch(batch.logits, batch.hidden, batch.labels, *self._projectors).cpu()
+            if batch.hidden is None or (batch.logits is None and "head" not in batch.extras):
+                raise ValueError("SLAP's gradient sketch needs hidden states and the logits or the LM head")
+            sketch = gradient_sketch(batch.hidden, batch.labels, *self._projectors, logits=batch.logits,
+                                     head=batch.extras.get("head")).cpu()
         if self.diversity:
             rep = (sketch if self.representation == "sketch"
                    else mean_pool(batch.hidden, batch.attention_mask).cpu())
