@@ -4,6 +4,7 @@ the selectors' behaviour on constructed pools (duplicates, a target task, a gap 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import numpy as np
@@ -78,18 +79,23 @@ def test_a_pair_utility_is_the_distance_drop_computed_by_hand(peaky, gsm8k, dist
     assert kernel.values[0, 0] == pytest.approx(alone - shown, rel=1e-4, abs=1e-7)
 
 
-def test_batched_pairs_equal_pairs_one_at_a_time_and_the_full_logits_path(peaky, gsm8k):
+def test_batched_pairs_equal_pairs_one_at_a_time_whole_sequences_and_the_full_logits_path(peaky, gsm8k):
     model, tokenizer = peaky
     pool = gsm8k[:4]
-    batched = InContextUtility(model, tokenizer, max_text_tokens=32, cache=False, batch_tokens=4096)
-    alone = InContextUtility(model, tokenizer, max_text_tokens=32, cache=False, batch_tokens=1)
-    full_logits = InContextUtility(model, tokenizer, max_text_tokens=32, cache=False)
+    common = dict(max_text_tokens=32, cache=False)
+    batched = InContextUtility(model, tokenizer, batch_tokens=4096, **common)
+    alone = InContextUtility(model, tokenizer, batch_tokens=1, **common)
+    whole = InContextUtility(model, tokenizer, prefix_reuse=False, **common)
+    full_logits = InContextUtility(model, tokenizer, **common)
     full_logits._head_only = False  # the fallback for models whose logits are not just head(hidden)
-    a, b, c = (u.kernel(pool) for u in (batched, alone, full_logits))
-    assert batched._head_only and a.stats["padded_tokens"] > a.stats["model_tokens"]
+    a, b, c, d = (u.kernel(pool) for u in (batched, alone, whole, full_logits))
+    assert batched._head_only and batched._reuse and not whole._reuse
+    assert a.stats["prefixes"] == 1 + 4  # the no-example template once, each context once
     assert b.stats["padded_tokens"] == b.stats["model_tokens"]
-    np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-8)
-    np.testing.assert_allclose(a.values, c.values, rtol=1e-5, atol=1e-8)
+    # sharing each context's prefix cuts the tokens run by roughly the prefix's share
+    assert c.stats["model_tokens"] > 1.5 * a.stats["model_tokens"]
+    for other in (b, c, d):
+        np.testing.assert_allclose(a.values, other.values, rtol=1e-4, atol=1e-7)
 
 
 def test_sparse_with_every_column_equals_dense_and_keeps_zeros_out_of_the_scaling(peaky, gsm8k):
@@ -114,18 +120,18 @@ def test_sparse_with_every_column_equals_dense_and_keeps_zeros_out_of_the_scalin
 def test_a_killed_run_resumes_from_its_blocks_and_gives_the_uninterrupted_result(peaky, gsm8k, tmp_path):
     model, tokenizer = peaky
     pool = gsm8k[:6]
-    settings = dict(max_text_tokens=24, block_pairs=12)  # 6 x 6 pairs, two targets per block: 3 blocks
+    settings = dict(max_text_tokens=24, block_pairs=12)  # 36 pairs in 3 blocks, 6 no-example rows in 1
     uninterrupted = InContextUtility(model, tokenizer, cache=False, **settings).kernel(pool)
 
-    def kill_in_the_third(lo, hi):
-        if lo == 4:
+    def kill_in_the_last_block(name, lo, hi):
+        if name == "with" and lo == 24:
             raise KeyboardInterrupt
 
     utility = InContextUtility(model, tokenizer, cache=tmp_path, **settings)
     with pytest.raises(KeyboardInterrupt):
-        utility.kernel(pool, on_block=kill_in_the_third)
+        utility.kernel(pool, on_block=kill_in_the_last_block)
     resumed = InContextUtility(model, tokenizer, cache=tmp_path, **settings).kernel(pool)
-    assert resumed.stats["blocks"] == 3 and resumed.stats["blocks_from_cache"] == 2
+    assert resumed.stats["blocks"] == 4 and resumed.stats["blocks_from_cache"] == 3
     assert resumed.stats["pairs_scored"] == 12
     np.testing.assert_allclose(resumed.values, uninterrupted.values, rtol=1e-6, atol=1e-9)
     # another model (or the same one changed) never reads these blocks
@@ -141,11 +147,14 @@ def test_token_counts_match_the_tokens_actually_run(peaky, gsm8k, translations):
     targets, contexts = gsm8k[:4], translations[:5]
     utility = InContextUtility(model, tokenizer, max_text_tokens=48, cache=False)
     neighbours = np.array([[0, 2], [1, 3], [4, 0], [2, 2 + 1]])
-    for kwargs in ({}, {"neighbours": neighbours}):
-        predicted = utility.count_tokens(targets, contexts, **kwargs)
-        run = utility.kernel(targets, contexts, **kwargs).stats
+    small_blocks = InContextUtility(model, tokenizer, max_text_tokens=48, cache=False, block_pairs=3)
+    whole = InContextUtility(model, tokenizer, max_text_tokens=48, cache=False, prefix_reuse=False)
+    for u, kwargs in itertools.product((utility, small_blocks, whole), ({}, {"neighbours": neighbours})):
+        predicted = u.count_tokens(targets, contexts, **kwargs)
+        run = u.kernel(targets, contexts, **kwargs).stats
         assert predicted.exact and predicted.tokens == run["model_tokens"]
         assert predicted.sequences == run["forward_sequences"] and predicted.pairs == run["pairs_scored"]
+        assert predicted.prefixes == run["prefixes"]
     # from the tokenizer alone, k neighbours of unknown identity: the estimate uses the mean context length
     estimate = InContextUtility(None, tokenizer, max_text_tokens=48, cache=False).count_tokens(
         targets, contexts, k=2)

@@ -23,8 +23,14 @@ Cost and how it is cut:
 - every sequence is assembled from token pieces tokenised once (template text, each x, each y; they join
   exactly as the whole text tokenises, see :class:`_Pieces`), so building n^2 pairs costs no tokenisation
   and ``count_tokens`` is exact arithmetic, without running anything;
-- sequences are sorted by length and batched under a token budget, which keeps padding small;
-- the no-example pass runs once per target, inside the block that holds that target;
+- prefix reuse: a pair's sequence is a prefix that depends only on the in-context example j (system prompt,
+  instruction, x_j, y_j) and a suffix that depends only on the target i (x_i, y_i). Pairs are processed
+  context by context: the prefix runs once, its key/value cache is shared by every target's suffix, so a
+  pair costs the suffix's tokens instead of the whole sequence's (about a third for short rows). The
+  no-example pass shares its template prefix the same way. A model for which a cached prefix does not
+  reproduce the plain forward is detected once and run on whole sequences;
+- suffixes are sorted by length and batched under a token budget, which keeps padding small;
+- the no-example pass runs once per target;
 - the decoder's hidden states go through the LM head only at the positions that predict response tokens
   (with a 49k vocabulary the head costs more than the 135M-parameter body for short rows); a model whose
   logits are more than head(hidden) (soft-capping, scaling) is detected once and gets full logits instead,
@@ -32,10 +38,10 @@ Cost and how it is cut:
 - sparse mode scores each target only against given neighbour columns (the k nearest candidates by sentence
   embedding): n * k pairs instead of n^2.
 
-The kernel is computed in blocks of target rows, each written atomically to the feature store
-(:mod:`slimtune.features.store`) under a key made of the two example lists, the neighbours, the model's
-identity and the settings: a killed run resumes at the first missing block, and under ``torchrun`` each
-rank computes its share of the blocks.
+Pairs are ordered context by context and computed in blocks of ``block_pairs``, each written atomically to the
+feature store (:mod:`slimtune.features.store`) under a key made of the two example lists, the neighbours, the
+model's identity and the settings: a killed run resumes at the first missing block, and under ``torchrun``
+each rank computes its share of the blocks.
 
 Scaling: the authors min-max scale the whole kernel to [0, 1]. In sparse mode only computed pairs enter the
 minimum and maximum; pairs never computed stay at 0, i.e. they count as no more useful than the least useful
@@ -57,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from slimtune.data.example import Example, pool_hash
 from slimtune.features.store import FeatureStore
@@ -69,16 +76,19 @@ TEMPLATE_WITH_EXAMPLE = (
 )
 DISTANCES = ("euclidean", "kl")
 #: Bumped whenever the meaning of a cached block changes, so old blocks are never read as new ones.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _ANSWER = "answer"
 
 
 @dataclass
 class TokenCount:
-    """What a kernel costs in model forwards: ``sequences`` = pairs + one no-example pass per target."""
+    """What a kernel costs in model forwards: ``pairs`` (one suffix each), ``sequences`` (suffixes run: the
+    pairs plus one no-example pass per target), ``prefixes`` (shared prefixes run once for many suffixes;
+    0 without prefix reuse, where every sequence is whole) and ``tokens`` (all of them)."""
 
     pairs: int
     sequences: int
+    prefixes: int
     tokens: int
     exact: bool = True
 
@@ -131,8 +141,10 @@ class _Pieces:
 
     The sequence is ``lit[0] + field[0] + lit[1] + ... + field[-1] + lit[-1]`` where the last field is the
     answer y_i and ``lit[-1]`` closes the assistant turn; the scored tokens are the answer and that closer.
-    Spaces that end a literal ("Query: {query}") are moved to the front of the next field's text, because
-    byte-level BPE attaches a leading space to the word after it: so pieces tokenise as the whole text does.
+    It splits into a *prefix*, everything before the target's query (the in-context example's fields and
+    the template around them), and a *suffix*, the query onwards. Spaces that end a literal ("Query:
+    {query}") are moved to the front of the next field's text, because byte-level BPE attaches a leading
+    space to the word after it: so pieces tokenise as the whole text does.
     """
 
     def __init__(self, tokenizer, template: str):
@@ -154,15 +166,33 @@ class _Pieces:
             kept = literals[f].rstrip(" ")
             self.leads[name], literals[f] = literals[f][len(kept):], kept
         self.literals = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in literals]
-        self.fixed_tokens = sum(len(lit) for lit in self.literals)
+        self.split = self.fields.index("query")
+        self.prefix_fixed = sum(len(lit) for lit in self.literals[: self.split + 1])
+        self.suffix_fixed = sum(len(lit) for lit in self.literals[self.split + 1:])
         self.scored_tail = len(self.literals[-1])
 
-    def build(self, values: dict[str, list[int]]) -> list[int]:
-        ids = list(self.literals[0])
-        for name, lit in zip(self.fields, self.literals[1:]):
-            ids += values[name]
-            ids += lit
-        return ids
+    def build(self, values: dict[str, list[int]]) -> tuple[list[int], list[int]]:
+        """(prefix, suffix) token ids."""
+        prefix = list(self.literals[0])
+        for name, lit in zip(self.fields[: self.split], self.literals[1:]):
+            prefix += values[name] + lit
+        suffix: list[int] = []
+        for name, lit in zip(self.fields[self.split:], self.literals[self.split + 1:]):
+            suffix += values[name] + lit
+        return prefix, suffix
+
+
+#: A prefix's keys and values, one (keys, values) pair per layer, each (1, heads, prefix length, head dim).
+_State = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _Group:
+    """Sequences sharing one prefix: ``suffixes[s]`` ends with ``scored[s]`` scored tokens."""
+
+    prefix: list[int]
+    suffixes: list[list[int]]
+    scored: list[int]
 
 
 class InContextUtility:
@@ -172,20 +202,21 @@ class InContextUtility:
 
     ``max_text_tokens`` clips every prompt and response to its first tokens (the in-context example costs
     as much as the target, so one long row would otherwise dominate a dense kernel's n^2 pairs).
-    ``batch_tokens`` bounds padded tokens per forward; ``block_pairs`` the pairs per stored block.
-    ``cache``: True for the feature store under the slimtune cache, a folder for a store root elsewhere, or
-    False to keep nothing.
+    ``batch_tokens`` bounds the tokens a forward attends over (rows x (prefix + longest suffix));
+    ``block_pairs`` is the number of pairs per stored block; ``prefix_reuse`` shares each in-context
+    example's key/value cache across its targets. ``cache``: True for the feature store under the slimtune
+    cache, a folder for a store root elsewhere, or False to keep nothing.
     """
 
     def __init__(self, model, tokenizer, *, distance: str = "euclidean", max_text_tokens: int | None = 256,
-                 batch_tokens: int = 8192, block_pairs: int = 2048, cache: bool | str | os.PathLike = True,
-                 head_chunk: int = 1024):
+                 batch_tokens: int = 8192, block_pairs: int = 4096, prefix_reuse: bool = True,
+                 cache: bool | str | os.PathLike = True, head_chunk: int = 1024):
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance '{distance}'; known: {', '.join(DISTANCES)}")
         self.model, self.tokenizer = model, tokenizer
         self.distance, self.max_text_tokens = distance, max_text_tokens
         self.batch_tokens, self.block_pairs, self.head_chunk = batch_tokens, block_pairs, head_chunk
-        self.cache = cache
+        self.prefix_reuse, self.cache = prefix_reuse, cache
         self.no_example = _Pieces(tokenizer, TEMPLATE_NO_EXAMPLE)
         self.with_example = _Pieces(tokenizer, TEMPLATE_WITH_EXAMPLE)
         self._token_memo: dict[tuple[str, str], list[int]] = {}
@@ -206,43 +237,56 @@ class InContextUtility:
             texts |= {"example_prompt": context.prompt_text, "example_response": context.response}
         return {name: self._field(pieces, name, texts[name]) for name in pieces.fields}
 
-    def _sequence(self, target: Example, context: Example | None) -> tuple[list[int], int]:
-        """Token ids of one forward and the number of scored tokens at its end."""
+    def _sequence(self, target: Example, context: Example | None) -> tuple[list[int], list[int], int]:
+        """(prefix, suffix, number of scored tokens at the suffix's end) of one forward."""
         pieces = self.no_example if context is None else self.with_example
         fields = self._fields(pieces, target, context)
-        return pieces.build(fields), len(fields[_ANSWER]) + pieces.scored_tail
+        prefix, suffix = pieces.build(fields)
+        return prefix, suffix, len(fields[_ANSWER]) + pieces.scored_tail
+
+    def _lengths(self, pieces: _Pieces, examples: Sequence[Example], part: str) -> np.ndarray:
+        """Prefix lengths (``part="prefix"``: each example in context) or suffix lengths (as the target)."""
+        fields = pieces.fields[: pieces.split] if part == "prefix" else pieces.fields[pieces.split:]
+        fixed = pieces.prefix_fixed if part == "prefix" else pieces.suffix_fixed
+        return np.array([fixed + sum(len(self._fields(pieces, ex, ex)[name]) for name in fields)
+                         for ex in examples], dtype=np.int64)
 
     def count_tokens(self, targets: Sequence[Example], contexts: Sequence[Example] | None = None, *,
                      neighbours: np.ndarray | None = None, k: int | None = None) -> TokenCount:
         """Model tokens the kernel would push through forwards, without running the model.
 
-        Exact for the dense kernel and for given ``neighbours``. With only ``k`` (the neighbours are not known
-        before embedding), each target's own tokens are exact and its k contexts are counted at the mean
-        context length, so ``exact`` is False unless every context has the same length.
+        Exact for the dense kernel and for given ``neighbours`` (it replays the blocks and prefix groups of
+        :meth:`kernel`). With only ``k`` (neighbours are not known before embedding) the suffixes are exact
+        and the shared prefixes are estimated as if the k contexts of each target were drawn at random.
         """
         contexts = targets if contexts is None else contexts
-
-        def lengths(pieces: _Pieces, examples: Sequence[Example], fields: tuple[str, ...]) -> np.ndarray:
-            return np.array([sum(len(f) for name, f in self._fields(pieces, ex, ex).items() if name in fields)
-                             for ex in examples], dtype=np.int64)
-
-        alone = lengths(self.no_example, targets, ("query", _ANSWER))
-        as_target = lengths(self.with_example, targets, ("query", _ANSWER))
-        as_context = lengths(self.with_example, contexts, ("example_prompt", "example_response"))
+        n_t, n_c = len(targets), len(contexts)
+        alone = self._lengths(self.no_example, targets, "suffix")
+        as_target = self._lengths(self.with_example, targets, "suffix")
+        as_context = self._lengths(self.with_example, contexts, "prefix")
         if neighbours is not None:
             width = neighbours.shape[1]
-            context_tokens, exact = int(as_context[neighbours].sum()), True
-        elif k is not None and k < len(contexts):
-            width = k
-            context_tokens = round(len(targets) * k * float(as_context.mean()))
-            exact = bool((as_context == as_context[0]).all())
         else:
-            width = len(contexts)
-            context_tokens, exact = len(targets) * int(as_context.sum()), True
-        pairs = len(targets) * width
-        tokens = (int(alone.sum()) + len(targets) * self.no_example.fixed_tokens
-                  + pairs * self.with_example.fixed_tokens + width * int(as_target.sum()) + context_tokens)
-        return TokenCount(pairs=pairs, sequences=pairs + len(targets), tokens=tokens, exact=exact)
+            width = n_c if k is None else min(k, n_c)
+        pairs = n_t * width
+        # a prefix (the template's, or an in-context example with the template) runs once per block and
+        # context when shared, else inside every sequence
+        alone_prefixes = -(-n_t // self.block_pairs) if self.prefix_reuse else n_t
+        if neighbours is not None or width == n_c:
+            _, pair_context, _ = _pair_order(n_t, n_c, neighbours)
+            if self.prefix_reuse:
+                pair_context = np.unique(np.arange(pairs) // self.block_pairs * n_c + pair_context) % n_c
+            prefix_runs, prefix_tokens, exact = len(pair_context), int(as_context[pair_context].sum()), True
+        else:
+            per_block = min(self.block_pairs, pairs)
+            distinct = n_c * (1 - (1 - 1 / n_c) ** per_block) if self.prefix_reuse else per_block
+            prefix_runs = round(distinct * pairs / per_block)
+            prefix_tokens, exact = round(prefix_runs * float(as_context.mean())), False
+        tokens = (int(alone.sum()) + alone_prefixes * self.no_example.prefix_fixed
+                  + width * int(as_target.sum()) + prefix_tokens)
+        return TokenCount(pairs=pairs, sequences=pairs + n_t,
+                          prefixes=prefix_runs + alone_prefixes if self.prefix_reuse else 0,
+                          tokens=tokens, exact=exact)
 
     # ---- the model ----------------------------------------------------------------------------------
     @functools.cached_property
@@ -258,59 +302,126 @@ class InContextUtility:
             fast = head(decoder(input_ids=ids).last_hidden_state)
         return bool(torch.allclose(full.float(), fast.float(), rtol=1e-3, atol=1e-3))
 
+    @functools.cached_property
+    def _reuse(self) -> bool:
+        """Whether cached prefixes give the same token log-probabilities as whole sequences (models without
+        a standard key/value cache or ``position_ids`` do not); checked once, on two rows of the template's
+        own tokens whose prefixes differ in length."""
+        if not self.prefix_reuse:
+            return False
+        prefixes = [self.no_example.literals[0][:6], self.with_example.literals[0][:4]]
+        suffixes, scored = [self.with_example.literals[0][4:10], self.no_example.literals[0][6:10]], [3, 2]
+        try:
+            with torch.no_grad():
+                shared = self._log_probs(self._prefix_states(prefixes), suffixes, scored)[0]
+                whole = self._log_probs(None, [p + s for p, s in zip(prefixes, suffixes)], scored)[0]
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            return False
+        return bool(torch.allclose(shared, whole, rtol=1e-3, atol=1e-3))
+
     @torch.no_grad()
-    def _distances(self, sequences: list[tuple[list[int], int]]) -> tuple[np.ndarray, int, int]:
-        """d(i | c) for every (ids, n_scored) sequence; also the real and the padded tokens run."""
-        out = np.empty(len(sequences), dtype=np.float64)
-        real = padded = 0
+    def _distances(self, groups: list[_Group]) -> tuple[np.ndarray, dict[str, int]]:
+        """d(i | c) for every suffix of every group, in order; and the tokens run (real and padded).
+
+        Groups go a chunk at a time (at most ``batch_tokens`` prefix tokens, which bounds the prefix states
+        held): the chunk's prefixes run batched, then all its suffixes run in length-sorted batches that mix
+        groups, each row on its own prefix's keys and values."""
+        if not self._reuse:  # whole sequences, batched across groups
+            groups = [_Group([], [g.prefix + s for g in groups for s in g.suffixes],
+                             [n for g in groups for n in g.scored])]
         # full logits are batch x length x vocabulary floats: keep such batches as small as a head chunk
         budget = self.batch_tokens if self._head_only else min(self.batch_tokens, self.head_chunk)
-        for rows in _length_batches([len(ids) for ids, _ in sequences], budget):
-            longest = len(sequences[rows[0]][0])
-            out[rows] = self._batch_distances([sequences[r] for r in rows], longest)
-            real += sum(len(sequences[r][0]) for r in rows)
-            padded += len(rows) * longest
-        return out, real, padded
+        out = [np.empty(len(g.suffixes)) for g in groups]
+        spent = {"model_tokens": 0, "padded_tokens": 0, "prefixes": 0}
+        for chunk in _chunks([len(g.prefix) for g in groups], budget):
+            states: dict[int, list] = {}
+            for batch in (_length_batches([len(groups[g].prefix) for g in chunk], budget)
+                          if groups[chunk[0]].prefix else []):
+                prefixes = [groups[chunk[b]].prefix for b in batch]
+                states |= dict(zip((chunk[b] for b in batch), self._prefix_states(prefixes)))
+                spent["prefixes"] += len(batch)
+                spent["model_tokens"] += sum(map(len, prefixes))
+                spent["padded_tokens"] += len(batch) * len(prefixes[0])
+            rows = [(g, s) for g in chunk for s in range(len(groups[g].suffixes))]
+            total = [len(groups[g].prefix) + len(groups[g].suffixes[s]) for g, s in rows]
+            for batch in _length_batches(total, budget):
+                picked = [rows[b] for b in batch]
+                suffixes = [groups[g].suffixes[s] for g, s in picked]
+                logp, owner = self._log_probs([states[g] for g, _ in picked] if states else None, suffixes,
+                                              [groups[g].scored[s] for g, s in picked])
+                for (g, s), d in zip(picked, self._distance(logp, owner, len(picked))):
+                    out[g][s] = d
+                spent["model_tokens"] += sum(map(len, suffixes))
+                spent["padded_tokens"] += len(suffixes) * max(map(len, suffixes))
+        return np.concatenate(out), spent
 
-    def _batch_distances(self, batch: list[tuple[list[int], int]], longest: int) -> np.ndarray:
-        device = self.model.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), longest), dtype=torch.long)
-        rows, positions, row_of_token = [], [], []
-        for b, (ids, n_scored) in enumerate(batch):
+    def _prefix_states(self, prefixes: list[list[int]]) -> list[_State]:
+        """Each prefix's per-layer (keys, values), from one right-padded forward (causal attention: padding
+        after a row's last token never reaches its states)."""
+        device, longest = self.model.device, max(map(len, prefixes))
+        input_ids = torch.zeros((len(prefixes), longest), dtype=torch.long)
+        attention = torch.zeros((len(prefixes), longest), dtype=torch.long)
+        for b, ids in enumerate(prefixes):
             input_ids[b, : len(ids)] = torch.tensor(ids)
             attention[b, : len(ids)] = 1
-            # position t predicts token t + 1: the scored tokens are the last n_scored of the row
+        cache = self.model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                         use_cache=True).past_key_values
+        return [[(layer.keys[b: b + 1, :, : len(ids)], layer.values[b: b + 1, :, : len(ids)])
+                 for layer in cache.layers] for b, ids in enumerate(prefixes)]
+
+    def _log_probs(self, states: list[_State] | None, suffixes: list[list[int]],
+                   scored: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of every scored token, and the row each belongs to; position t of a suffix predicts its
+        token t + 1. With ``states``, row b continues the prefix whose keys and values are ``states[b]``:
+        prefixes are left-padded to a common length (masked out; their rotary positions are already in
+        the keys), suffixes right-padded after them, and each suffix's positions continue its own prefix."""
+        from transformers import DynamicCache
+
+        device, n = self.model.device, len(suffixes)
+        kept = [0] * n if states is None else [state[0][0].shape[-2] for state in states]
+        p, longest = max(kept), max(map(len, suffixes))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((n, longest), pad, dtype=torch.long)
+        attention = torch.zeros((n, p + longest), dtype=torch.long)
+        rows, positions = [], []
+        for b, (ids, n_scored) in enumerate(zip(suffixes, scored)):
+            if n_scored >= len(ids):
+                raise ValueError("the scored tokens must follow at least one suffix token")
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            attention[b, p - kept[b]: p + len(ids)] = 1
             pos = torch.arange(len(ids) - n_scored - 1, len(ids) - 1)
             positions.append(pos)
             rows.append(torch.full_like(pos, b))
-            row_of_token.append(torch.full((n_scored,), b))
         rows_t, pos_t = torch.cat(rows).to(device), torch.cat(positions).to(device)
-        labels = input_ids.to(device)[rows_t, pos_t + 1]
         input_ids, attention = input_ids.to(device), attention.to(device)
+        labels = input_ids[rows_t, pos_t + 1]
+        kwargs = {"input_ids": input_ids, "attention_mask": attention, "use_cache": states is not None}
+        if states is not None:
+            def left_padded(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                return torch.cat([F.pad(t, (0, 0, p - t.shape[-2], 0)) for t in tensors])
+
+            kwargs["past_key_values"] = DynamicCache(ddp_cache_data=[
+                (left_padded(keys), left_padded(values))
+                for keys, values in (zip(*layer) for layer in zip(*states))])  # per layer, every row's
+            kwargs["position_ids"] = (torch.tensor(kept, device=device)[:, None]
+                                      + torch.arange(longest, device=device))
         if self._head_only:
-            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention,
-                                              use_cache=False).last_hidden_state[rows_t, pos_t]
+            hidden = self.model.get_decoder()(**kwargs).last_hidden_state[rows_t, pos_t]
             head = self.model.get_output_embeddings()
         else:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention,
-                                use_cache=False).logits[rows_t, pos_t]
-            head = torch.nn.Identity()
-        logp = torch.cat([self._log_prob(head(hidden[s: s + self.head_chunk]), labels[s: s + self.head_chunk])
-                          for s in range(0, len(labels), self.head_chunk)])
-        owner = torch.cat(row_of_token).to(device)
-        counts = torch.bincount(owner, minlength=len(batch)).double()
-        if self.distance == "euclidean":
-            per_row = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(
-                0, owner, (1.0 - logp.exp()) ** 2)
-            return (per_row.sqrt() / counts.sqrt()).cpu().numpy()
-        per_row = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, owner, -logp)
-        return (per_row / counts).cpu().numpy()
+            hidden, head = self.model(**kwargs).logits[rows_t, pos_t], torch.nn.Identity()
+        logp = torch.cat([
+            torch.log_softmax(head(hidden[s: s + self.head_chunk]).float(), dim=-1)
+            .gather(-1, labels[s: s + self.head_chunk, None])[:, 0]
+            for s in range(0, len(labels), self.head_chunk)])
+        return logp.double(), rows_t
 
-    @staticmethod
-    def _log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None])[:, 0].double()
+    def _distance(self, logp: torch.Tensor, owner: torch.Tensor, n_rows: int) -> np.ndarray:
+        counts = torch.bincount(owner, minlength=n_rows).double()
+        total = torch.zeros(n_rows, dtype=torch.float64, device=logp.device)
+        if self.distance == "euclidean":
+            return (total.index_add_(0, owner, (1.0 - logp.exp()) ** 2).sqrt() / counts.sqrt()).cpu().numpy()
+        return (total.index_add_(0, owner, -logp) / counts).cpu().numpy()
 
     def fingerprint(self) -> str:
         """The model's identity for cache keys: its name, dtype and a checksum of a few weights, so a model
@@ -325,46 +436,56 @@ class InContextUtility:
     # ---- the kernel ---------------------------------------------------------------------------------
     def kernel(self, targets: Sequence[Example], contexts: Sequence[Example] | None = None, *,
                neighbours: np.ndarray | None = None,
-               on_block: Callable[[int, int], None] | None = None) -> UtilityMatrix:
+               on_block: Callable[[str, int, int], None] | None = None) -> UtilityMatrix:
         """Raw UF (unscaled; call ``.scaled()``) of ``targets`` (rows) by ``contexts`` (columns, default the
         targets themselves). ``neighbours`` (n_targets, k) int: score only those columns (sparse mode).
-        ``on_block(lo, hi)`` is called when the block of target rows lo..hi has been computed, before it is
+        ``on_block(name, lo, hi)`` is called when block lo..hi of array ``name`` ("alone": no-example
+        distances by target, "with": pair distances, context by context) has been computed, before it is
         stored (a progress hook; an exception there loses only that block)."""
         contexts = targets if contexts is None else contexts
         if neighbours is not None:
             neighbours = np.asarray(neighbours, dtype=np.int64)
             if neighbours.ndim != 2 or neighbours.shape[0] != len(targets):
                 raise ValueError("neighbours must have one row of column indices per target")
-        width = len(contexts) if neighbours is None else neighbours.shape[1]
-        rows_per_block = max(1, self.block_pairs // max(width, 1))
-        stats = {"pairs_scored": 0, "model_tokens": 0, "padded_tokens": 0, "forward_sequences": 0}
+        pair_target, pair_context, order = _pair_order(len(targets), len(contexts), neighbours)
+        stats = dict.fromkeys(
+            ("pairs_scored", "forward_sequences", "prefixes", "model_tokens", "padded_tokens"), 0)
 
-        def compute(lo: int, hi: int) -> dict[str, np.ndarray]:
-            cols = [range(width) if neighbours is None else neighbours[i] for i in range(lo, hi)]
-            # the no-example pass of each target runs once, alongside its pairs
-            seqs = [self._sequence(targets[i], None) for i in range(lo, hi)]
-            seqs += [self._sequence(targets[i], contexts[j])
-                     for i, row in zip(range(lo, hi), cols) for j in row]
-            d, real, padded = self._distances(seqs)
-            n = hi - lo
-            stats["pairs_scored"] += n * width
-            stats["forward_sequences"] += len(seqs)
-            stats["model_tokens"] += real
-            stats["padded_tokens"] += padded
+        def run(name: str, lo: int, hi: int, groups: list[_Group]) -> dict[str, np.ndarray]:
+            d, spent = self._distances(groups)
+            for key, value in spent.items():
+                stats[key] += value
+            stats["forward_sequences"] += hi - lo
             if on_block is not None:
-                on_block(lo, hi)
-            return {"utility": d[:n, None] - d[n:].reshape(n, width)}
+                on_block(name, lo, hi)
+            return {name: d[:, None]}
+
+        def alone(lo: int, hi: int) -> dict[str, np.ndarray]:
+            return run("alone", lo, hi, [_group([self._sequence(targets[i], None) for i in range(lo, hi)])])
+
+        def paired(lo: int, hi: int) -> dict[str, np.ndarray]:
+            groups = []
+            for j in np.unique(pair_context[lo:hi]):  # sorted, and pairs are sorted by context: same order
+                groups.append(_group([self._sequence(targets[i], contexts[j])
+                                      for i in pair_target[lo:hi][pair_context[lo:hi] == j]]))
+            stats["pairs_scored"] += hi - lo
+            return run("with", lo, hi, groups)
 
         start = time.perf_counter()
-        with self._store(targets, contexts, neighbours, rows_per_block) as store:
-            shards = store.fill(["utility"], len(targets), rows_per_block, compute)
-            values = np.asarray(store.open("utility", len(targets)))
-        stats |= {"seconds": time.perf_counter() - start, "blocks": shards["computed"] + shards["reused"],
-                  "blocks_from_cache": shards["reused"], "head_on_response_only": self._head_only}
-        return UtilityMatrix(values, neighbours, len(contexts), stats)
+        with self._store(targets, contexts, neighbours) as store:
+            done = [store.fill(["alone"], len(targets), self.block_pairs, alone),
+                    store.fill(["with"], len(order), self.block_pairs, paired)]
+            d_alone = np.asarray(store.open("alone", len(targets)))[:, 0]
+            d_with = np.asarray(store.open("with", len(order)))[:, 0]
+        values = np.empty(len(order))
+        values[order] = d_alone[pair_target] - d_with
+        stats |= {"seconds": time.perf_counter() - start, "blocks": sum(sum(d.values()) for d in done),
+                  "blocks_from_cache": sum(d["reused"] for d in done),
+                  "head_on_response_only": self._head_only, "prefix_reuse": self._reuse}
+        return UtilityMatrix(values.reshape(len(targets), -1), neighbours, len(contexts), stats)
 
     @contextlib.contextmanager
-    def _store(self, targets, contexts, neighbours, rows_per_block) -> Iterator[FeatureStore]:
+    def _store(self, targets, contexts, neighbours) -> Iterator[FeatureStore]:
         """The feature store for this kernel: keyed by everything its values depend on; with ``cache=False``
         a temporary one, gone when the kernel is read."""
         if self.cache is False:
@@ -375,16 +496,47 @@ class InContextUtility:
                "contexts": pool_hash(list(contexts)),
                "neighbours": None if neighbours is None else hashlib.sha256(neighbours.tobytes()).hexdigest(),
                "model": self.fingerprint(), "distance": self.distance,
-               "max_text_tokens": self.max_text_tokens, "rows_per_block": rows_per_block}
+               "max_text_tokens": self.max_text_tokens, "block_pairs": self.block_pairs}
         yield FeatureStore.keyed(key, None if self.cache is True else self.cache)
 
 
-def _length_batches(lengths: list[int], budget: int) -> list[list[int]]:
+def _pair_order(n_t: int, n_c: int, neighbours: np.ndarray | None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(target, context) of every pair, context by context so that each context's pairs share a prefix, and
+    the order that took them there from the kernel's row-major layout (``values[order] = pair values``)."""
+    if neighbours is None:
+        target, context = np.repeat(np.arange(n_t), n_c), np.tile(np.arange(n_c), n_t)
+    else:
+        target, context = np.repeat(np.arange(n_t), neighbours.shape[1]), neighbours.reshape(-1)
+    order = np.lexsort((target, context))
+    return target[order], context[order], order
+
+
+def _group(sequences: list[tuple[list[int], list[int], int]]) -> _Group:
+    """Sequences built with one prefix, as a group."""
+    return _Group(sequences[0][0], [suffix for _, suffix, _ in sequences], [n for _, _, n in sequences])
+
+
+def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group's sizes sum to at most ``budget`` (or one index)."""
+    chunks: list[list[int]] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if chunks and total + size <= budget:
+            chunks[-1].append(index)
+            total += size
+        else:
+            chunks.append([index])
+            total = size
+    return chunks
+
+
+def _length_batches(lengths: list[int], budget: int, overhead: int = 0) -> list[list[int]]:
     """Indices grouped longest first (an out-of-memory error shows at the first batch, and rows of a batch
-    have similar lengths) so that rows * longest row <= budget; a row alone may exceed the budget."""
+    have similar lengths) so that rows * (overhead + longest row) <= budget; a row alone may exceed it."""
     batches: list[list[int]] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+        if batches and (len(batches[-1]) + 1) * (overhead + lengths[batches[-1][0]]) <= budget:
             batches[-1].append(index)
         else:
             batches.append([index])

@@ -212,8 +212,8 @@ class DeliftSelector(_FacilityLocationSelector):
         if others:
             pairs.append((pool, others) if self.query_direction == "query-in-context" else (others, pool))
         counts = [utility.count_tokens(rows, cols, k=self.sparse_k) for rows, cols in pairs]
-        return TokenCount(pairs=sum(c.pairs for c in counts), sequences=sum(c.sequences for c in counts),
-                          tokens=sum(c.tokens for c in counts), exact=all(c.exact for c in counts))
+        totals = (sum(getattr(c, f) for c in counts) for f in ("pairs", "sequences", "prefixes", "tokens"))
+        return TokenCount(*totals, exact=all(c.exact for c in counts))
 
 
 @dataclass
