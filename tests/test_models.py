@@ -50,6 +50,19 @@ def test_interrupted_build_leaves_nothing_that_looks_finished(tmp_path):
     assert not (tmp_path / "model").exists() and list(tmp_path.iterdir()) == []
 
 
+def test_building_a_cached_model_leaves_a_seeded_runs_random_numbers_alone(tmp_path):
+    def build(out):
+        torch.manual_seed(123)
+        torch.nn.Linear(64, 64)  # random init, as building a model does
+        (out / "config.json").write_text("{}")
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    loading._publish(build, tmp_path / "model")
+    assert torch.equal(torch.rand(3), expected)
+
+
 @pytest.mark.slow
 def test_embedded_model_answers_sensibly_and_reloads_fast_from_the_cache():
     import time

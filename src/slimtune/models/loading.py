@@ -58,12 +58,15 @@ def resolve_model(name: str | os.PathLike | None) -> str:
 
 def _publish(build, target: Path) -> Path:
     """Build a directory under a temporary name and rename it into place, so an interrupted build is never
-    mistaken for a finished one and two processes racing to build it both end with a whole directory."""
+    mistaken for a finished one and two processes racing to build it both end with a whole directory.
+    Building initialises random weights; it runs on a forked RNG so a seeded run draws the same numbers
+    (LoRA init, data order) whether or not this call had to build the cache first."""
     if (target / "config.json").exists():
         return target
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(tmp)
+        with torch.random.fork_rng(devices=[]):
+            build(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process published first
