@@ -2,16 +2,17 @@
 
 1. Cost at scale, counted (nothing runs): model tokens the dense kernel (n^2 pairs) and the sparse kernel
    (k nearest candidates by all-MiniLM-L6-v2 embedding, n * k pairs) need for a ``--count-rows`` mix pool of
-   GSM8K, P3 and Tatoeba rows; the sparse count is exact, from the real neighbours.
+   GSM8K, P3 and Tatoeba rows, with and without sharing each in-context example's prefix; the sparse counts
+   are exact, from the real neighbours.
 2. Dense versus sparse on a small pool of short rows (Tatoeba fra->eng, eng->fra and short P3 rows), with the
-   embedded SmolLM2-135M-Instruct: model tokens, wall time, the FL selection at ``--budget`` of each kernel,
-   its overlap with the dense kernel's, and the held-out target loss after LoRA fine-tuning on each subset,
-   beside DELIFT(SE), random subsets and the untuned model.
-3. Facility location over a ``--fl-rows`` sparse kernel (kNN of clustered embeddings, k neighbours) picking
-   ``--budget`` of it with lazy greedy: seconds.
+   embedded SmolLM2-135M-Instruct: model tokens, wall and CPU seconds, the FL selection at ``--budget`` of
+   each kernel, its overlap with the dense kernel's, and the held-out target loss after LoRA fine-tuning on
+   each subset, beside DELIFT(SE), random subsets and the untuned model.
 
-    .venv/bin/python benchmarks/delift_kernel.py                       # about 20 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/delift_kernel.py --dense-rows 24 --no-train   # a quick look
+Facility location's own speed on a 20,000-row sparse kernel is measured by ``benchmarks/submodular_speed.py``.
+
+    .venv/bin/python benchmarks/delift_kernel.py                      # about 20 minutes on 2 idle CPU cores
+    .venv/bin/python benchmarks/delift_kernel.py --dense-rows 16 --no-train  # a quick look
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from slimtune.features.embeddings import knn, minilm_embeddings
 from slimtune.features.utility import InContextUtility
 from slimtune.models import LoraSettings, load_model, load_tokenizer
 from slimtune.select import get_selector
-from slimtune.select.submodular import FacilityLocation, greedy_maximize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "delift_kernel.json"
 SHORT_TASKS = ("tatoeba:fra-eng", "tatoeba:eng-fra", "p3")
@@ -49,25 +49,33 @@ def short_rows(spec: str, split: str, n: int, max_chars: int, seed: int) -> list
 def small_pool(n: int, held_out: int, max_chars: int, seed: int) -> tuple[list[Example], list[Example]]:
     per_task = -(-n // len(SHORT_TASKS))
     pool = [ex for spec in SHORT_TASKS for ex in short_rows(spec, "train", per_task, max_chars, seed)][:n]
-    evals = [ex for spec in SHORT_TASKS for ex in short_rows(spec, "test", held_out // len(SHORT_TASKS),
-                                                            max_chars, seed)]
+    evals = [ex for spec in SHORT_TASKS
+             for ex in short_rows(spec, "test", held_out // len(SHORT_TASKS), max_chars, seed)]
     return pool, evals
+
+
+def task_group(example: Example) -> str:
+    return example.task if example.task in ("fra-eng", "eng-fra") else "p3"
 
 
 def count_at_scale(n: int, k: int, max_text_tokens: int, seed: int) -> dict:
     share = {"gsm8k": 0.25, "p3": 0.5, "tatoeba:fra-eng,deu-eng,spa-eng": 0.25}
     pool = [ex for spec, s in share.items() for ex in load_recipe(spec, limit=round(s * n), seed=seed)][:n]
-    utility = InContextUtility(None, load_tokenizer("smollm2"), max_text_tokens=max_text_tokens, cache=False)
+    tokenizer = load_tokenizer("smollm2")
     start = time.perf_counter()
     embeddings = minilm_embeddings(pool)
     neighbours = knn(embeddings, embeddings, k)[1].numpy()
-    embed_seconds = time.perf_counter() - start
-    dense = utility.count_tokens(pool)
-    sparse = utility.count_tokens(pool, neighbours=neighbours)
-    return {"rows": len(pool), "k": k, "max_text_tokens": max_text_tokens,
-            "dense": {"pairs": dense.pairs, "model_tokens": dense.tokens},
-            "sparse": {"pairs": sparse.pairs, "model_tokens": sparse.tokens, "embed_knn_seconds": embed_seconds},
-            "token_ratio": dense.tokens / sparse.tokens}
+    out = {"rows": len(pool), "k": k, "max_text_tokens": max_text_tokens,
+           "embed_knn_seconds": time.perf_counter() - start}
+    for reuse in (False, True):
+        utility = InContextUtility(None, tokenizer, max_text_tokens=max_text_tokens, prefix_reuse=reuse,
+                                   cache=False)
+        for name, count in (("dense", utility.count_tokens(pool)),
+                            ("sparse", utility.count_tokens(pool, neighbours=neighbours))):
+            label = name if reuse else f"{name} whole sequences"
+            out[label] = {"pairs": count.pairs, "model_tokens": count.tokens}
+    out["dense_over_sparse"] = out["dense"]["model_tokens"] / out["sparse"]["model_tokens"]
+    return out
 
 
 def fine_tuned_loss(subset: list[Example], evals: list[Example], out: Path, args) -> float:
@@ -89,21 +97,21 @@ def dense_versus_sparse(args) -> dict:
     methods |= {f"DELIFT sparse k={k}": get_selector("delift", sparse_k=k, **common) for k in args.small_k}
     methods |= {"DELIFT(SE)": get_selector("delift-se", device="cpu")}
     methods |= {f"random seed {s}": get_selector("random", seed=s) for s in range(args.random_seeds)}
+    groups = sorted({task_group(ex) for ex in pool})
     rows = {}
     for name, selector in methods.items():
+        cpu = time.process_time()
         selection = selector.select(pool, args.budget)
-        details = selection.cost.details
+        kept = set(selection.kept_ids)
         rows[name] = {"kept": selection.kept_ids, "seconds": selection.cost.seconds,
-                      "model_tokens": selection.cost.forward_tokens,
-                      "pairs": details.get("pool_kernel_pairs_scored"),
-                      "padded_tokens": details.get("pool_kernel_padded_tokens"),
-                      "kernel_seconds": details.get("pool_kernel_seconds")}
+                      "cpu_seconds": time.process_time() - cpu, "model_tokens": selection.cost.forward_tokens,
+                      "pairs": selection.cost.details.get("pool_kernel_pairs_scored"),
+                      "tasks": {g: sum(task_group(ex) == g for ex in pool if ex.id in kept) for g in groups}}
         print(f"{name}: {rows[name]['seconds']:.1f} s, {rows[name]['model_tokens']} model tokens", flush=True)
     dense_kept = set(rows["DELIFT dense"]["kept"])
     for row in rows.values():
-        kept = set(row["kept"])
-        row["overlap_with_dense"] = len(kept & dense_kept) / len(dense_kept)
-        row["tasks"] = {t: sum(ex.task == t for ex in pool if ex.id in kept) for t in sorted({e.task for e in pool})}
+        row["overlap_with_dense"] = len(set(row["kept"]) & dense_kept) / len(dense_kept)
+    base_loss = None
     if args.train:
         from slimtune.evaluate import target_loss
 
@@ -113,54 +121,37 @@ def dense_versus_sparse(args) -> dict:
         by_id = {ex.id: ex for ex in pool}
         with tempfile.TemporaryDirectory() as tmp:
             for i, (name, row) in enumerate(rows.items()):
-                start = time.perf_counter()
-                row["target_loss"] = fine_tuned_loss([by_id[j] for j in row["kept"]], evals, Path(tmp) / str(i),
-                                                     args)
-                print(f"{name}: target loss {row['target_loss']:.4f} ({time.perf_counter() - start:.0f} s)",
-                      flush=True)
-    else:
-        base_loss = None
+                subset = [by_id[j] for j in row["kept"]]
+                row["target_loss"] = fine_tuned_loss(subset, evals, Path(tmp) / str(i), args)
+                print(f"{name}: target loss {row['target_loss']:.4f}", flush=True)
     return {"pool_rows": len(pool), "eval_rows": len(evals), "budget": args.budget,
-            "pool_tasks": {t: sum(ex.task == t for ex in pool) for t in sorted({e.task for e in pool})},
+            "pool_tasks": {g: sum(task_group(ex) == g for ex in pool) for g in groups},
             "untuned_target_loss": base_loss, "methods": rows}
 
 
-def fl_speed(n: int, k: int, budget: float, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(50, 32, generator=g)
-    emb = centres[torch.randint(0, 50, (n,), generator=g)] + 0.7 * torch.randn(n, 32, generator=g)
-    start = time.perf_counter()
-    cosines, indices = knn(emb, emb, k)
-    knn_seconds = time.perf_counter() - start
-    objective = FacilityLocation((indices, (cosines + 1) / 2))
-    picks = round(budget * n)
-    start = time.perf_counter()
-    greedy_maximize(objective, picks, method="lazy")
-    return {"rows": n, "k": k, "picks": picks, "knn_seconds": knn_seconds,
-            "lazy_greedy_seconds": time.perf_counter() - start}
-
-
 def table(results: dict) -> str:
-    count, small, fl = results["count"], results["small"], results["fl"]
-    lines = [f"Token cost at {count['rows']} rows (counted, max {count['max_text_tokens']} tokens per text):",
-             "", "| kernel | pairs | model tokens | hours at 520 tokens/s |", "| --- | ---: | ---: | ---: |"]
-    for name in ("dense", "sparse"):
+    count, small = results["count"], results["small"]
+    lines = [f"Kernel cost for a {count['rows']:,}-row mix pool (GSM8K, P3, Tatoeba; counted, not run; "
+             f"texts clipped to {count['max_text_tokens']} tokens; sparse = {count['k']} MiniLM neighbours "
+             "per row):", "", "| kernel | pairs | model tokens | hours at 520 tokens/s |",
+             "| --- | ---: | ---: | ---: |"]
+    for name in ("dense whole sequences", "dense", "sparse whole sequences", "sparse"):
         c = count[name]
-        label = "dense" if name == "dense" else f"sparse k={count['k']}"
-        lines.append(f"| {label} | {c['pairs']:,} | {c['model_tokens']:,} | {c['model_tokens'] / 520 / 3600:.1f} |")
-    lines += [f"\nDense tokens / sparse tokens: {count['token_ratio']:.1f}x.", "",
-              f"Dense vs sparse on {small['pool_rows']} short rows ({small['pool_tasks']}), FL at "
-              f"{small['budget']:.0%}, LoRA on each subset, target loss on {small['eval_rows']} held-out rows "
-              f"(untuned: {_fmt(small['untuned_target_loss'])}):", "",
-              "| method | pairs | model tokens | padded tokens | seconds | overlap with dense | kept per task "
+        label = name.replace("sparse", f"sparse k={count['k']}")
+        label += "" if "whole" in name else ", prefix reuse"
+        hours = c["model_tokens"] / 520 / 3600
+        lines.append(f"| {label} | {c['pairs']:,} | {c['model_tokens']:,} | {hours:.1f} |")
+    lines += ["", f"Dense / sparse model tokens (both with prefix reuse): {count['dense_over_sparse']:.1f}x.",
+              "", f"Dense vs sparse on {small['pool_rows']} short rows ({small['pool_tasks']}): FL keeps "
+              f"{small['budget']:.0%}; LoRA on each subset; target loss on {small['eval_rows']} held-out "
+              f"rows (untuned model: {_fmt(small['untuned_target_loss'])}).", "",
+              "| method | pairs | model tokens | wall s | CPU s | overlap with dense | kept per task "
               "| target loss |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for name, row in small["methods"].items():
         tasks = ", ".join(f"{t} {c}" for t, c in row["tasks"].items())
-        lines.append(f"| {name} | {_fmt(row['pairs'])} | {row['model_tokens']:,} | {_fmt(row['padded_tokens'])} "
-                     f"| {row['seconds']:.1f} | {row['overlap_with_dense']:.0%} | {tasks} "
+        lines.append(f"| {name} | {_fmt(row['pairs'])} | {row['model_tokens']:,} | {row['seconds']:.1f} "
+                     f"| {row['cpu_seconds']:.1f} | {row['overlap_with_dense']:.0%} | {tasks} "
                      f"| {_fmt(row.get('target_loss'))} |")
-    lines += ["", f"Facility location, lazy greedy, {fl['rows']:,}-row kNN kernel (k={fl['k']}), {fl['picks']:,} "
-              f"picks: {fl['lazy_greedy_seconds']:.1f} s (building the kNN kernel: {fl['knn_seconds']:.1f} s)."]
     return "\n".join(lines)
 
 
@@ -171,18 +162,18 @@ def _fmt(value) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dense-rows", type=int, default=60)
-    parser.add_argument("--eval-rows", type=int, default=48)
-    parser.add_argument("--max-chars", type=int, default=150, help="longest prompt + response of a small-pool row")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dense-rows", type=int, default=40)
+    parser.add_argument("--eval-rows", type=int, default=36)
+    parser.add_argument("--max-chars", type=int, default=150, help="longest prompt + response of a pool row")
     parser.add_argument("--max-text-tokens", type=int, default=48)
-    parser.add_argument("--small-k", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--small-k", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--count-rows", type=int, default=1000)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--count-max-text-tokens", type=int, default=256)
-    parser.add_argument("--fl-rows", type=int, default=20000)
     parser.add_argument("--budget", type=float, default=0.3)
-    parser.add_argument("--random-seeds", type=int, default=3)
+    parser.add_argument("--random-seeds", type=int, default=2)
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--no-train", dest="train", action="store_false")
@@ -195,12 +186,9 @@ def main() -> None:
     start = time.perf_counter()
     results = {"count": count_at_scale(args.count_rows, args.k, args.count_max_text_tokens, args.seed)}
     print(json.dumps(results["count"]), flush=True)
-    results["fl"] = fl_speed(args.fl_rows, args.k, args.budget, args.seed)
-    print(json.dumps(results["fl"]), flush=True)
     results["small"] = dense_versus_sparse(args)
-    results["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
-                          "torch_threads": args.threads, "cpus": os.cpu_count(),
-                          "load_average_at_end": os.getloadavg()}
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                          "torch_threads": args.threads, "load_average_at_end": os.getloadavg()}
     results["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results["total_seconds"] = time.perf_counter() - start
     print(table(results))

@@ -3,7 +3,7 @@
 One run measures, on the same GSM8K batches (SmolLM2-135M, LoRA r=128 / alpha 512 on q/k/v/o as in the
 paper, max length 256, batch 8, d = 8192):
 
-1. plain forward+backward (the floor: what any gradient method must pay);
+1. plain forward+backward (the floor: what any gradient method must pay), alternated batch by batch with
 2. slimtune: batched per-example gradients + Adam direction + sparse JL projection, split into its parts;
 3. the authors' recipe: one example per forward/backward, the full gradient vector, Adam, then a dense
    Rademacher matrix. That matrix is D x 8192 (483 GB in fp32 for D = 14.7M) and cannot exist here, so its
@@ -120,8 +120,8 @@ def authors_example(model, row, m, v, pad_token_id) -> tuple[float, float, torch
     the moments concatenated once, as their code prepares them)."""
     batch = Collator(pad_token_id)([row])
     start = time.perf_counter()
-    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    loss.backward()
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+          labels=batch["labels"]).loss.backward()
     backward = time.perf_counter() - start
     start = time.perf_counter()
     params = trainable_parameters(model)
@@ -183,24 +183,24 @@ def measure(args) -> dict:
     plain_step(model, work[0])  # warm-up: allocator, oneDNN kernels
     ours_step(model, work[0], moments, projector, dict.fromkeys(PARTS, 0.0))
 
-    start = time.perf_counter()
-    for batch in work:
-        plain_step(model, batch)
-    plain = time.perf_counter() - start
-
+    # alternate the two on each batch, so a change in the machine's load hits both alike
+    plain = ours = 0.0
     parts = dict.fromkeys(PARTS, 0.0)
-    start = time.perf_counter()
     for batch in work:
+        start = time.perf_counter()
+        plain_step(model, batch)
+        plain += time.perf_counter() - start
+        start = time.perf_counter()
         ours_step(model, batch, moments, projector, parts)
-    ours = time.perf_counter() - start
+        ours += time.perf_counter() - start
 
     # the authors' recipe on the first rows; its dense product timed on a slice and scaled to D
     authors_rows = [data[i] for i in range(args.authors_rows)]
     authors_backward = authors_flatten = 0.0
     m = torch.cat([moments.exp_avg[n].reshape(-1) for n, _ in params])
     v = torch.cat([moments.exp_avg_sq[n].reshape(-1) for n, _ in params])
-    for row in authors_rows:
-        backward, flatten, vector = authors_example(model, row, m, v, tokenizer.pad_token_id)
+    for example in authors_rows:
+        backward, flatten, vector = authors_example(model, example, m, v, tokenizer.pad_token_id)
         authors_backward += backward
         authors_flatten += flatten
     authors_tokens = sum(len(r["input_ids"]) for r in authors_rows)
@@ -217,20 +217,15 @@ def measure(args) -> dict:
     rademacher_batch = (time.perf_counter() - start) * dim_in / piece.shape[1]
 
     n = len(data)
-    ours_per_example = ours / n
+    floor, ours_per_example = plain / n, ours / n
+    dense_ours = ours_per_example + (rademacher_batch - parts["sparse JL projection"] / len(work)) / BATCH
     rows = [
-        {"method": "plain forward+backward (floor)", "s/example": plain / n, "examples/s": n / plain,
-         "tokens/s": tokens / plain, "vs floor": 1.0},
-        {"method": "slimtune: batched + Adam + sparse JL", "s/example": ours_per_example, "examples/s": n / ours,
-         "tokens/s": tokens / ours, "vs floor": ours / plain},
-        {"method": "slimtune with dense Rademacher (scaled)", "s/example": ours_per_example
-         + (rademacher_batch - parts["sparse JL projection"] / len(work)) / BATCH,
-         "examples/s": None, "tokens/s": None, "vs floor": None},
-        {"method": "authors: 1 at a time, no projection", "s/example": authors_no_projection,
-         "examples/s": 1 / authors_no_projection, "tokens/s": authors_tokens / (authors_backward + authors_flatten),
-         "vs floor": authors_no_projection / (plain / n)},
-        {"method": "authors: 1 at a time + dense matrix (scaled)", "s/example": authors_per_example,
-         "examples/s": 1 / authors_per_example, "tokens/s": None, "vs floor": authors_per_example / (plain / n)},
+        row("plain forward+backward (floor)", floor, floor, tokens / plain),
+        row("slimtune: batched + Adam + sparse JL", ours_per_example, floor, tokens / ours),
+        row("slimtune with dense Rademacher (scaled)", dense_ours, floor),
+        row("authors: 1 at a time, no projection", authors_no_projection, floor,
+            authors_tokens / (authors_backward + authors_flatten)),
+        row("authors: 1 at a time + dense matrix (scaled)", authors_per_example, floor),
     ]
     return {
         "rows": n, "tokens": tokens, "batches": len(work), "lora_params": dim_in, "proj_dim": DIM,
@@ -240,6 +235,11 @@ def measure(args) -> dict:
         "speedup_vs_authors_without_projection": authors_no_projection / ours_per_example,
         "dense_matrix_gb": dim_in * DIM * 4 / 1e9,
     }
+
+
+def row(method: str, seconds: float, floor: float, tokens_per_second: float | None = None) -> dict:
+    return {"method": method, "s/example": seconds, "examples/s": 1 / seconds, "tokens/s": tokens_per_second,
+            "vs floor": seconds / floor}
 
 
 PARTS = ("forward+backward", "form per-example gradients", "Adam direction", "sparse JL projection")
@@ -261,20 +261,24 @@ def fmt(value, digits=2) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
+def markdown(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *["| " + " | ".join(cells) + " |" for cells in body]]
+
+
 def tables(result: dict) -> str:
-    lines = ["| method | s / example | examples / s | tokens / s | time vs floor |", "| --- | --- | --- | --- | --- |"]
-    for row in result["table"]:
-        lines.append(f"| {row['method']} | {fmt(row['s/example'], 3)} | {fmt(row['examples/s'], 3)} | "
-                     f"{fmt(row['tokens/s'], 1)} | {fmt(row['vs floor'], 2)}{'x' if row['vs floor'] else ''} |")
-    lines += ["", "| part of slimtune's extraction | seconds | share |", "| --- | --- | --- |"]
+    lines = markdown(["method", "s / example", "examples / s", "tokens / s", "time vs floor"],
+                     [[r["method"], fmt(r["s/example"], 3), fmt(r["examples/s"], 3), fmt(r["tokens/s"], 1),
+                       f"{r['vs floor']:.2f}x"] for r in result["table"]])
     total = sum(result["parts_seconds"].values())
-    for part, seconds in result["parts_seconds"].items():
-        lines.append(f"| {part} | {seconds:.2f} | {seconds / total:.0%} |")
-    lines += ["", "| pool rows | tokens | extraction s | RSS after setup MB | peak RSS MB | growth MB | store MB |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for m in result["memory"]:
-        lines.append(f"| {m['rows']} | {m['tokens']:,} | {m['seconds']:.1f} | {m['rss_after_setup_mb']:.0f} | "
-                     f"{m['peak_rss_mb']:.0f} | {m['growth_mb']:.0f} | {m['store_mb']:.2f} |")
+    lines += ["", *markdown(["part of slimtune's extraction", "seconds", "share"],
+                            [[part, f"{sec:.2f}", f"{sec / total:.0%}"]
+                             for part, sec in result["parts_seconds"].items()])]
+    lines += ["", *markdown(["pool rows", "tokens", "extraction s", "RSS after setup MB", "peak RSS MB",
+                             "growth MB", "store MB"],
+                            [[str(m["rows"]), f"{m['tokens']:,}", f"{m['seconds']:.1f}",
+                              f"{m['rss_after_setup_mb']:.0f}", f"{m['peak_rss_mb']:.0f}",
+                              f"{m['growth_mb']:.0f}", f"{m['store_mb']:.2f}"] for m in result["memory"]])]
     return "\n".join(lines)
 
 
@@ -289,9 +293,9 @@ def write_readme(result: dict, command: str) -> None:
             f"{result['rows']} GSM8K training rows ({result['tokens']:,} tokens, max length {MAX_LENGTH}, "
             f"batches of {BATCH} sorted by length), SmolLM2-135M in fp32, LoRA r=128 / alpha 512 on q/k/v/o "
             f"({result['lora_params']:,} gradient coordinates), d = {DIM}; random LoRA B and synthetic Adam "
-            f"moments. Authors' recipe timed on {result['authors_rows']} rows; rows marked *scaled* time a dense "
-            f"product on {result['slice_rows']:,} of the {result['lora_params']:,} matrix rows and scale "
-            f"linearly (the authors' matrix would be {result['dense_matrix_gb']:,.0f} GB). Results: "
+            f"moments. Authors' recipe timed on {result['authors_rows']} rows; rows marked *scaled* time a "
+            f"dense product on {result['slice_rows']:,} of the {result['lora_params']:,} matrix rows and "
+            f"scale linearly (the authors' matrix would be {result['dense_matrix_gb']:,.0f} GB). Results: "
             "`benchmarks/results/less_features.json`.\n\n" + tables(result) + "\n\n"
             f"- projection overhead (extraction vs the plain forward+backward floor): "
             f"{result['overhead_vs_floor']:+.0%} (target <= +15%: "

@@ -13,7 +13,9 @@ factors); one ``autograd.grad`` of sum_i L_i with respect to those layers' outpu
 not interact in a causal LM, so the delta of row i is the gradient of L_i alone, already scaled by
 1/|R_i|; padding and prompt positions feed no loss term, so their deltas are exactly zero and contribute
 nothing. Each per-example gradient is then one batched matrix product per layer, formed one parameter at a
-time, so memory holds one parameter's B gradients, never the B full gradient vectors.
+time, so memory holds one parameter's B gradients, never the B full gradient vectors. The LM head runs
+only from the batch's first response position on (:func:`slimtune.features.losses.response_logits`): with
+a 49k vocabulary it is most of a small model's cost, and prompt positions predict nothing that is scored.
 
 LESS's training-example feature is the update Adam would make from a checkpoint's moments (m, v),
 
