@@ -66,3 +66,14 @@ def test_two_method_grid_on_the_tiny_model_writes_the_table_and_reuses_every_cel
 
     monkeypatch.setattr(GridRunner, "run_cell", lambda self, cell: pytest.fail(f"{cell.name} re-ran"))
     assert run_grid(path, out_dir=tmp_path / "out") == report
+
+
+def test_shipped_grids_load_by_name_and_cpu_small_runs_every_registered_method():
+    from slimtune.online import POLICIES
+    from slimtune.select import SELECTORS
+
+    grids = {name: load_config(name) for name in ("cpu-quick", "cpu-small", "gpu")}
+    assert {name: grid.name for name, grid in grids.items()} == {name: name for name in grids}
+    in_grid = {method.name for method in grids["cpu-small"].methods}
+    always = {"random", "uniform"}  # the grid adds random itself; uniform is random drawn online
+    assert (set(SELECTORS) | set(POLICIES)) - always <= in_grid

@@ -316,12 +316,13 @@ def _task_name(task: str, examples: list) -> str:
 
 @app.command()
 def bench(
-    config: Annotated[Path, typer.Argument(help="Grid config (YAML); see src/slimtune/bench/configs/.")],
+    config: Annotated[Path, typer.Argument(help="Grid config (YAML), or a shipped one by name: cpu-quick, "
+                                                "cpu-small, gpu (src/slimtune/bench/configs/).")],
     out: Annotated[Path | None, typer.Option(help="Results folder (default: from the config).")] = None,
 ) -> None:
     """Run a benchmark grid (select -> train -> evaluate per cell, cached and resumable) and write the report.
 
-    Example: [bold]slimtune bench src/slimtune/bench/configs/cpu-quick.yaml[/bold]
+    Example: [bold]slimtune bench cpu-quick[/bold]
     """
     from slimtune.bench.runner import run_grid
 

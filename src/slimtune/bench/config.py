@@ -96,9 +96,16 @@ class GridConfig:
                         "target_per_task": self.target_per_task, "parts": parts})
 
 
+#: The grids shipped with slimtune, which ``slimtune bench cpu-small`` finds by name.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
 def load_config(path: str | Path) -> GridConfig:
-    """Read and validate a grid config; errors name the file and the offending key."""
+    """Read and validate a grid config, a YAML path or the name of a shipped one (``cpu-quick``, ``cpu-small``,
+    ``gpu``); errors name the file and the offending key."""
     path = Path(path)
+    if not path.exists() and (SHIPPED_CONFIGS / f"{path.stem}.yaml").exists() and path.suffix in ("", ".yaml"):
+        path = SHIPPED_CONFIGS / f"{path.stem}.yaml"
     raw = yaml.safe_load(path.read_text()) or {}
 
     def need(key: str) -> Any:
