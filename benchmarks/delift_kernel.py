@@ -22,11 +22,13 @@ import json
 import os
 import platform
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from readme import command_line, replace_section
 
 from slimtune.data.example import Example
 from slimtune.data.recipes import load_recipe
@@ -36,6 +38,7 @@ from slimtune.models import LoraSettings, load_model, load_tokenizer
 from slimtune.select import get_selector
 
 RESULTS = Path(__file__).resolve().parent / "results" / "delift_kernel.json"
+HEADING = "## DELIFT kernel: dense versus sparse"
 SHORT_TASKS = ("tatoeba:fra-eng", "tatoeba:eng-fra", "p3")
 
 
@@ -180,6 +183,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-readme", dest="readme", action="store_false")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -194,6 +198,12 @@ def main() -> None:
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
+    if args.readme:
+        machine = results["machine"]
+        replace_section(HEADING, f"`{command_line('delift_kernel.py', sys.argv[1:])}` on {machine['platform']}, "
+                        f"{machine['cpus']} cores, torch {machine['torch']} with {machine['torch_threads']} "
+                        f"threads ({results['total_seconds']:.0f} s in all). Results: "
+                        f"`benchmarks/results/{args.out.name}`.\n\n{table(results)}")
 
 
 if __name__ == "__main__":

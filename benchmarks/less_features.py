@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from readme import command_line, replace_section
 
 from slimtune.data.example import make_example
 from slimtune.data.tokenize import Collator, TokenizedDataset
@@ -51,7 +52,6 @@ from slimtune.models import LoraSettings, apply_lora, load_model
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "less_features.json"
-README = ROOT / "benchmarks" / "README.md"
 HEADING = "## LESS gradient features"
 DIM, MAX_LENGTH, BATCH = 8192, 256, 8
 
@@ -289,7 +289,7 @@ def machine() -> str:
 
 
 def write_readme(result: dict, command: str) -> None:
-    body = (f"{HEADING}\n\n`{command}` on {result['machine']} ({result['seconds']:.0f} s in all). "
+    body = (f"`{command}` on {result['machine']} ({result['seconds']:.0f} s in all). "
             f"{result['rows']} GSM8K training rows ({result['tokens']:,} tokens, max length {MAX_LENGTH}, "
             f"batches of {BATCH} sorted by length), SmolLM2-135M in fp32, LoRA r=128 / alpha 512 on q/k/v/o "
             f"({result['lora_params']:,} gradient coordinates), d = {DIM}; random LoRA B and synthetic Adam "
@@ -311,15 +311,7 @@ def write_readme(result: dict, command: str) -> None:
             f"- memory: peak RSS growth during extraction {result['memory'][0]['growth_mb']:.0f} MB for "
             f"{result['memory'][0]['rows']} rows and {result['memory'][-1]['growth_mb']:.0f} MB for "
             f"{result['memory'][-1]['rows']} rows: features stream to the store shard by shard\n")
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if HEADING in text:
-        start = text.index(HEADING)
-        after = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + body + (text[after + 1:] if after >= 0 else "")
-        text = text.rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    README.write_text(text)
+    replace_section(HEADING, body)
 
 
 def main() -> None:
@@ -348,7 +340,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     if not args.no_readme:
-        write_readme(result, "python benchmarks/less_features.py " + " ".join(sys.argv[1:]))
+        write_readme(result, command_line("less_features.py", sys.argv[1:]))
 
 
 if __name__ == "__main__":

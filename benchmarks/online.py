@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from readme import command_line, replace_section
 from transformers import Trainer, TrainerCallback
 
 from slimtune.data.example import make_example
@@ -222,18 +223,6 @@ def machine() -> str:
             f"{torch.__version__} with {torch.get_num_threads()} threads, load average {load[0]:.1f}")
 
 
-def write_readme(text: str) -> None:
-    path = HERE / "README.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in current:
-        start = current.index(SECTION)
-        end = current.find("\n## ", start + len(SECTION))
-        current = current[:start].rstrip("\n") + "\n\n" + text + ("" if end < 0 else current[end:])
-    else:
-        current = current.rstrip("\n") + "\n\n" + text
-    path.write_text(current.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2")
@@ -257,19 +246,19 @@ def main() -> None:
     text = table(rows)
     checks = verdicts(rows)
     print(text, *checks, sep="\n")
-    command = "python benchmarks/online.py " + " ".join(sys.argv[1:])
+    command = command_line("online.py", sys.argv[1:])
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / "online.json").write_text(json.dumps(
         {"command": command, "machine": load_before, "machine_after": machine(),
          "seconds": time.perf_counter() - started, "settings": vars(args) | {"out": str(args.out)},
          "rows": rows, "checks": checks}, indent=1))
-    setup = (f"`{command.strip()}` on {load_before} ({time.perf_counter() - started:.0f} s in all). "
+    setup = (f"`{command}` on {load_before} ({time.perf_counter() - started:.0f} s in all). "
              f"Pool: {args.pool} GSM8K training rows (seed {args.seed}, max length 256); held-out loss on "
              f"the first {args.held_out} GSM8K test rows; model {args.model}, LoRA r=8, lr {args.lr:g}, "
              f"{args.steps} steps per run, B = {args.candidates}. Step and floor are medians over steps "
              f"2..{args.steps}.")
-    write_readme("\n\n".join([SECTION, setup, text, "\n".join(checks)]) + "\n")
+    replace_section(SECTION, "\n\n".join([setup, text, "\n".join(checks)]))
 
 
 if __name__ == "__main__":

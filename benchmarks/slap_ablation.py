@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from readme import command_line, replace_section
 
 from slimtune.data.recipes import load_recipe
 from slimtune.evaluate.generation import generate
@@ -42,7 +43,6 @@ from slimtune.utils import write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "slap_ablation.json"
-README = HERE / "README.md"
 HEADING = "## SLAP ablation"
 PAIRS = "fra-eng,deu-eng,spa-eng"
 
@@ -111,17 +111,6 @@ def table(rows: dict[str, dict[str, Any]], pool_size: int) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    """Replace this benchmark's section of benchmarks/README.md (or add it), leaving the others alone."""
-    old = README.read_text() if README.exists() else "# Benchmarks\n"
-    start = old.find(HEADING)
-    if start < 0:
-        README.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(HEADING))
-    README.write_text(old[:start] + text + (old[end + 1:] if end >= 0 else ""))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="NAME")
@@ -170,8 +159,8 @@ def main() -> None:
     print(text)
     print(f"{time.perf_counter() - started:.0f} s")
     if not args.no_readme:
-        command = "python benchmarks/slap_ablation.py " + " ".join(sys.argv[1:])
-        update_readme(f"{HEADING}\n\n`{command.strip()}` on {machine()}; pool {len(pool)} rows "
+        command = command_line("slap_ablation.py", sys.argv[1:])
+        replace_section(HEADING, f"`{command}` on {machine()}; pool {len(pool)} rows "
                       f"({args.translation_rows} Tatoeba {PAIRS}, {args.qa_rows} GSM8K), {len(held_out)} "
                       f"held out, keep {args.keep}, B = {args.candidates}, lr {args.lr}, max length "
                       f"{args.max_length}, seed {args.seed}. Loss: held-out response loss per task "
