@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gsm8k_examples
 
-from slimtune.data.example import make_example
 from slimtune.data.tokenize import IGNORE_INDEX, Collator, TokenizedDataset
 from slimtune.features.losses import score_losses
 from slimtune.models import LoraSettings
@@ -13,12 +13,6 @@ from slimtune.online.base import CandidateBatch
 from slimtune.online.policies.uds import UDSPolicy, nuclear_norm, srft_matrix
 from slimtune.online.trainer import SelectiveTrainer, keep_count, read_selection_log, train_online
 from slimtune.train import TrainSettings, prepare_model, train, training_arguments
-
-
-def gsm8k_examples(shared_data, n):
-    rows = [json.loads(line) for line in open(shared_data / "gsm8k" / "train.jsonl")][:n]
-    return [make_example([{"role": "user", "content": r["question"]},
-                          {"role": "assistant", "content": r["answer"]}], task="gsm8k") for r in rows]
 
 
 def settings(tmp_path, name, **kw):

@@ -1,18 +1,12 @@
 import json
 
 import torch
+from helpers import gsm8k_examples
 
-from slimtune.data.example import make_example
 from slimtune.data.tokenize import Collator, TokenizedDataset
 from slimtune.features.losses import score_losses
 from slimtune.models import LoraSettings
 from slimtune.train import TrainSettings, load_trained, train
-
-
-def gsm8k_examples(shared_data, n):
-    rows = [json.loads(line) for line in open(shared_data / "gsm8k" / "train.jsonl")][:n]
-    return [make_example([{"role": "user", "content": r["question"]},
-                          {"role": "assistant", "content": r["answer"]}], task="gsm8k") for r in rows]
 
 
 def settings(tmp_path, name, **kw):
