@@ -23,7 +23,7 @@ from slimtune.evaluate import (
     score_options,
     target_loss,
 )
-from slimtune.features.losses import example_losses, response_logits, score_losses
+from slimtune.features.losses import example_losses, response_logits, score_losses, score_rows, token_budget_groups
 
 
 def chat(prompt, response, **metadata):
@@ -113,6 +113,22 @@ def test_target_loss_is_token_weighted_and_perplexity_its_exp(tiny):
     assert result.perplexity == pytest.approx(math.exp(total / tokens), rel=1e-5)
     assert result.loss != pytest.approx(sum(result.losses) / len(examples), rel=1e-4)  # not a mean of means
     assert set(result.by_task(examples)) == {"a", "b"}
+
+
+def test_a_token_budget_keeps_long_rows_from_padding_their_neighbours_and_changes_no_score(tiny, monkeypatch):
+    lengths = [1500, 40, 30, 900, 20, 10]
+    order = sorted(range(6), key=lambda i: -lengths[i])
+    groups = token_budget_groups(order, lengths, batch_size=8, max_tokens=2000)
+    assert groups == [[0], [3, 1], [2, 4, 5]]  # 1500 alone, 900 + 40 within 2,000, the short rest together
+    assert sorted(i for g in groups for i in g) == list(range(6))
+
+    model, tokenizer = tiny
+    rows = [encode_example(ex, tokenizer) for ex in examples_of_varied_length()]
+    one_by_one = score_rows(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=1)
+    budgeted = score_rows(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=8,
+                          max_batch_tokens=2 * max(len(r["input_ids"]) for r in rows))
+    assert torch.equal(budgeted[1], one_by_one[1])
+    assert torch.allclose(budgeted[0], one_by_one[0], atol=1e-5)
 
 
 def test_rows_over_max_length_keep_their_response(tiny):

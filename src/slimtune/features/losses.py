@@ -71,18 +71,36 @@ def score_losses(model, batches: Iterable[dict[str, Tensor]]) -> tuple[Tensor, T
     return torch.cat(losses), torch.cat(counts)
 
 
-def score_rows(model, rows: Sequence[dict[str, list[int]]], *, pad_token_id: int,
-               batch_size: int = 8) -> tuple[Tensor, Tensor]:
+def score_rows(model, rows: Sequence[dict[str, list[int]]], *, pad_token_id: int, batch_size: int = 8,
+               max_batch_tokens: int = 4096) -> tuple[Tensor, Tensor]:
     """:func:`score_losses` over tokenised rows (``input_ids``, ``labels``), returned in the rows' order.
 
-    Rows are batched longest first, so each batch pads little and an out-of-memory error shows at once.
+    Rows are batched longest first, at most ``batch_size`` rows and ``max_batch_tokens`` padded positions per
+    batch (a row longer than that is a batch of its own): one 1,500-token P3 passage among short rows would
+    otherwise make seven short neighbours pay for its length, and an out-of-memory error shows at once.
     """
     if not rows:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     collate = Collator(pad_token_id=pad_token_id)
-    batches = (collate([rows[i] for i in order[s:s + batch_size]]) for s in range(0, len(order), batch_size))
+    batches = (collate([rows[i] for i in group])
+               for group in token_budget_groups(order, [len(r["input_ids"]) for r in rows], batch_size,
+                                                max_batch_tokens))
     sorted_losses, sorted_counts = score_losses(model, batches)
     losses, counts = torch.empty_like(sorted_losses), torch.empty_like(sorted_counts)
     losses[order], counts[order] = sorted_losses, sorted_counts
     return losses, counts
+
+
+def token_budget_groups(order: Sequence[int], lengths: Sequence[int], batch_size: int,
+                        max_tokens: int) -> list[list[int]]:
+    """Consecutive runs of ``order`` (longest row first) of at most ``batch_size`` rows whose padded size,
+    rows x the first row's length, stays within ``max_tokens``; every row lands in exactly one run."""
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group and len(group) < batch_size and (len(group) + 1) * lengths[group[0]] <= max_tokens:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
