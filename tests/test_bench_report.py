@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from slimtune.bench.config import load_config
-from slimtune.bench.report import summarise, verdicts, write_report
+from slimtune.bench.report import summarise, tidy_table, verdicts, write_report
 from slimtune.bench.runner import Cell, GridRunner, grid_cells
 
 CONFIG = """
@@ -98,3 +98,17 @@ def test_report_writes_the_tidy_table_and_says_who_beat_random(config, tmp_path)
     lines = verdicts(config, summarise(table))
     assert any("tatoeba/loss at 0.25: **length** beat random" in line for line in lines)
     json.dumps(lines)
+
+
+def test_cells_that_reuse_cached_work_are_charged_the_methods_from_scratch_cost(config):
+    cells = [c for c in grid_cells(config) if c.method.label == "length"] + grid_cells(config)[:1]
+    rows = [fake_row(c) for c in cells]
+    rows[0].update(selection_seconds=120.0, selection_tokens=5000)  # the cell that computed the features
+    rows[1].update(selection_seconds=0.5, selection_tokens=0)  # a later cell that reused them
+    table = tidy_table(rows)
+    length = table[table["method"] == "length"]
+    assert set(length["total_seconds"]) == {122.0} and set(length["model_tokens"]) == {5100}
+    assert list(length["selection_seconds"][:2]) == [120.0, 0.5]  # what each cell itself spent is kept
+    untrained = table[table["method"] == "untrained"]
+    assert list(untrained["total_seconds"]) == [3.0]  # another method is not charged
+
