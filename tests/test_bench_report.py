@@ -112,3 +112,10 @@ def test_cells_that_reuse_cached_work_are_charged_the_methods_from_scratch_cost(
     untrained = table[table["method"] == "untrained"]
     assert list(untrained["total_seconds"]) == [3.0]  # another method is not charged
 
+
+def test_with_one_seed_the_summary_claims_no_win_over_random(config):
+    config.seeds = [0]
+    rows = [fake_row(c) for c in grid_cells(config)]
+    lines = verdicts(config, summarise(tidy_table(rows)))
+    assert lines and all("beat random" not in line and "one seed" in line for line in lines)
+

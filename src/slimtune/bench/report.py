@@ -50,7 +50,8 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                "corrupted_kept_share"]
     grouped = table.groupby(["method", "budget"], dropna=False)[metrics]
     mean, sem = grouped.mean(), grouped.sem(ddof=1).fillna(0.0)
-    return mean.join(sem.add_suffix("_se")).reset_index()
+    seeds = table.groupby(["method", "budget"], dropna=False)["seed"].nunique().rename("seeds")
+    return mean.join(sem.add_suffix("_se")).join(seeds).reset_index()
 
 
 def verdicts(config: GridConfig, summary: pd.DataFrame) -> list[str]:
@@ -71,7 +72,10 @@ def verdicts(config: GridConfig, summary: pd.DataFrame) -> list[str]:
             best = others.loc[(sign * others[metric]).idxmax()]
             delta = sign * (float(best[metric]) - r_mean)
             band = max(r_se, float(best[f"{metric}_se"]))
-            if delta > band:
+            if int(rand["seeds"].iloc[0]) < 2:  # a standard error of one seed is no band at all
+                lines.append(f"{metric} at {budget:g}: {best['method']} ahead of random by {delta:.4g} "
+                             f"({best[metric]:.4g} vs {r_mean:.4g}; one seed, so no spread to judge it by).")
+            elif delta > band:
                 lines.append(f"{metric} at {budget:g}: **{best['method']}** beat random by {delta:.4g} "
                              f"({best[metric]:.4g} vs {r_mean:.4g} ± {r_se:.2g}).")
             else:
