@@ -23,7 +23,7 @@ from slimtune.evaluate import (
     score_options,
     target_loss,
 )
-from slimtune.features.losses import example_losses, response_logits, score_losses, score_rows, token_budget_groups
+from slimtune.features.losses import example_losses, length_batches, response_logits, score_losses, score_rows
 
 
 def chat(prompt, response, **metadata):
@@ -115,10 +115,9 @@ def test_target_loss_is_token_weighted_and_perplexity_its_exp(tiny):
     assert set(result.by_task(examples)) == {"a", "b"}
 
 
-def test_a_token_budget_keeps_long_rows_from_padding_their_neighbours_and_changes_no_score(tiny, monkeypatch):
+def test_a_token_budget_keeps_long_rows_from_padding_their_neighbours_and_changes_no_score(tiny):
     lengths = [1500, 40, 30, 900, 20, 10]
-    order = sorted(range(6), key=lambda i: -lengths[i])
-    groups = token_budget_groups(order, lengths, batch_size=8, max_tokens=2000)
+    groups = length_batches(lengths, 2000, max_rows=8)
     assert groups == [[0], [3, 1], [2, 4, 5]]  # 1500 alone, 900 + 40 within 2,000, the short rest together
     assert sorted(i for g in groups for i in g) == list(range(6))
 

@@ -81,26 +81,26 @@ def score_rows(model, rows: Sequence[dict[str, list[int]]], *, pad_token_id: int
     """
     if not rows:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    groups = length_batches([len(r["input_ids"]) for r in rows], max_batch_tokens, max_rows=batch_size)
+    order = [i for group in groups for i in group]
     collate = Collator(pad_token_id=pad_token_id)
-    batches = (collate([rows[i] for i in group])
-               for group in token_budget_groups(order, [len(r["input_ids"]) for r in rows], batch_size,
-                                                max_batch_tokens))
+    batches = (collate([rows[i] for i in group]) for group in groups)
     sorted_losses, sorted_counts = score_losses(model, batches)
     losses, counts = torch.empty_like(sorted_losses), torch.empty_like(sorted_counts)
     losses[order], counts[order] = sorted_losses, sorted_counts
     return losses, counts
 
 
-def token_budget_groups(order: Sequence[int], lengths: Sequence[int], batch_size: int,
-                        max_tokens: int) -> list[list[int]]:
-    """Consecutive runs of ``order`` (longest row first) of at most ``batch_size`` rows whose padded size,
-    rows x the first row's length, stays within ``max_tokens``; every row lands in exactly one run."""
-    groups: list[list[int]] = []
-    for i in order:
-        group = groups[-1] if groups else None
-        if group and len(group) < batch_size and (len(group) + 1) * lengths[group[0]] <= max_tokens:
-            group.append(i)
+def length_batches(lengths: Sequence[int], max_tokens: int, *, max_rows: int | None = None) -> list[list[int]]:
+    """Indices grouped longest first (an out-of-memory error shows at the first batch, and rows of a batch have
+    similar lengths), at most ``max_rows`` rows a batch and rows x the longest row's length <= ``max_tokens``;
+    a row longer than that is a batch of its own. Every index lands in exactly one batch."""
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        batch = batches[-1] if batches else None
+        if batch and (max_rows is None or len(batch) < max_rows) and \
+                (len(batch) + 1) * lengths[batch[0]] <= max_tokens:
+            batch.append(index)
         else:
-            groups.append([i])
-    return groups
+            batches.append([index])
+    return batches

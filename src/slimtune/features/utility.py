@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from slimtune.data.example import Example, pool_hash
+from slimtune.features.losses import length_batches
 from slimtune.features.store import FeatureStore
 
 TEMPLATE_NO_EXAMPLE = "Instruction: Please generate a response to the following query.\n\n\nQuery: {query}\n"
@@ -335,7 +336,7 @@ class InContextUtility:
         spent = {"model_tokens": 0, "padded_tokens": 0, "prefixes": 0}
         for chunk in _chunks([len(g.prefix) for g in groups], budget):
             states: dict[int, list] = {}
-            for batch in (_length_batches([len(groups[g].prefix) for g in chunk], budget)
+            for batch in (length_batches([len(groups[g].prefix) for g in chunk], budget)
                           if groups[chunk[0]].prefix else []):
                 prefixes = [groups[chunk[b]].prefix for b in batch]
                 states |= dict(zip((chunk[b] for b in batch), self._prefix_states(prefixes)))
@@ -344,7 +345,7 @@ class InContextUtility:
                 spent["padded_tokens"] += len(batch) * len(prefixes[0])
             rows = [(g, s) for g in chunk for s in range(len(groups[g].suffixes))]
             total = [len(groups[g].prefix) + len(groups[g].suffixes[s]) for g, s in rows]
-            for batch in _length_batches(total, budget):
+            for batch in length_batches(total, budget):
                 picked = [rows[b] for b in batch]
                 suffixes = [groups[g].suffixes[s] for g, s in picked]
                 logp, owner = self._log_probs([states[g] for g, _ in picked] if states else None, suffixes,
@@ -529,15 +530,3 @@ def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
             chunks.append([index])
             total = size
     return chunks
-
-
-def _length_batches(lengths: list[int], budget: int, overhead: int = 0) -> list[list[int]]:
-    """Indices grouped longest first (an out-of-memory error shows at the first batch, and rows of a batch
-    have similar lengths) so that rows * (overhead + longest row) <= budget; a row alone may exceed it."""
-    batches: list[list[int]] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if batches and (len(batches[-1]) + 1) * (overhead + lengths[batches[-1][0]]) <= budget:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
