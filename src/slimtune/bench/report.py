@@ -48,10 +48,9 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard error over seeds of every metric, per (method, budget)."""
     metrics = [*metric_columns(table), "selection_cost_seconds", "total_seconds", "model_tokens",
                "corrupted_kept_share"]
-    grouped = table.groupby(["method", "budget"], dropna=False)[metrics]
-    mean, sem = grouped.mean(), grouped.sem(ddof=1).fillna(0.0)
-    seeds = table.groupby(["method", "budget"], dropna=False)["seed"].nunique().rename("seeds")
-    return mean.join(sem.add_suffix("_se")).join(seeds).reset_index()
+    by_cell = table.groupby(["method", "budget"], dropna=False)
+    mean, sem = by_cell[metrics].mean(), by_cell[metrics].sem(ddof=1).fillna(0.0)
+    return mean.join(sem.add_suffix("_se")).join(by_cell["seed"].nunique().rename("seeds")).reset_index()
 
 
 def verdicts(config: GridConfig, summary: pd.DataFrame) -> list[str]:
