@@ -213,7 +213,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 NOTES = {
     "uniform": " (it asks for no signal, so it runs no scoring forward and beats a floor that counts one)",
     "infobatch": " (InfoBatch sets its own K: it drops a random share of the below-mean-loss rows and keeps "
-                 "the rest, so the 1.4x target, set for K = 25%, does not apply; its step meets the floor)",
+                 "the rest, so the 1.4x target, set for K = 25%, does not apply)",
 }
 
 

@@ -164,9 +164,9 @@ def main() -> None:
                       f"({args.translation_rows} Tatoeba {PAIRS}, {args.qa_rows} GSM8K), {len(held_out)} "
                       f"held out, keep {args.keep}, B = {args.candidates}, lr {args.lr}, max length "
                       f"{args.max_length}, seed {args.seed}. Loss: held-out response loss per task "
-                      f"(lower is better); chrF on {args.translations} held-out translations. Runs took "
-                      f"turns with other jobs on the same cores (load average {os.getloadavg()[0]:.1f} "
-                      f"at the end), so `train s` compares poorly across rows.\n\n{text}\n")
+                      f"(lower is better); chrF on {args.translations} held-out translations. Rows are "
+                      f"cached per method, so they may come from different runs; load average "
+                      f"{os.getloadavg()[0]:.1f} at the end of this one.\n\n{text}\n")
 
 
 def machine() -> str:
