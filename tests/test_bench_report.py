@@ -34,10 +34,19 @@ def test_grid_always_holds_untrained_full_and_random_at_every_budget_and_seed(co
             f"{label}-b{b}-s{s}" for b in (0.25, 0.5) for s in (0, 1)]
 
 
+def test_full_seeds_trims_only_the_full_data_reference(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(CONFIG + "full_seeds: [1]\n")
+    names = [c.name for c in grid_cells(load_config(path))]
+    assert [n for n in names if n.startswith("full-")] == ["full-s1"]
+    assert [n for n in names if n.startswith("random-")] == [f"random-b{b}-s{s}" for b in (0.25, 0.5) for s in (0, 1)]
+
+
 @pytest.mark.parametrize("bad, message", [
     ("methods: [nosuch]", "unknown offline method 'nosuch'"),
     ("methods: [{name: length, label: random}]", "clash with the built-in controls"),
     ("budgets: [30]", "budgets must be fractions"),
+    ("full_seeds: []", "full_seeds must be a non-empty list"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, bad, message):
     key = bad.split(":")[0]

@@ -10,6 +10,7 @@ target_per_task: 3
 train: {epochs: 1, learning_rate: 2.0e-4, batch_size: 8, lora_r: 8}
 budgets: [0.3]
 seeds: [0]
+full_seeds: [0]                       # optional: seeds of the full-data reference (default: seeds)
 methods:
   - loss                              # a bare name: defaults
   - {name: uds, online: true, label: UDS, params: {alpha: 2.0e-3}}
@@ -85,6 +86,9 @@ class GridConfig:
     budgets: list[float]
     seeds: list[int]
     target_per_task: int = 3
+    #: Seeds of the full-data reference; defaults to ``seeds``. Methods are judged against the random band, which
+    #: carries the seed spread, so a CPU grid can afford full data at one seed and save two full fine-tunes.
+    full_seeds: list[int] | None = None
     out_dir: str | None = None
     source: str | None = None
 
@@ -142,10 +146,15 @@ def load_config(path: str | Path) -> GridConfig:
     budgets = [float(b) for b in need("budgets")]
     if any(not 0 < b <= 1 for b in budgets):
         raise ValueError(f"{path}: budgets must be fractions in (0, 1], got {budgets}")
+    full_seeds = raw.get("full_seeds")
+    if full_seeds is not None and (not isinstance(full_seeds, list) or not full_seeds):
+        raise ValueError(f"{path}: full_seeds must be a non-empty list of seeds, got {full_seeds!r}")
     return GridConfig(name=str(raw.get("name", path.stem)), model=str(raw.get("model", "smollm2")), pool=pool,
                       evals=evals, train=TrainSpec(**(raw.get("train") or {})), methods=methods, budgets=budgets,
                       seeds=[int(s) for s in raw.get("seeds", [0])],
-                      target_per_task=int(raw.get("target_per_task", 3)), out_dir=raw.get("out_dir"),
+                      target_per_task=int(raw.get("target_per_task", 3)),
+                      full_seeds=None if full_seeds is None else [int(s) for s in full_seeds],
+                      out_dir=raw.get("out_dir"),
                       source=str(path))
 
 

@@ -39,9 +39,9 @@ class Cell:
 
 
 def grid_cells(config: GridConfig) -> list[Cell]:
-    """The untrained model, full data per seed, random at every budget and seed, then every method."""
+    """The untrained model, full data per full seed, random at every budget and seed, then every method."""
     cells = [Cell(UNTRAINED, None, config.seeds[0])]
-    cells += [Cell(FULL, None, seed) for seed in config.seeds]
+    cells += [Cell(FULL, None, seed) for seed in config.full_seeds or config.seeds]
     for method in [RANDOM, *config.methods]:
         cells += [Cell(method, budget, seed) for budget in config.budgets for seed in config.seeds]
     return cells
