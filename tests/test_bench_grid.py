@@ -5,7 +5,7 @@ import pytest
 
 from slimtune.bench.config import load_config
 from slimtune.bench.pool import corrupt
-from slimtune.bench.runner import GridRunner, run_grid
+from slimtune.bench.runner import GridRunner, grid_cells, run_grid
 from slimtune.data.example import make_example
 
 GRID = """
@@ -77,3 +77,18 @@ def test_shipped_grids_load_by_name_and_cpu_small_runs_every_registered_method()
     in_grid = {method.name for method in grids["cpu-small"].methods}
     always = {"random", "uniform"}  # the grid adds random itself; uniform is random drawn online
     assert (set(SELECTORS) | set(POLICIES)) - always <= in_grid
+
+
+@pytest.mark.usefixtures("shared_data")
+def test_a_grid_builds_selection_artifacts_in_its_own_cache_so_costs_are_from_scratch(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.replace("methods: [length, {name: big-loss, online: true}]",
+                                 "methods: [{name: delift, params: {sparse_k: null, max_text_tokens: 16}}]"))
+    config = load_config(path)
+    first, second = (GridRunner(config, tmp_path / name) for name in ("first", "second"))
+    cell = next(c for c in grid_cells(config) if c.method.name == "delift")
+    built = first._select(cell)
+    assert list((tmp_path / "first" / "cache" / "features").iterdir())  # the kernel blocks, kept for a resume
+    again = second._select(cell)  # another grid: the first one's blocks are not its own
+    assert again.cost.details["pool_kernel_blocks_from_cache"] == 0
+    assert again.cost.forward_tokens == built.cost.forward_tokens > 0

@@ -147,8 +147,13 @@ class GridRunner:
         if key_file.exists() and key_file.read_text() == key:
             return Selection.load(path)
         params = dict(cell.method.params)
-        if "model" in {f.name for f in dataclasses.fields(selector_class(cell.method.name))}:
+        fields = {f.name for f in dataclasses.fields(selector_class(cell.method.name))}
+        if "model" in fields:
             params.setdefault("model", self.config.model)
+        if "cache_dir" in fields:
+            # The grid's own cache: cells of one grid share warm-ups and kernels (and a killed grid resumes),
+            # but nothing built by an earlier run elsewhere makes a selection look cheaper than it is.
+            params.setdefault("cache_dir", str(self.out / "cache"))
         selector = get_selector(cell.method.name, **self._with_seed(cell, params, online=False))
         targeted = selector.needs_target or params.get("objective") == "flmi"
         selection = selector.select(self.data.pool, cell.budget, target=self.data.targets if targeted else None)

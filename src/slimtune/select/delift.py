@@ -42,6 +42,7 @@ import time
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -127,6 +128,11 @@ class _FacilityLocationSelector(Selector):
         return self._kernel(pool, others, pool_emb, others_emb, cost, self.objective).scaled().to_torch()
 
     @abstractmethod
+    def _store_root(self) -> bool | Path:
+        if self.cache and self.cache_dir:
+            return Path(self.cache_dir) / "features"
+        return self.cache
+
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
         """Unit-norm embeddings of ``examples`` (None when the kernel needs none)."""
 
@@ -145,7 +151,8 @@ class DeliftSelector(_FacilityLocationSelector):
     ``sparse_k``: neighbours per row by all-MiniLM-L6-v2 embedding (None = dense, n^2 pairs).
     ``optimizer``: "lazy" (the authors'), "stochastic" (``epsilon``, ``seed``) or "naive".
     ``max_text_tokens`` clips each prompt and response; ``batch_tokens`` bounds a forward's padded tokens;
-    ``cache`` keeps kernel blocks so an interrupted run resumes. Default budget: 30% of the pool.
+    ``cache`` keeps kernel blocks so an interrupted run resumes, under ``cache_dir`` (default
+    ``slimtune.models.cache_dir()``, as for LESS) in ``features/``. Default budget: 30% of the pool.
     """
 
     name: ClassVar[str] = "delift"
@@ -156,6 +163,7 @@ class DeliftSelector(_FacilityLocationSelector):
     max_text_tokens: int | None = 256
     batch_tokens: int = 8192
     cache: bool = True
+    cache_dir: str | None = None
     dtype: str | None = None
 
     def __post_init__(self):
@@ -170,8 +178,13 @@ class DeliftSelector(_FacilityLocationSelector):
             model, tokenizer = load_model(self.model, device=self.device, dtype=self.dtype)
             self._loaded = InContextUtility(model, tokenizer, distance=self.distance,
                                             max_text_tokens=self.max_text_tokens,
-                                            batch_tokens=self.batch_tokens, cache=self.cache)
+                                            batch_tokens=self.batch_tokens, cache=self._store_root())
         return self._loaded
+
+    def _store_root(self) -> bool | Path:
+        if self.cache and self.cache_dir:
+            return Path(self.cache_dir) / "features"
+        return self.cache
 
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
         if self.sparse_k is None:
@@ -225,6 +238,11 @@ class DeliftSESelector(_FacilityLocationSelector):
 
     name: ClassVar[str] = "delift-se"
     prompt_only: bool = False
+
+    def _store_root(self) -> bool | Path:
+        if self.cache and self.cache_dir:
+            return Path(self.cache_dir) / "features"
+        return self.cache
 
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor:
         from slimtune.features.embeddings import minilm_embeddings
