@@ -244,6 +244,8 @@ def test_per_epoch_pruning_trains_each_epoch_on_the_kept_share(tmp_path, shared_
     assert result.examples_seen == 2 * 14
     log = [json.loads(line) for line in (result.output_dir / LOG_NAME).read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(r["kept"] == 14 and r["pool"] == 20 for r in log)
+    pool_ids = {ex.id for ex in examples}
+    assert all(len(set(r["kept_ids"])) == 14 and set(r["kept_ids"]) <= pool_ids for r in log)
     for record in log:
         alloc = record["allocation"]
         assert all(r["chosen"] >= 1 for r in alloc.values() if r["candidates"])

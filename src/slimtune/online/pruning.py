@@ -19,8 +19,9 @@ callbacks=[pruning])`` with ``pruning = EpochPruning(...)``. Under DDP every ran
 rank 0's choice is broadcast, so all ranks train on the same rows. A run resumed mid-epoch re-scores the pool
 with the checkpoint's model, so the rest of that epoch may draw from a slightly different kept set.
 
-Each epoch's choice is a line of ``output_dir/pruning_log.jsonl``: epoch, step, pool size, rows kept, scoring
-seconds and tokens, and the policy's ``log_record()`` (for SLAP the allocation over strata).
+Each epoch's choice is a line of ``output_dir/pruning_log.jsonl``: epoch, step, pool size, rows kept and their
+ids (``kept_ids``, as the online trainer's ``chosen_ids``), scoring seconds and tokens, and the policy's
+``log_record()`` (for SLAP the allocation over strata).
 """
 
 from __future__ import annotations
@@ -131,8 +132,10 @@ class EpochPruning(TrainerCallback):
         seconds = time.perf_counter() - started
         self.scoring_seconds += seconds
         self.scoring_tokens += tokens
+        examples = getattr(self.view.dataset, "examples", None)
         record = {"epoch": len(self.history), "step": state.global_step, "pool": len(self.view.dataset),
-                  "kept": len(kept), "seconds": round(seconds, 3), "scoring_tokens": tokens,
+                  "kept": len(kept), "kept_ids": [examples[i].id if examples else str(i) for i in kept],
+                  "seconds": round(seconds, 3), "scoring_tokens": tokens,
                   **self.policy.log_record()}
         self.history.append(record)
         if args.should_save:
