@@ -59,7 +59,8 @@ def test_config_errors_name_the_file_and_key(tmp_path, bad, message):
 
 
 def fake_row(cell: Cell) -> dict:
-    quality = {"untrained": 0.1, "full": 0.5, "random": 0.3, "length": 0.45, "UDS": 0.31}[cell.method.label]
+    quality = {"untrained": 0.1, "full": 0.5, "random": 0.3, "length": 0.45, "UDS": 0.31,
+               "infobatch": 0.49}[cell.method.label]
     return {"cell": cell.name, "method": cell.method.label, "budget": cell.budget, "seed": cell.seed,
             "pool_size": 16, "selection_seconds": 1.0, "selection_tokens": 10, "training_seconds": 2.0,
             "trained_tokens": 100, "examples_trained": 4, "corrupted_kept_share": 0.0 if cell.budget else None,
@@ -120,6 +121,22 @@ def test_cells_that_reuse_cached_work_are_charged_the_methods_from_scratch_cost(
     assert list(length["selection_seconds"][:2]) == [120.0, 0.5]  # what each cell itself spent is kept
     untrained = table[table["method"] == "untrained"]
     assert list(untrained["total_seconds"]) == [3.0]  # another method is not charged
+
+
+def test_a_policy_that_sets_its_own_budget_runs_once_per_seed_and_is_named_with_its_share_not_ranked(
+        tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(CONFIG.replace("methods: [length, {name: uds, online: true, label: UDS}]",
+                                   "methods: [length, infobatch]"))
+    config = load_config(path)
+    cells = grid_cells(config)
+    assert [c.name for c in cells if c.method.label == "infobatch"] == ["infobatch-s0", "infobatch-s1"]
+    rows = [fake_row(c) for c in cells]
+    for row in rows:
+        row["examples_trained"] = {"full": 16, "infobatch": 12}.get(row["method"], 4)
+    lines = verdicts(config, summarise(tidy_table(rows)))
+    assert any(line.startswith("infobatch sets its own budget (it trained 75% of the rows") for line in lines)
+    assert not any("infobatch" in line for line in lines if "beat random" in line)
 
 
 def test_with_one_seed_the_summary_claims_no_win_over_random(config):

@@ -36,6 +36,10 @@ def tidy_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     table["selection_cost_tokens"] = by_method["selection_tokens"].transform("max")
     table["total_seconds"] = table["selection_cost_seconds"] + table["training_seconds"]
     table["model_tokens"] = table["selection_cost_tokens"] + table["trained_tokens"]
+    # Rows backpropagated against full data's: what a cell actually spent of the pool, whatever its budget
+    # said (online methods round K up; a policy that sets its own budget ignores it).
+    full_rows = table.loc[table["method"] == "full", "examples_trained"].mean()
+    table["data_share"] = table["examples_trained"] / full_rows if full_rows else math.nan
     return table
 
 
@@ -46,7 +50,7 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard error over seeds of every metric, per (method, budget)."""
-    metrics = [*metric_columns(table), "selection_cost_seconds", "total_seconds", "model_tokens",
+    metrics = [*metric_columns(table), "data_share", "selection_cost_seconds", "total_seconds", "model_tokens",
                "corrupted_kept_share"]
     by_cell = table.groupby(["method", "budget"], dropna=False)
     mean, sem = by_cell[metrics].mean(), by_cell[metrics].sem(ddof=1).fillna(0.0)
@@ -54,8 +58,14 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def verdicts(config: GridConfig, summary: pd.DataFrame) -> list[str]:
-    """Plain-language lines: per metric and budget, the best method against random's band."""
+    """Plain-language lines: per metric and budget, the best method against random's band; a method without a
+    budget (one that sets its own) is named with the share of the data it used, not ranked."""
     lines = []
+    own = summary[summary["budget"].isna() & ~summary["method"].isin(["untrained", "full"])]
+    for _, row in own.iterrows():
+        lines.append(f"{row['method']} sets its own budget (it trained {row['data_share']:.0%} of the rows full "
+                     f"data trained), so it is not ranked against random at any budget; its quality is in the "
+                     f"table beside full data's.")
     trained = summary[summary["budget"].notna()]
     for metric in metric_columns(summary):
         if metric.endswith("_se"):
@@ -155,7 +165,7 @@ def write_report(config: GridConfig, rows: list[dict[str, Any]], out: Path) -> P
     summary = summarise(table)
     metrics = metric_columns(table)
     lines = verdicts(config, summary)
-    cost_cols = ["method", "budget", "selection_cost_seconds", "total_seconds", "model_tokens"]
+    cost_cols = ["method", "budget", "data_share", "selection_cost_seconds", "total_seconds", "model_tokens"]
     cost = summary[cost_cols + [m for m in metrics if m.endswith(("loss", "exact_match", "chrf", "accuracy"))]]
     corrupt = summary[["method", "budget", "corrupted_kept_share"]].dropna()
     pool_share = table["corrupted_pool_share"].dropna()

@@ -39,12 +39,20 @@ class Cell:
 
 
 def grid_cells(config: GridConfig) -> list[Cell]:
-    """The untrained model, full data per full seed, random at every budget and seed, then every method."""
+    """The untrained model, full data per full seed, random at every budget and seed, then every method
+    (once per seed, without a budget, for an online policy that sets its own)."""
     cells = [Cell(UNTRAINED, None, config.seeds[0])]
     cells += [Cell(FULL, None, seed) for seed in config.full_seeds or config.seeds]
     for method in [RANDOM, *config.methods]:
-        cells += [Cell(method, budget, seed) for budget in config.budgets for seed in config.seeds]
+        budgets = [None] if _sets_own_budget(method) else config.budgets
+        cells += [Cell(method, budget, seed) for budget in budgets for seed in config.seeds]
     return cells
+
+
+def _sets_own_budget(method: MethodSpec) -> bool:
+    from slimtune.online import policy_class
+
+    return method.online and policy_class(method.name).sets_own_budget
 
 
 def _selector_is_seeded(method: MethodSpec) -> bool:
@@ -125,7 +133,8 @@ class GridRunner:
             from slimtune.online.trainer import read_selection_log, train_online
 
             policy = get_policy(cell.method.name, **self._with_seed(cell, cell.method.params, online=True))
-            result = train_online(pool, policy, keep=cell.budget, model=self.config.model, settings=settings)
+            keep = spec.batch_size if cell.budget is None else cell.budget  # K = B: the policy decides alone
+            result = train_online(pool, policy, keep=keep, model=self.config.model, settings=settings)
             kept_ids = [eid for step in read_selection_log(run_dir) for eid in step["chosen_ids"]]
             return result, kept_ids
         if cell.method is FULL:

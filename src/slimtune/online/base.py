@@ -80,6 +80,9 @@ class Policy(ABC):
     """
 
     name: ClassVar[str]
+    #: True for a policy that decides per row how many to keep (InfoBatch) and ignores K: a benchmark then
+    #: runs it once per seed, not once per budget, and never compares it with random at a budget it ignored.
+    sets_own_budget: ClassVar[bool] = False
 
     def needs(self) -> set[str]:
         """Signals the shared forward must compute (a subset of :data:`SIGNALS`); an empty set means the

@@ -39,6 +39,7 @@ class InfoBatchPolicy(Policy):
     """
 
     name: ClassVar[str] = "infobatch"
+    sets_own_budget: ClassVar[bool] = True
     prune_ratio: float = 0.5
     anneal: float = 0.125
     window: int = 512
