@@ -167,7 +167,7 @@ def write_report(config: GridConfig, rows: list[dict[str, Any]], out: Path) -> P
     lines = verdicts(config, summary)
     cost_cols = ["method", "budget", "data_share", "selection_cost_seconds", "total_seconds", "model_tokens"]
     cost = summary[cost_cols + [m for m in metrics if m.endswith(("loss", "exact_match", "chrf", "accuracy"))]]
-    corrupt = summary[["method", "budget", "corrupted_kept_share"]].dropna()
+    corrupt = summary[["method", "budget", "corrupted_kept_share"]].dropna(subset=["corrupted_kept_share"])
     pool_share = table["corrupted_pool_share"].dropna()
 
     md = [f"# slimtune bench: {config.name}", "",
