@@ -4,6 +4,7 @@ rerun refreshes the table without losing what a person learnt from it."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -12,7 +13,7 @@ READING = "<!-- reading: written by hand, kept when the script rewrites this sec
 
 def command_line(script: str, argv: list[str]) -> str:
     """How the run was started, for the notes."""
-    return " ".join(["python", f"benchmarks/{script}", *argv])
+    return shlex.join(["python", f"benchmarks/{script}", *argv])
 
 
 def replace_section(heading: str, body: str) -> None:
