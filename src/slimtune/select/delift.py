@@ -128,11 +128,6 @@ class _FacilityLocationSelector(Selector):
         return self._kernel(pool, others, pool_emb, others_emb, cost, self.objective).scaled().to_torch()
 
     @abstractmethod
-    def _store_root(self) -> bool | Path:
-        if self.cache and self.cache_dir:
-            return Path(self.cache_dir) / "features"
-        return self.cache
-
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
         """Unit-norm embeddings of ``examples`` (None when the kernel needs none)."""
 
@@ -238,11 +233,6 @@ class DeliftSESelector(_FacilityLocationSelector):
 
     name: ClassVar[str] = "delift-se"
     prompt_only: bool = False
-
-    def _store_root(self) -> bool | Path:
-        if self.cache and self.cache_dir:
-            return Path(self.cache_dir) / "features"
-        return self.cache
 
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor:
         from slimtune.features.embeddings import minilm_embeddings
