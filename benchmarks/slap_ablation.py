@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -119,11 +120,8 @@ def run_method(name: str, seed: int, pool: list, corrupted: set[str], args, work
 
 
 def _mean_se(values: list[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, (var / len(values)) ** 0.5
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+    return statistics.fmean(values), se
 
 
 def _cell(values: list[float], digits: int) -> str:

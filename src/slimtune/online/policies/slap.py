@@ -62,10 +62,11 @@ Design choices the abstract leaves open, all ours:
 What the ablation measured (``benchmarks/slap_ablation.py``, 3 seeds, 150 Tatoeba + GSM8K rows, 70% seen;
 numbers in the benchmark notes): per-epoch SLAP at 70% matches full data's held-out loss (1.625 vs 1.624),
 per-step SLAP ties uniform selection; the curvature term is the one component with an effect (it keeps GSM8K:
-loss 1.187 with it, 1.245 without); diversity, learnability and stratification show none. On a pool with 20% swapped responses SLAP trains on no more corrupted rows than
-uniform, while big-loss chases them, and stratification still adds nothing (chrF lower with it). It stays on
-by default because the abstract names it and these pools are small (a stratum holds two or three of B = 10
-candidates); ``stratify=False`` is the variant to try first.
+loss 1.187 with it, 1.245 without); diversity, learnability and stratification show none. On a pool with
+20% swapped responses SLAP trains on no more corrupted rows than uniform, while big-loss chases them, and
+stratification still adds nothing (chrF lower with it). It stays on by default because the abstract names it
+and these pools are small (a stratum holds two or three of B = 10 candidates); ``stratify=False`` is the
+variant to try first.
 """
 
 from __future__ import annotations
