@@ -63,3 +63,17 @@ def test_every_command_has_help_with_an_example():
     for command in (["data", "inspect"], ["select"], ["train"], ["eval"], ["bench"], ["demo"]):
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0 and "Example:" in result.output, command
+
+
+def test_train_online_slap_per_epoch_trains_on_the_kept_share_and_per_step_only_policies_refuse(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    write_pool(pool, ROWS)
+    common = ["train", "--data", str(pool), "--model", "tiny", "--max-length", "96", "--batch-size", "2",
+              "--online"]
+    result = runner.invoke(app, [*common, "slap", "--per-epoch", "--keep", "0.5", "-p", "strata=2",
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (tmp_path / "run" / "pruning_log.jsonl").read_text().splitlines()]
+    assert [len(r["kept_ids"]) for r in log] == [4] and log[0]["pool"] == 8
+    result = runner.invoke(app, [*common, "uds", "--per-epoch", "--out", str(tmp_path / "uds")])
+    assert result.exit_code == 2 and "needs slap" in result.output

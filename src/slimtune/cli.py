@@ -221,6 +221,9 @@ def train(
                                         "to backpropagate.")] = 0.25,
     candidates: Annotated[int | None, typer.Option(help="Online: candidate batch size B (default: "
                                                    "--batch-size).")] = None,
+    per_epoch: Annotated[bool, typer.Option(help="Online, SLAP: choose per epoch instead of per step (score the "
+                                            "pool at each epoch start, train that epoch on the --keep share "
+                                            "of it).")] = False,
     param: ParamOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for data order, LoRA init and selection.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")] = None,
@@ -255,7 +258,16 @@ def train(
         params = _params(param)
         if "seed" in _policy_fields(online):
             params.setdefault("seed", seed)
-        result = train_online(examples, get_policy(online, **params), keep=keep, model=model, settings=settings)
+        policy = get_policy(online, **params)
+        if per_epoch:
+            from slimtune.online.pruning import train_pruned
+
+            if not hasattr(policy, "prune"):
+                raise typer.BadParameter(f"'{online}' chooses per step only; --per-epoch needs slap",
+                                         param_hint="--per-epoch")
+            result = train_pruned(examples, policy, keep=keep, model=model, settings=settings)
+        else:
+            result = train_online(examples, policy, keep=keep, model=model, settings=settings)
     else:
         result = run_training(examples, model=model, settings=settings)
     console.print(f"[green]done[/green] in {result.seconds:.0f} s: {result.examples_seen} examples, "
