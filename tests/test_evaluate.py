@@ -182,8 +182,8 @@ class Favouring(torch.nn.Module):
         super().__init__()
         self.model, self.token_ids = model, token_ids
 
-    def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0, **cache):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **cache)
         out.logits[..., self.token_ids] += 30.0
         return out
 
@@ -202,6 +202,23 @@ def test_option_accuracy_picks_the_option_the_model_prefers(tiny):
     assert report.metrics["p3"]["accuracy"] == 0.5 and report.metrics["p3"]["accuracy_sum"] == 0.5
     assert report.counts["p3"]["with_options"] == 2
     assert [r.get("correct") for r in report.predictions["p3"]] == [True, False, None]
+
+
+@pytest.mark.parametrize("max_length, max_batch_tokens", [(None, 4096), (40, 50)])
+def test_options_scored_on_a_shared_prompt_cache_equal_each_option_scored_whole(tiny, max_length,
+                                                                                 max_batch_tokens):
+    model, tokenizer = tiny
+    options = ["Paris", "the city of Lyon, in the south", "Rome", "no idea at all"]
+    example = chat("Which city is the capital of France? Think about it. " * 3, "Paris", options=options)
+    [scored] = score_options(model, tokenizer, [example], batch_size=3, max_length=max_length,
+                             max_batch_tokens=max_batch_tokens)
+    whole = [encode_example(chat(example.prompt_text, option), tokenizer) for option in options]
+    if max_length is not None:  # as the shared cache does: every option sees the same prompt, cut from the left
+        cut = max(len(r["input_ids"]) for r in whole) - max_length
+        whole = [{k: v[cut:] for k, v in r.items()} for r in whole]
+    losses, counts = score_rows(model, whole, pad_token_id=tokenizer.pad_token_id)
+    assert scored.tokens == counts.tolist()
+    assert scored.logprob_sum == pytest.approx((-losses * counts).tolist(), rel=1e-4, abs=1e-4)
 
 
 def test_evaluate_picks_each_sets_task_and_round_trips_as_json(tiny, tmp_path):
