@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from slimtune.bench.config import load_config
-from slimtune.bench.pool import corrupt
+from slimtune.bench.pool import build_bench_data, corrupt
 from slimtune.bench.runner import GridRunner, grid_cells, run_grid
 from slimtune.data.example import make_example
 
@@ -12,7 +12,8 @@ GRID = """
 name: tiny-grid
 model: tiny
 pool: {sizes: {gsm8k: 8, tatoeba: 8}, max_length: 96, corrupt: {share: 0.25, kinds: [swap, truncate]}}
-eval: {gsm8k: {n: 2, generate: [full], max_new_tokens: 4}, tatoeba: {n: 3, max_new_tokens: 4}}
+eval: {gsm8k: {n: 2, generate: [full, best], max_new_tokens: 4}, tatoeba: {n: 3, max_new_tokens: 4},
+       p3: {n: 2, options: 1, max_options: 4}}
 target_per_task: 1
 train: {epochs: 1, batch_size: 4, lora_r: 2, lora_alpha: 4}
 budgets: [0.5]
@@ -54,6 +55,12 @@ def test_two_method_grid_on_the_tiny_model_writes_the_table_and_reuses_every_cel
     assert full["corrupted_kept_share"] == pytest.approx(full["corrupted_pool_share"]) == pytest.approx(0.25)
     assert pd.isna(table.set_index("cell").loc["random-b0.5-s0", "gsm8k/exact_match"])
     assert not pd.isna(full["gsm8k/exact_match"])
+    assert table["p3/accuracy"].notna().all()  # the eval asked for a row that lists options
+
+    # GSM8K generation for `best`: the method with the lower GSM8K loss at the budget, and only that one
+    methods = table[table["method"].isin(["length", "big-loss"])].set_index("method")
+    best = methods["gsm8k/loss"].idxmin()
+    assert methods["gsm8k/exact_match"].notna().to_dict() == {m: m == best for m in methods.index}
 
     # the kept share is what the selection actually kept
     config = load_config(path)
@@ -66,6 +73,23 @@ def test_two_method_grid_on_the_tiny_model_writes_the_table_and_reuses_every_cel
 
     monkeypatch.setattr(GridRunner, "run_cell", lambda self, cell: pytest.fail(f"{cell.name} re-ran"))
     assert run_grid(path, out_dir=tmp_path / "out") == report
+
+
+@pytest.mark.usefixtures("shared_data")
+def test_an_eval_asking_for_option_rows_gets_them_first_and_keeps_targets_apart(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 4}", "p3: {n: 10, options: 4, max_options: 5}"))
+    data = GridRunner(load_config(path), tmp_path / "out").data
+    p3 = data.evals["p3"]
+    assert [len(ex.metadata.get("options") or ()) for ex in p3][4:] == [0] * 6  # exactly 4 are option-scored
+    assert all(1 < len(ex.metadata["options"]) <= 5 for ex in p3[:4])
+    assert not {ex.id for ex in p3} & {ex.id for ex in data.targets}
+    assert not {ex.id for ex in p3} & {ex.id for ex in data.pool}
+
+    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 4}",
+                                 "p3: {n: 2}, taskmaster4: {n: 2, options: 1}"))
+    with pytest.raises(ValueError, match="taskmaster4: options: 1 rows listing answer options asked for"):
+        build_bench_data(load_config(path))
 
 
 def test_shipped_grids_load_by_name_and_cpu_small_runs_every_registered_method():

@@ -5,7 +5,8 @@ name: cpu-quick
 model: smollm2
 pool: {sizes: {gsm8k: 40, p3: 40, tatoeba: 40, taskmaster4: 20}, max_length: 256,
        corrupt: {share: 0.1, kinds: [swap, truncate]}, seed: 0}
-eval: {gsm8k: {n: 16, generate: [full, random]}, tatoeba: {n: 16}, p3: {n: 24}, taskmaster4: {n: 12}}
+eval: {gsm8k: {n: 16, generate: [full, random, best]}, tatoeba: {n: 16},
+       p3: {n: 24, options: 8, max_options: 8}, taskmaster4: {n: 12}}
 target_per_task: 3
 train: {epochs: 1, learning_rate: 2.0e-4, batch_size: 8, lora_r: 8}
 budgets: [0.3]
@@ -33,6 +34,8 @@ from slimtune.online import POLICIES
 from slimtune.select import SELECTORS
 
 ALWAYS = ("untrained", "full", "random")
+#: In an eval's ``generate`` list: the best method at each budget, chosen after the grid by held-out loss.
+BEST = "best"
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,14 @@ class PoolSpec:
 class EvalSpec:
     task: str
     n: int
-    generate: tuple[str, ...] | None = None  # labels whose cells get generation metrics; None = every cell
+    #: Labels whose cells get generation metrics (None: every cell). ``best`` adds, after the grid, the cells
+    #: of the method with the lowest held-out loss on this task at each budget.
+    generate: tuple[str, ...] | None = None
     max_new_tokens: int | None = None
+    #: How many of the ``n`` rows list answer options (exactly; the rest list none), so that option accuracy
+    #: is measured, and the most options such a row may list (option scoring costs a forward pass per option).
+    options: int = 0
+    max_options: int | None = None
 
 
 @dataclass
@@ -124,8 +133,12 @@ def load_config(path: str | Path) -> GridConfig:
                     corrupt_kinds=tuple(corrupt.get("kinds", ("swap", "truncate"))), **pool_raw)
     evals = [EvalSpec(task=task, n=int(spec.get("n", 16)),
                       generate=tuple(spec["generate"]) if spec.get("generate") is not None else None,
-                      max_new_tokens=spec.get("max_new_tokens"))
+                      max_new_tokens=spec.get("max_new_tokens"), options=int(spec.get("options", 0)),
+                      max_options=spec.get("max_options"))
              for task, spec in (need("eval") or {}).items()]
+    for ev in evals:
+        if not 0 <= ev.options <= ev.n:
+            raise ValueError(f"{path}: eval: {ev.task}: options must be between 0 and n ({ev.n}), got {ev.options}")
     methods = []
     for entry in raw.get("methods") or []:
         entry = {"name": entry} if isinstance(entry, str) else dict(entry)
@@ -140,9 +153,16 @@ def load_config(path: str | Path) -> GridConfig:
         if entry:
             raise ValueError(f"{path}: methods: '{name}' has unknown keys {sorted(entry)}")
     labels = [m.label for m in methods]
-    clash = sorted({lab for lab in labels if labels.count(lab) > 1 or lab in ALWAYS})
+    clash = sorted({lab for lab in labels if labels.count(lab) > 1 or lab in (*ALWAYS, BEST)})
     if clash:
-        raise ValueError(f"{path}: methods: labels {clash} repeat or clash with the built-in controls {ALWAYS}")
+        raise ValueError(f"{path}: methods: labels {clash} repeat or clash with the built-in names "
+                         f"{(*ALWAYS, BEST)}")
+    known_labels = {*ALWAYS, BEST, *labels, *(m.name for m in methods)}
+    for ev in evals:
+        unknown = sorted(set(ev.generate or ()) - known_labels)
+        if unknown:
+            raise ValueError(f"{path}: eval: {ev.task}: generate names {unknown}, which are not in the grid; "
+                             f"use method labels, {', '.join(ALWAYS)} or {BEST}")
     budgets = [float(b) for b in need("budgets")]
     if any(not 0 < b <= 1 for b in budgets):
         raise ValueError(f"{path}: budgets must be fractions in (0, 1], got {budgets}")

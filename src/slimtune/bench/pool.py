@@ -12,8 +12,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from slimtune.bench.config import GridConfig
+from slimtune.bench.config import EvalSpec, GridConfig
 from slimtune.data.example import Example
+from slimtune.data.readers import seeded_sample
 
 
 @dataclass
@@ -65,7 +66,29 @@ def build_bench_data(config: GridConfig) -> BenchData:
     pool, corrupted = corrupt(pool, spec.corrupt_share, spec.corrupt_kinds, spec.seed)
     evals, targets = {}, []
     for ev in config.evals:
-        held_out = load_recipe(ev.task, split="test", limit=ev.n + config.target_per_task, seed=spec.seed)
+        wanted = ev.n + config.target_per_task
+        if ev.options:
+            held_out = _options_first(load_recipe(ev.task, split="test"), ev, spec.seed)[:wanted]
+        else:
+            held_out = load_recipe(ev.task, split="test", limit=wanted, seed=spec.seed)
         evals[ev.task] = held_out[: ev.n]
         targets += held_out[ev.n:]
     return BenchData(pool=pool, evals=evals, targets=targets, corrupted_ids=corrupted)
+
+
+def _options_first(rows: list[Example], ev: EvalSpec, seed: int) -> list[Example]:
+    """The seeded draw of the held-out rows: ``ev.options`` rows that list answer options (at most
+    ``ev.max_options`` of them), then the rows that list none, so exactly that many rows are option-scored.
+
+    Few held-out rows list options (83 of P3's 1,057), so a plain draw of a dozen rarely holds one and the
+    option accuracy the evaluator can compute would be missing from the report. The cap exists because option
+    scoring runs the prompt once per option: P3's multi-hop rows (20-50 options over 1-4k-token passages) cost
+    minutes per cell on a CPU, its multiple-choice QA rows (3-8 options, short prompts) seconds."""
+    drawn = seeded_sample(rows, len(rows), seed)
+    listing = [ex for ex in drawn if ex.metadata.get("options")]
+    eligible = [ex for ex in listing if ev.max_options is None or len(ex.metadata["options"]) <= ev.max_options]
+    if len(eligible) < ev.options:
+        cap = "" if ev.max_options is None else f" with at most {ev.max_options} options"
+        raise ValueError(f"eval: {ev.task}: options: {ev.options} rows listing answer options asked for, but its "
+                         f"held-out split has {len(eligible)}{cap}")
+    return eligible[: ev.options] + [ex for ex in drawn if not ex.metadata.get("options")]

@@ -3,6 +3,8 @@
 Cells are cached by a fingerprint of everything their result depends on, each written atomically when
 finished, so a killed grid resumes at the first unfinished cell and changing one method re-runs only its
 cells. Selections that do not depend on the seed (no ``seed`` parameter) are computed once and shared.
+Generation metrics, the expensive ones, go to the cells an eval names and, when it names ``best``, to the
+best method at each budget, found after the grid from the cheap held-out loss every cell has.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from slimtune.bench.config import GridConfig, MethodSpec, load_config
+from slimtune.bench.config import ALWAYS, BEST, EvalSpec, GridConfig, MethodSpec, load_config
 from slimtune.bench.pool import BenchData, build_bench_data
 from slimtune.utils import atomic_write_text, write_json
 
@@ -89,11 +92,49 @@ class GridRunner:
                     rows.append(cached)
                     continue
             self.console.rule(f"[bold]cell {number}/{len(cells)}: {cell.name}")
-            row = self.run_cell(cell)
-            row["key"] = key
-            write_json(path, row)
-            rows.append(row)
+            self._finish(cell, self.run_cell(cell), rows)
+        for spec in self.config.evals:
+            if BEST in (spec.generate or ()):
+                self._generate_for_best(spec, cells, rows)
         return rows
+
+    def _finish(self, cell: Cell, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        row["key"] = self.cell_key(cell)
+        write_json(self.cells_dir / f"{cell.name}.json", row)
+        names = [r["cell"] for r in rows]
+        if cell.name in names:
+            rows[names.index(cell.name)] = row
+        else:
+            rows.append(row)
+
+    def _generate_for_best(self, spec: EvalSpec, cells: list[Cell], rows: list[dict[str, Any]]) -> None:
+        """Generation metrics of ``spec``'s task for every seed of the method whose held-out loss on that task
+        is lowest (mean over seeds) at each budget. The cells' adapters are in ``runs/<cell>/``, so this only
+        evaluates, and each row is rewritten as soon as it has them: a killed pass resumes where it stopped."""
+        by_name = {cell.name: cell for cell in cells}
+        for budget in self.config.budgets:
+            losses: dict[str, list[float]] = {}
+            for row in rows:
+                if row["budget"] == budget and row["method"] not in ALWAYS:
+                    losses.setdefault(row["method"], []).append(row[f"{spec.task}/loss"])
+            if not losses:
+                continue
+            best = min(losses, key=lambda method: statistics.fmean(losses[method]))
+            for row in [r for r in rows if r["budget"] == budget and r["method"] == best]:
+                if _has_task_metrics(row, spec.task):
+                    continue
+                cell = by_name[row["cell"]]
+                self.console.rule(f"[bold]{spec.task} generation for the best at {budget:g}: {cell.name}")
+                run_dir = self.out / "runs" / cell.name
+                if not (run_dir / "slimtune_train.json").exists():  # adapters deleted since: train again
+                    row = self.run_cell(cell)
+                from slimtune.train import load_trained
+
+                model, tokenizer = load_trained(run_dir)
+                start = time.perf_counter()
+                row.update(self._evaluate_task(spec, model, tokenizer, generate=True))
+                row["eval_seconds"] += time.perf_counter() - start
+                self._finish(cell, row, rows)
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         from slimtune.models import load_model
@@ -188,20 +229,29 @@ class GridRunner:
                 "corrupted_pool_share": len(corrupted) / len(self.data.pool)}
 
     def _evaluate(self, cell: Cell, model, tokenizer) -> dict[str, Any]:
-        from slimtune.evaluate import evaluate
-
         metrics: dict[str, Any] = {}
         start = time.perf_counter()
         for spec in self.config.evals:
             generate = spec.generate is None or cell.method.label in spec.generate or \
                 cell.method.name in spec.generate
-            kwargs = {"max_new_tokens": spec.max_new_tokens} if spec.max_new_tokens else {}
-            report = evaluate(model, tokenizer, {spec.task: self.data.evals[spec.task]},
-                              metrics=None if generate else ("loss",), **kwargs)
-            for name, value in report.metrics[spec.task].items():
-                metrics[f"{spec.task}/{name}"] = value
+            metrics.update(self._evaluate_task(spec, model, tokenizer, generate=generate))
         metrics["eval_seconds"] = time.perf_counter() - start
         return metrics
+
+    def _evaluate_task(self, spec: EvalSpec, model, tokenizer, *, generate: bool) -> dict[str, Any]:
+        """``<task>/<metric>`` values: loss always, the task's own metrics (generation, options) if ``generate``."""
+        from slimtune.evaluate import evaluate
+
+        kwargs = {"max_new_tokens": spec.max_new_tokens} if spec.max_new_tokens else {}
+        report = evaluate(model, tokenizer, {spec.task: self.data.evals[spec.task]},
+                          metrics=None if generate else ("loss",), **kwargs)
+        return {f"{spec.task}/{name}": value for name, value in report.metrics[spec.task].items()}
+
+
+def _has_task_metrics(row: dict[str, Any], task: str) -> bool:
+    from slimtune.evaluate.tasks import LOSS_METRICS
+
+    return any(key.startswith(f"{task}/") and key.split("/", 1)[1] not in LOSS_METRICS for key in row)
 
 
 def run_grid(config_path: str | Path, out_dir: str | Path | None = None, console: Console | None = None) -> Path:
