@@ -44,7 +44,9 @@ def test_full_seeds_trims_only_the_full_data_reference(tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     ("methods: [nosuch]", "unknown offline method 'nosuch'"),
-    ("methods: [{name: length, label: random}]", "clash with the built-in controls"),
+    ("methods: [{name: length, label: random}]", "clash with the built-in names"),
+    ("eval: {gsm8k: {n: 4, generate: [lenght]}, tatoeba: {n: 4}}", "generate names \\[.lenght.\\]"),
+    ("eval: {gsm8k: {n: 4}, tatoeba: {n: 4, options: 5}}", "tatoeba: options must be between 0 and n"),
     ("budgets: [30]", "budgets must be fractions"),
     ("full_seeds: []", "full_seeds must be a non-empty list"),
 ])
@@ -65,7 +67,7 @@ def fake_row(cell: Cell) -> dict:
             "pool_size": 16, "selection_seconds": 1.0, "selection_tokens": 10, "training_seconds": 2.0,
             "trained_tokens": 100, "examples_trained": 4, "corrupted_kept_share": 0.0 if cell.budget else None,
             "corrupted_pool_share": 0.25, "gsm8k/exact_match": quality + 0.01 * cell.seed,
-            "tatoeba/loss": 2.0 - quality}
+            "tatoeba/loss": 2.0 - quality - 0.01 * cell.seed}
 
 
 def test_a_killed_grid_resumes_at_the_first_unfinished_cell_and_a_changed_method_reruns_only_its_cells(
@@ -145,3 +147,14 @@ def test_with_one_seed_the_summary_claims_no_win_over_random(config):
     lines = verdicts(config, summarise(tidy_table(rows)))
     assert lines and all("beat random" not in line and "one seed" in line for line in lines)
 
+
+
+def test_a_metric_on_which_random_scored_the_same_on_every_seed_gives_no_win(config):
+    rows = [fake_row(c) for c in grid_cells(config)]
+    for row in rows:
+        row["tatoeba/chrf"] = 30.0 if row["method"] == "random" else 31.0
+    lines = verdicts(config, summarise(tidy_table(rows)))
+    chrf = [line for line in lines if line.startswith("tatoeba/chrf")]
+    assert len(chrf) == 2
+    assert all("beat random" not in line and "random scored the same on every seed" in line for line in chrf)
+    assert any("tatoeba/loss at 0.25: **length** beat random" in line for line in lines)  # a real band still judges

@@ -81,9 +81,15 @@ def verdicts(config: GridConfig, summary: pd.DataFrame) -> list[str]:
             best = others.loc[(sign * others[metric]).idxmax()]
             delta = sign * (float(best[metric]) - r_mean)
             band = max(r_se, float(best[f"{metric}_se"]))
-            if int(rand["seeds"].iloc[0]) < 2:  # a standard error of one seed is no band at all
-                lines.append(f"{metric} at {budget:g}: {best['method']} ahead of random by {delta:.4g} "
-                             f"({best[metric]:.4g} vs {r_mean:.4g}; one seed, so no spread to judge it by).")
+            # One seed has no standard error, and seeds that all gave random the same value (chrF of a few
+            # greedy translations often does) show a metric too coarse to vary, not a band of width zero.
+            no_spread = ("one seed" if int(rand["seeds"].iloc[0]) < 2 else
+                         "random scored the same on every seed" if band == 0 else None)
+            if no_spread:
+                ahead = f"{best['method']} ahead of random by {delta:.4g}" if delta > 0 else \
+                    f"nothing ahead of random (best {best['method']})"
+                lines.append(f"{metric} at {budget:g}: {ahead} ({best[metric]:.4g} vs {r_mean:.4g}; {no_spread}, "
+                             f"so no spread to judge it by).")
             elif delta > band:
                 lines.append(f"{metric} at {budget:g}: **{best['method']}** beat random by {delta:.4g} "
                              f"({best[metric]:.4g} vs {r_mean:.4g} ± {r_se:.2g}).")
