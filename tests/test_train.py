@@ -42,3 +42,23 @@ def test_same_seed_gives_the_same_adapter(tmp_path, shared_data):
     runs = [train(examples, model="tiny", settings=settings(tmp_path, name, epochs=1)) for name in ("a", "b")]
     a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_one_step_run_updates_the_model(tmp_path, shared_data):
+    from safetensors.torch import load_file
+
+    # 4 rows at batch 4 is one optimizer step; the Trainer's rounded-up warm-up would give it learning rate 0
+    result = train(gsm8k_examples(shared_data, 4), model="tiny", settings=settings(tmp_path, "one", epochs=1))
+    adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_warmup_is_the_ratio_of_the_run_rounded_down():
+    from slimtune.train import warmup_steps
+
+    assert warmup_steps(TrainSettings(batch_size=8, warmup_ratio=0.03), rows=8) == 0
+    assert warmup_steps(TrainSettings(batch_size=8, warmup_ratio=0.03), rows=800) == 3
+    assert warmup_steps(TrainSettings(batch_size=8, warmup_ratio=0.03), rows=800, world_size=2) == 1
+    assert warmup_steps(TrainSettings(batch_size=8, grad_accum=2, epochs=2, warmup_ratio=0.1), rows=80) == 1
+    assert warmup_steps(TrainSettings(max_steps=200, warmup_ratio=0.03), rows=8) == 6
+    assert warmup_steps(TrainSettings(warmup_ratio=5), rows=8) == 5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ class TrainSettings:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 512
-    warmup_ratio: float = 0.03  # a float < 1 is a share of the total steps
+    warmup_ratio: float = 0.03  # a float < 1 is a share of the total steps, rounded down; >= 1 a step count
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     seed: int = 0
@@ -81,6 +82,22 @@ def training_arguments(settings: TrainSettings, **overrides: Any):
     return TrainingArguments(**kwargs)
 
 
+def warmup_steps(settings: TrainSettings, rows: int, world_size: int = 1) -> int:
+    """Whole warm-up steps: ``warmup_ratio`` of the run's optimizer steps, rounded down.
+
+    The Trainer rounds a ratio up, and its linear warm-up gives step 0 a learning rate of zero, so a run of one
+    step (a small selection: 8 rows at batch 8) would update nothing and score exactly as the untrained model.
+    """
+    if settings.warmup_ratio >= 1:
+        return int(settings.warmup_ratio)
+    if settings.max_steps > 0:
+        total = settings.max_steps
+    else:
+        batches = math.ceil(rows / (settings.batch_size * world_size))
+        total = math.ceil(math.ceil(batches / settings.grad_accum) * settings.epochs)
+    return math.floor(settings.warmup_ratio * total)
+
+
 def prepare_model(model_name: str | None, settings: TrainSettings):
     """Load the model in fp32 master weights (the Trainer's mixed precision casts on the fly) and wrap LoRA."""
     dtype = "fp32" if settings.dtype is None else settings.dtype
@@ -109,7 +126,9 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
         raise ValueError(f"nothing to train on: {dataset.stats.summary()}")
     cls = trainer_class or Trainer
     keep_index = cls is not Trainer
-    trainer = cls(model=lm, args=training_arguments(settings), train_dataset=dataset,
+    args = training_arguments(settings)
+    args.warmup_steps = warmup_steps(settings, len(dataset), args.world_size)
+    trainer = cls(model=lm, args=args, train_dataset=dataset,
                   data_collator=Collator(tokenizer.pad_token_id, keep_index=keep_index),
                   **(trainer_kwargs or {}))
     start = time.perf_counter()
