@@ -60,7 +60,9 @@ class TrainResult:
     encode_summary: str
 
 
-def training_arguments(settings: TrainSettings, **overrides: Any):
+def training_arguments(settings: TrainSettings, rows: int | None = None, **overrides: Any):
+    """The Trainer's arguments for ``settings``. Give ``rows`` (the training set's length) for whole warm-up steps
+    (:func:`warmup_steps`); without it the Trainer rounds ``warmup_ratio`` of the run up itself."""
     from transformers import TrainingArguments
 
     device = choose_device(settings.device)
@@ -79,7 +81,10 @@ def training_arguments(settings: TrainSettings, **overrides: Any):
     if settings.gradient_checkpointing:  # the argument is being renamed; pass it only when asked for
         kwargs["gradient_checkpointing"] = True
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    args = TrainingArguments(**kwargs)
+    if rows is not None and "warmup_steps" not in overrides:
+        args.warmup_steps = warmup_steps(settings, rows, args.world_size)  # the world size is known only now
+    return args
 
 
 def warmup_steps(settings: TrainSettings, rows: int, world_size: int = 1) -> int:
@@ -126,9 +131,7 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
         raise ValueError(f"nothing to train on: {dataset.stats.summary()}")
     cls = trainer_class or Trainer
     keep_index = cls is not Trainer
-    args = training_arguments(settings)
-    args.warmup_steps = warmup_steps(settings, len(dataset), args.world_size)
-    trainer = cls(model=lm, args=args, train_dataset=dataset,
+    trainer = cls(model=lm, args=training_arguments(settings, rows=len(dataset)), train_dataset=dataset,
                   data_collator=Collator(tokenizer.pad_token_id, keep_index=keep_index),
                   **(trainer_kwargs or {}))
     start = time.perf_counter()
