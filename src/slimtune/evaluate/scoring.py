@@ -16,7 +16,7 @@ from slimtune.data.example import Example
 from slimtune.data.tokenize import IGNORE_INDEX, encode_example
 from slimtune.data.tokenize import last_turn_only as last_turn_only_labels
 from slimtune.evaluate.metrics import perplexity, token_weighted_loss
-from slimtune.features.losses import accepts_logits_to_keep, score_rows
+from slimtune.features.losses import accepts_logits_to_keep, example_losses, score_rows
 
 
 def _rows(examples: Sequence[Example], tokenizer, max_length: int | None, *,
@@ -132,7 +132,7 @@ def _score_continuations(model, rows: Sequence[dict[str, list[int]]], pad_token_
     try:
         keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         first = model(input_ids=prefix, use_cache=True, **keep)
-        cache, prefix_logit = first.past_key_values, first.logits[:, -1:].float()
+        cache, prefix_logit = first.past_key_values, first.logits[:, -1:]
         chunk = max(1, min(batch_size, max_batch_tokens // (prefix.shape[1] + longest_tail)))
         sums, counts = [], []
         for at in range(0, len(rows), chunk):
@@ -146,13 +146,13 @@ def _score_continuations(model, rows: Sequence[dict[str, list[int]]], pad_token_
             mask = torch.cat([torch.ones_like(prefix).expand(len(tails), -1), in_tail.long()], dim=1)
             chunk_cache = copy.deepcopy(cache)
             chunk_cache.batch_repeat_interleave(len(tails))
-            logits = model(input_ids=ids, attention_mask=mask, past_key_values=chunk_cache).logits.float()
-            # The logit before tail token k is the prefix's last for k = 0, the tail's own k - 1 after that.
-            logits = torch.cat([prefix_logit.expand(len(tails), -1, -1), logits[:, :-1]], dim=1)
-            scored = target != IGNORE_INDEX
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
-            sums += (logprobs * scored).sum(dim=1).tolist()
-            counts += scored.sum(dim=1).tolist()
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=chunk_cache).logits
+            # Prepending the prefix's last logit (and an unscored label) aligns the tail as a whole row would be.
+            logits = torch.cat([prefix_logit.expand(len(tails), -1, -1), logits], dim=1)
+            unscored = torch.full((len(tails), 1), IGNORE_INDEX, device=prefix.device)
+            losses, count = example_losses(logits, torch.cat([unscored, target], dim=1))
+            sums += (-losses * count).tolist()
+            counts += count.tolist()
     finally:
         model.train(was_training)
     return sums, counts
