@@ -95,6 +95,16 @@ def test_a_killed_grid_resumes_at_the_first_unfinished_cell_and_a_changed_method
     assert ran == [n for n in all_names if n.startswith("UDS-")]
 
 
+def test_cached_cells_from_another_slimtune_version_are_rerun(config, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(GridRunner, "run_cell", lambda self, cell: ran.append(cell.name) or fake_row(cell))
+    GridRunner(config, tmp_path / "out").run()
+    ran.clear()
+    monkeypatch.setattr("slimtune.bench.config.__version__", "999.0")
+    GridRunner(config, tmp_path / "out").run()
+    assert ran == [c.name for c in grid_cells(config)]
+
+
 def test_report_writes_the_tidy_table_and_says_who_beat_random(config, tmp_path):
     rows = [fake_row(c) for c in grid_cells(config)]
     report = write_report(config, rows, tmp_path)

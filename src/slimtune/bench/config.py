@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from slimtune import __version__
 from slimtune.online import POLICIES
 from slimtune.select import SELECTORS
 
@@ -102,8 +103,9 @@ class GridConfig:
     source: str | None = None
 
     def fingerprint(self, *parts: str) -> str:
-        """Hash of what a cell's result depends on besides its method: model, pool, training, evaluation."""
-        return _digest({"model": self.model, "pool": dataclasses.asdict(self.pool),
+        """Hash of what a cell's result depends on besides its method: model, pool, training, evaluation, and
+        the slimtune version, so cached cells from a release with different training or scoring are not reused."""
+        return _digest({"slimtune": __version__, "model": self.model, "pool": dataclasses.asdict(self.pool),
                         "train": dataclasses.asdict(self.train),
                         "evals": [dataclasses.asdict(e) for e in self.evals],
                         "target_per_task": self.target_per_task, "parts": parts})
