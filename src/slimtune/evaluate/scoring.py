@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from slimtune.data.example import Example
-from slimtune.data.tokenize import IGNORE_INDEX, encode_example
+from slimtune.data.tokenize import IGNORE_INDEX, Collator, encode_example
 from slimtune.data.tokenize import last_turn_only as last_turn_only_labels
 from slimtune.evaluate.metrics import perplexity, token_weighted_loss
 from slimtune.features.losses import accepts_logits_to_keep, example_losses, score_rows
@@ -134,23 +134,21 @@ def _score_continuations(model, rows: Sequence[dict[str, list[int]]], pad_token_
         first = model(input_ids=prefix, use_cache=True, **keep)
         cache, prefix_logit = first.past_key_values, first.logits[:, -1:]
         chunk = max(1, min(batch_size, max_batch_tokens // (prefix.shape[1] + longest_tail)))
+        collate = Collator(pad_token_id=pad_token_id)
         sums, counts = [], []
         for at in range(0, len(rows), chunk):
-            tails = [r["input_ids"][shared:] for r in rows[at:at + chunk]]
-            labels = [r["labels"][shared:] for r in rows[at:at + chunk]]
-            width = max(len(t) for t in tails)
-            ids = torch.tensor([t + [pad_token_id] * (width - len(t)) for t in tails], device=prefix.device)
-            target = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels], device=prefix.device)
-            in_tail = torch.arange(width, device=prefix.device)[None] < torch.tensor([[len(t)] for t in tails],
-                                                                                    device=prefix.device)
-            mask = torch.cat([torch.ones_like(prefix).expand(len(tails), -1), in_tail.long()], dim=1)
+            tails = collate([{"input_ids": r["input_ids"][shared:], "labels": r["labels"][shared:]}
+                             for r in rows[at:at + chunk]])
+            tails = {name: t.to(prefix.device) for name, t in tails.items()}
+            n = len(tails["input_ids"])
+            mask = torch.cat([torch.ones_like(prefix).expand(n, -1), tails["attention_mask"]], dim=1)
             chunk_cache = copy.deepcopy(cache)
-            chunk_cache.batch_repeat_interleave(len(tails))
-            logits = model(input_ids=ids, attention_mask=mask, past_key_values=chunk_cache).logits
+            chunk_cache.batch_repeat_interleave(n)
+            logits = model(input_ids=tails["input_ids"], attention_mask=mask, past_key_values=chunk_cache).logits
             # Prepending the prefix's last logit (and an unscored label) aligns the tail as a whole row would be.
-            logits = torch.cat([prefix_logit.expand(len(tails), -1, -1), logits], dim=1)
-            unscored = torch.full((len(tails), 1), IGNORE_INDEX, device=prefix.device)
-            losses, count = example_losses(logits, torch.cat([unscored, target], dim=1))
+            logits = torch.cat([prefix_logit.expand(n, -1, -1), logits], dim=1)
+            unscored = torch.full((n, 1), IGNORE_INDEX, device=prefix.device)
+            losses, count = example_losses(logits, torch.cat([unscored, tails["labels"]], dim=1))
             sums += (-losses * count).tolist()
             counts += count.tolist()
     finally:
