@@ -111,6 +111,8 @@ class GridRunner:
         """Generation metrics of ``spec``'s task for every seed of the method whose held-out loss on that task
         is lowest (mean over seeds) at each budget. The cells' adapters are in ``runs/<cell>/``, so this only
         evaluates, and each row is rewritten as soon as it has them: a killed pass resumes where it stopped."""
+        from slimtune.train import load_trained
+
         by_name = {cell.name: cell for cell in cells}
         for budget in self.config.budgets:
             losses: dict[str, list[float]] = {}
@@ -128,8 +130,6 @@ class GridRunner:
                 run_dir = self.out / "runs" / cell.name
                 if not (run_dir / "slimtune_train.json").exists():  # adapters deleted since: train again
                     row = self.run_cell(cell)
-                from slimtune.train import load_trained
-
                 model, tokenizer = load_trained(run_dir)
                 start = time.perf_counter()
                 row.update(self._evaluate_task(spec, model, tokenizer, generate=True))
