@@ -285,7 +285,7 @@ def _policy_fields(name: str) -> set[str]:
 
 @app.command("eval")
 def evaluate_cmd(
-    data: Annotated[str, typer.Option(help="Evaluation examples: file, datasets folder or recipe.")],
+    data: Annotated[str | None, typer.Option(help="Evaluation examples: file, datasets folder or recipe.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model to evaluate (id, path, smollm2).")]
     = None,
     run: Annotated[Path | None, typer.Option(help="A `slimtune train` run folder (base model + adapter).")] = None,
@@ -297,21 +297,42 @@ def evaluate_cmd(
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,
     shape: ShapeOpt = None,
+    harness: Annotated[str | None, typer.Option(help="lm-evaluation-harness tasks, comma-separated (needs "
+                                                "slimtune[harness]); slimtune_gsm8k runs offline.")] = None,
+    harness_include: Annotated[Path | None, typer.Option(help="Folder of your own lm-eval task "
+                                                         "definitions (YAML).")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples per task.")] = None,
 ) -> None:
-    """Target loss and task metrics (GSM8K exact match, chrF/BLEU, option accuracy).
+    """Target loss and task metrics (GSM8K exact match, chrF/BLEU, option accuracy), and lm-eval tasks.
 
-    Example: [bold]slimtune eval --run runs/gsm8k --data gsm8k:test --limit 40[/bold]
+    Example: [bold]slimtune eval --run runs/gsm8k --data gsm8k:test --limit 40 --harness slimtune_gsm8k[/bold]
     """
-    from slimtune.evaluate import evaluate
+    from slimtune.evaluate import EvalReport, evaluate
     from slimtune.models import load_model
     from slimtune.train import load_trained
 
     if (model is None) == (run is None):
         raise typer.BadParameter("give exactly one of --model or --run")
-    examples = _load(data, shape)[:limit]
-    lm, tokenizer = load_trained(run, device=device) if run else load_model(model, device=device)
-    report = evaluate(lm, tokenizer, {_task_name(task, examples): examples}, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size)
+    if data is None and harness is None:
+        raise typer.BadParameter("give --data, --harness or both")
+    report = EvalReport()
+    if data is not None:
+        examples = _load(data, shape)[:limit]
+        lm, tokenizer = load_trained(run, device=device) if run else load_model(model, device=device)
+        report = evaluate(lm, tokenizer, {_task_name(task, examples): examples}, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size)
+        del lm  # lm-eval loads its own copy below; two copies of a large model need not coexist
+    if harness is not None:
+        from slimtune.evaluate.harness import run_harness
+
+        try:
+            run_harness([t.strip() for t in harness.split(",") if t.strip()], model=model, run=run,
+                        include_path=harness_include, limit=limit, num_fewshot=num_fewshot,
+                        batch_size=batch_size, device=device, max_new_tokens=max_new_tokens or 256,
+                        report=report)
+        except (ImportError, ValueError, FileNotFoundError) as err:
+            console.print(f"[red]error:[/red] --harness: {err}")
+            raise typer.Exit(2) from None
     console.print(report.table())
     if out:
         report.to_json(out)
