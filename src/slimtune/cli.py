@@ -193,10 +193,13 @@ def select(
     existing_examples = _load(existing, None, skip_bad) if existing else None
     selection = cls(**params).select(pool, budget, target=target_examples, existing=existing_examples)
     subset_path = selection.save(out, pool)
+    from slimtune.bench.pictures import selection_rows, write_kept_report
+
+    write_kept_report(out, selection_rows(selection, pool))
     cost = selection.cost
     console.print(f"[green]kept {len(selection.kept)} of {len(pool)}[/green] with {method} -> {subset_path} "
                   f"({cost.seconds:.1f} s, {cost.forward_tokens:,} forward / {cost.backward_tokens:,} backward "
-                  f"tokens); manifest: {out / 'manifest.json'}")
+                  f"tokens); manifest: {out / 'manifest.json'}; pictures: {out / 'report.html'}")
 
 
 @app.command()
@@ -267,7 +270,13 @@ def train(
                                          param_hint="--per-epoch")
             result = train_pruned(examples, policy, keep=keep, model=model, settings=settings)
         else:
+            from slimtune.bench.pictures import online_rows, write_kept_report
+            from slimtune.online.trainer import read_selection_log
+
             result = train_online(examples, policy, keep=keep, model=model, settings=settings)
+            summary_file = out / "selection_summary.json"
+            summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+            write_kept_report(out, online_rows(read_selection_log(out), examples, summary))
     else:
         result = run_training(examples, model=model, settings=settings)
     console.print(f"[green]done[/green] in {result.seconds:.0f} s: {result.examples_seen} examples, "
