@@ -102,3 +102,17 @@ def test_the_report_renders_in_a_real_browser_without_console_errors(tmp_path):
 
     image = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert image.std() > 10  # not blank: figures and text drawn
+
+
+def test_slimtune_train_online_writes_the_pictures_of_what_each_step_kept(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "output": str(2 * i)}) + "\n"
+                            for i in range(16)))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--data", str(pool), "--model", "tiny", "--online", "big-loss",
+                                      "--keep", "0.5", "--batch-size", "4", "--max-steps", "3", "--max-length",
+                                      "64", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    _, text = _parse(out / "report.html")
+    assert (out / "steps.png").exists() and "kept share per step" in text
+    assert "big-loss" in text
