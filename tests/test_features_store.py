@@ -222,9 +222,12 @@ def test_claims_of_dead_or_timed_out_processes_are_taken_over(tmp_path):
     elsewhere = shard_file(store, "x", 5, 10).with_suffix(".claim")
     elsewhere.write_text(json.dumps({"rank": 2, "pid": 1, "host": "another-node", "time": 0}))
     os.utime(elsewhere, (time.time() - 120, time.time() - 120))
-    assert store.fill(("x",), 10, 5, rows, timeout=60) == {"computed": 2, "reused": 0}
-    assert not gone.exists() and not elsewhere.exists()
-    assert np.array_equal(np.asarray(store.open("x", 10)), rows(0, 10)["x"])
+    unwritten = shard_file(store, "x", 10, 15).with_suffix(".claim")  # its writer died right after O_EXCL
+    unwritten.write_text("")
+    os.utime(unwritten, (time.time() - 20, time.time() - 20))
+    assert store.fill(("x",), 15, 5, rows, timeout=60) == {"computed": 3, "reused": 0}
+    assert not gone.exists() and not elsewhere.exists() and not unwritten.exists()
+    assert np.array_equal(np.asarray(store.open("x", 15)), rows(0, 15)["x"])
 
 
 def test_rank_zero_logs_rows_per_second_and_eta(tmp_path, caplog):

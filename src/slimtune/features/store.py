@@ -74,6 +74,7 @@ DEFAULT_TIMEOUT = 3600.0
 #: Seconds between rank 0's progress records.
 PROGRESS_EVERY = 30.0
 _POLL = 0.2
+_UNREADABLE_CLAIM = 10.0
 _READ_BLOCK = 1 << 24
 
 #: path -> (size, mtime_ns, inode) of shard files whose checksum this process has verified
@@ -428,7 +429,10 @@ def _claim(path: Path, rank: int, stale_after: float) -> dict | None:
 
 def _stale(holder: Mapping[str, Any], age: float, stale_after: float) -> bool:
     """On this host a claim is stale exactly when its process is gone; from another host (whose processes
-    cannot be seen) when it is older than ``stale_after`` seconds."""
+    cannot be seen) when it is older than ``stale_after`` seconds; unreadable (its writer died between
+    creating and filling it, a matter of microseconds) after :data:`_UNREADABLE_CLAIM` seconds."""
+    if not holder:
+        return age > _UNREADABLE_CLAIM
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return age > stale_after
     try:
