@@ -74,7 +74,7 @@ def entries(root: Path) -> list[Entry]:
             found += [_store_entry(store) for store in sorted(child.iterdir()) if store.is_dir()]
         elif child.name == "less-warmup" and child.is_dir():
             for run in sorted(child.iterdir()):
-                done = "complete" if (run / "slimtune_train.json").exists() else "incomplete (rerun resumes)"
+                done = "complete" if (run / "slimtune_train.json").exists() else "incomplete"
                 found.append(Entry(run, "less-warmup", "less-warmup", folder_size(run), done))
         elif child.is_dir() and (child / "config.json").exists():
             found.append(Entry(child, "models", "models", folder_size(child), "model"))
