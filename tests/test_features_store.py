@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import re
@@ -259,3 +260,52 @@ def test_a_store_of_5000_shards_opens_and_reads_under_256_open_files(tmp_path, m
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split(maxsplit=1) == ["True", "[0.0, 5.0, 9999.0]\n"]
+
+
+def damage_each_way(store, name):
+    """Flip a byte in the first shard of ``name`` (same size), cut the second short, empty the third."""
+    first, second, third = (shard.path for shard in store.shards(name)[:3])
+    data = bytearray(first.read_bytes())
+    data[-2] ^= 0x40
+    first.write_bytes(bytes(data))
+    second.write_bytes(second.read_bytes()[:-2])
+    third.write_bytes(b"")
+    return [first, second, third]
+
+
+def test_damaged_less_features_and_delift_kernel_blocks_are_recomputed_to_the_uninterrupted_result(
+        tiny, shared_data, tmp_path, fresh_process, caplog):
+    """Both kinds of store through their real writers: a rerun after the damage equals the first run."""
+    from helpers import gsm8k_examples
+
+    from slimtune.data.tokenize import TokenizedDataset
+    from slimtune.features.gradients import FEATURES, NORMS, extract_gradient_features
+    from slimtune.features.projection import SparseJLProjector
+    from slimtune.features.utility import InContextUtility
+    from slimtune.models import LoraSettings, apply_lora
+
+    model, tokenizer = tiny
+    pool = gsm8k_examples(shared_data, 6)
+    kernel_settings = dict(max_text_tokens=24, block_pairs=9)  # 36 pairs in 4 blocks
+    first = InContextUtility(model, tokenizer, cache=tmp_path / "delift", **kernel_settings).kernel(pool)
+    [kernel_store] = map(FeatureStore, (tmp_path / "delift").iterdir())
+
+    torch.manual_seed(0)
+    lora = apply_lora(copy.deepcopy(model), LoraSettings(r=4, alpha=8, dropout=0.0))
+    data = TokenizedDataset(pool, tokenizer, 256)
+    extract = dict(projector=SparseJLProjector(64, seed=0), batch_size=2, shard_rows=1,
+                   pad_token_id=tokenizer.pad_token_id)
+    feature_store = FeatureStore(tmp_path / "less")
+    extract_gradient_features(lora, data, feature_store, **extract)
+    features = {name: np.asarray(feature_store.open(name, len(data))) for name in (FEATURES, NORMS)}
+
+    bad = damage_each_way(kernel_store, "with") + damage_each_way(feature_store, FEATURES)
+    fresh_process()
+    with caplog.at_level("WARNING", logger="slimtune.store"):
+        again = InContextUtility(model, tokenizer, cache=tmp_path / "delift", **kernel_settings).kernel(pool)
+        redone = extract_gradient_features(lora, data, FeatureStore(tmp_path / "less"), **extract)
+    assert again.stats["blocks_from_cache"] == first.stats["blocks"] - 3 and redone.shards["computed"] == 3
+    assert np.array_equal(again.values, first.values)
+    for name, stored in features.items():
+        assert np.array_equal(np.asarray(FeatureStore(tmp_path / "less").open(name, len(data))), stored)
+    assert all(str(path) in caplog.text for path in bad)
