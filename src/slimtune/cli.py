@@ -15,12 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from slimtune.cachecli import cache_app
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
                   help="Train LLMs on less data: pick the examples that matter (LESS, DELIFT, UDS, SLAP).")
 data_app = typer.Typer(no_args_is_help=True, help="Look at data before training on it.")
 app.add_typer(data_app, name="data")
+app.add_typer(cache_app, name="cache")
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face id, local path, 'smollm2' (embedded "
