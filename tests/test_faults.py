@@ -110,7 +110,7 @@ def run(cache: Path, *args) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLIMTUNE_CACHE", str(cache))
         patch.setattr(store, "_verified", {})
-        patch.setattr(loading, "_verified", {})
+        patch.setattr(loading, "_verified", {}, raising=False)
         app([str(a) for a in args], standalone_mode=False)
 
 
@@ -124,9 +124,9 @@ def shard_manifests(cache: Path) -> list[Path]:
     return list((cache / "features").rglob("*-*.json"))
 
 
-def flip_byte(path: Path, position: int) -> None:
+def flip_byte(path: Path, position: int, mask: int = 0x5A) -> None:
     data = bytearray(path.read_bytes())
-    data[position] ^= 0x5A
+    data[position] ^= mask
     path.write_bytes(bytes(data))
 
 
@@ -139,7 +139,8 @@ def float_in_the_middle(path: Path) -> int:
         size = len(raw) - start
     else:
         with zipfile.ZipFile(path) as archive:
-            member = max(archive.infolist(), key=lambda info: info.file_size)
+            member = max((info for info in archive.infolist() if "/data/" in info.filename),
+                         key=lambda info: info.file_size)
         header = member.header_offset
         start = header + 30 + int.from_bytes(raw[header + 26:header + 28], "little") + \
             int.from_bytes(raw[header + 28:header + 30], "little")
@@ -159,7 +160,9 @@ def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def without_seconds(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.endswith("seconds") and k != "scoring_share"} for row in rows]
+    """Rows without what measures time (and a checksum, which covers the times)."""
+    timed = ("scoring_share", "checksum")
+    return [{k: v for k, v in row.items() if not k.endswith("seconds") and k not in timed} for row in rows]
 
 
 def online_result(run: Path) -> tuple[dict, list, list]:
@@ -340,7 +343,7 @@ def test_a_damaged_file_of_a_cached_model_is_named_discarded_and_rebuilt(tmp_pat
 
     damaged = cache / "tiny-llama" / name
     flip_byte(damaged, damaged.stat().st_size // 2)
-    monkeypatch.setattr(loading, "_verified", {})  # the rerun is a new process
+    monkeypatch.setattr(loading, "_verified", {}, raising=False)  # the rerun is a new process
     with caplog.at_level("WARNING", logger="slimtune.models"):
         model, _ = load_model("tiny", device="cpu")
     assert f"{damaged}: checksum mismatch" in caplog.text
@@ -378,12 +381,15 @@ def test_a_damaged_cached_bench_result_is_named_and_recomputed(tmp_path, data, u
     if damage == "selection-manifest":
         damaged = out / "selections" / "length-b0.5" / "manifest.json"
         text = damaged.read_text()
-        position = text.index('"rank": 1') + len('"rank": ')  # another rank: another kept set, still JSON
+        # a kept row's rank 1 -> 0: still JSON, the subset's order (so the seeded training) changes
+        position, mask = text.index('"rank": 1') + len('"rank": '), 0x01
+        (out / "cells" / "length-b0.5-s0.json").unlink()  # the cell that reads the selection runs again
     else:
         damaged = out / "cells" / "length-b0.5-s0.json"
         text = damaged.read_text()
-        position = text.index("/loss") + len('/loss": 1') if damage == "cell-number" else 0
-    flip_byte(damaged, position)
+        # a digit of the loss changed (still JSON, silently another number), or the opening brace
+        position, mask = (text.index("/loss") + len('/loss": 10.'), 0x01) if damage == "cell-number" else (0, 0x5A)
+    flip_byte(damaged, position, mask)
     capsys.readouterr()
     from slimtune.bench.runner import run_grid
 
