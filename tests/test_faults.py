@@ -2,10 +2,11 @@
 cache file, each followed by a rerun that must give the uninterrupted run's result (or a named error).
 
 Each job runs as the user runs it, through the CLI, on the tiny model, 16 short rows, max_length 64, seeded,
-in a cache of its own (``SLIMTUNE_CACHE``). The uninterrupted run happens once per job (in this process); the
-interrupted one in a subprocess (tests/fault_worker.py) that SIGKILLs itself at the n-th occurrence of an
-event (a shard written, a checkpoint half saved, a training step, ...), the event and n drawn by a seeded
-RNG from the points the uninterrupted run passes, so a failure names its point and reproduces. After the
+in a cache of its own (``SLIMTUNE_CACHE``). The uninterrupted run happens once per job, in this process; the
+interrupted one in a forked child that SIGKILLs itself at the n-th occurrence of an event (a shard written,
+a checkpoint half saved, a training step, ...; hooks in tests/fault_worker.py), the event and n drawn by a
+seeded RNG from the points the uninterrupted run passes, so a failure names its point and reproduces; the
+rerun in this process again, with everything it had verified forgotten, as a new process. After the
 rerun the result must be equal bit for bit (all arithmetic here is deterministic on the CPU) and no claim or
 temporary file may be left. The store's own cases (a killed ``fill``, damaged shards and kernel blocks, stale
 claims) are in tests/test_features_store.py and tests/test_cache_cli.py; the table of all of them is
@@ -27,7 +28,9 @@ import fault_worker
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed runs are forked")
+# The killed runs are forked children, and CUDA cannot be used across a fork; bit-exact equality is a CPU fact.
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or torch.cuda.is_available(),
+                                reason="needs fork() and a CPU-only torch")
 ROWS, TARGETS = 16, 2
 
 LESS_PARAMS = {"warmup_fraction": 0.5, "epochs": 2, "batch_size": 4, "grad_accum": 1, "lora_r": 4,
