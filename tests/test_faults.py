@@ -63,6 +63,12 @@ def arithmetic(first: int, n: int) -> list[dict]:
     return rows
 
 
+def draw(job: str) -> random.Random:
+    """The RNG that picks ``job``'s kill points: fixed, unless FAULT_SEED is set to try other points (a soak:
+    ``for s in $(seq 20); do FAULT_SEED=$s pytest tests/test_faults.py; done``)."""
+    return random.Random(f"{job}{os.environ.get('FAULT_SEED', '')}")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -229,7 +235,7 @@ def test_less_killed_in_warmup_then_in_extraction_reruns_to_the_uninterrupted_se
         tmp_path, data, uninterrupted):
     whole_cache, whole_out = uninterrupted("less", less_args)
     writes = 2 * len(shard_manifests(whole_cache))  # features and norms are written one after the other
-    rng = random.Random("less")
+    rng = draw("less")
     in_warmup = rng.choice(["step:3", "checkpoint:1", "checkpoint-partial:1", "checkpoint-partial:2"])
     in_extraction = f"{rng.choice(['shard', 'shard-data'])}:{rng.randint(1, writes - 1)}"
     cache, out = new_cache(tmp_path / "cache"), tmp_path / "out"
@@ -251,7 +257,7 @@ def delift_torn(tmp_path_factory, data, uninterrupted):
     """DELIFT killed between writing a kernel block's temporary file and renaming it, then rerun."""
     whole_cache, whole_out = uninterrupted("delift", delift_args)
     blocks = len(shard_manifests(whole_cache))
-    kill = f"torn-write:{random.Random('delift').randint(1, blocks)}"
+    kill = f"torn-write:{draw('delift').randint(1, blocks)}"
     root = tmp_path_factory.mktemp("delift-torn")
     cache, out = new_cache(root / "cache"), root / "out"
     killed(kill, cache, *delift_args(data, out))
@@ -279,7 +285,7 @@ def test_a_torn_kernel_block_write_leaves_no_temporary_file_after_the_rerun(deli
 def test_online_training_killed_mid_run_reruns_to_the_uninterrupted_adapter_and_selection_log(
         tmp_path, data, uninterrupted):
     _, whole_out = uninterrupted("online", online_args)
-    rng = random.Random("online")
+    rng = draw("online")
     kill = f"{rng.choice(['selection', 'step'])}:{rng.randint(1, 7)}"  # 8 candidate batches of 4
     cache, out = new_cache(tmp_path / "cache"), tmp_path / "run"
     killed(kill, cache, *online_args(data, out))
@@ -318,7 +324,7 @@ def bench_args(data, out) -> list:
 def test_a_bench_grid_killed_mid_cell_or_between_cells_reruns_to_the_uninterrupted_cells(
         tmp_path, data, uninterrupted):
     _, whole_out = uninterrupted("bench", bench_args)
-    rng = random.Random("bench")
+    rng = draw("bench")
     kill = rng.choice([f"cell:{rng.randint(1, 3)}", f"step:{rng.randint(1, 3)}"])  # 4 cells, 4 training steps
     cache, out = new_cache(tmp_path / "cache"), tmp_path / "out"
     killed(kill, cache, *bench_args(data, out))
