@@ -91,15 +91,24 @@ def killed(kill: str, cache: Path, *args) -> None:
     """Run ``slimtune args`` with cache ``cache`` in a child process that SIGKILLs itself at ``kill`` (see
     tests/fault_worker.py). The child is forked, so it starts with torch imported instead of paying ~10 s
     for it, and it is killed exactly as a ``kill -9`` from outside would: nothing of it runs after."""
+    def job():
+        from slimtune.cli import app
+
+        os.environ["SLIMTUNE_CACHE"] = str(cache)
+        app([str(a) for a in args], standalone_mode=False)
+
+    killed_in(kill, job)
+
+
+def killed_in(kill: str, job) -> None:
+    """Run ``job()`` in a forked child that SIGKILLs itself at ``kill``; check that it was killed."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 1
         try:
-            os.environ.update(SLIMTUNE_CACHE=str(cache), FAULT_KILL=kill)
+            os.environ["FAULT_KILL"] = kill
             fault_worker.install_hooks()
-            from slimtune.cli import app
-
-            app([str(a) for a in args], standalone_mode=False)
+            job()
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -127,6 +136,12 @@ def leftovers(*folders: Path) -> list[Path]:
     """Claim files, temporary files and half-built directories: what a killed process may leave behind."""
     return sorted(p for folder in folders for p in folder.rglob("*")
                   if p.suffix == ".claim" or ".tmp" in p.name or (p.is_dir() and p.name.startswith(".")))
+
+
+def unexpected_leftovers(*folders: Path) -> list[Path]:
+    """:func:`leftovers` but the claims of shards that were finished before the kill, which stay (see
+    test_a_kill_between_a_shards_last_write_and_its_claims_removal_leaves_no_claim_after_the_rerun)."""
+    return [p for p in leftovers(*folders) if not (p.suffix == ".claim" and p.with_suffix(".json").exists())]
 
 
 def shard_manifests(cache: Path) -> list[Path]:
@@ -249,7 +264,7 @@ def test_less_killed_in_warmup_then_in_extraction_reruns_to_the_uninterrupted_se
     run(cache, *less_args(data, out))
 
     assert selected(out) == selected(whole_out), (in_warmup, in_extraction)
-    assert leftovers(cache, out) == []
+    assert unexpected_leftovers(cache, out) == []
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +285,7 @@ def test_delift_killed_in_the_middle_of_writing_a_kernel_block_reruns_to_the_uni
         delift_torn):
     kill, cache, out, whole_out = delift_torn
     assert selected(out) == selected(whole_out), kill
-    assert [p for p in leftovers(cache, out) if ".tmp" not in p.name] == []
+    assert [p for p in unexpected_leftovers(cache, out) if ".tmp" not in p.name] == []
 
 
 @pytest.mark.xfail(strict=True, reason="utils.atomic_write_bytes names its temporary file .NAME.tmpPID and "
@@ -280,6 +295,23 @@ def test_delift_killed_in_the_middle_of_writing_a_kernel_block_reruns_to_the_uni
 def test_a_torn_kernel_block_write_leaves_no_temporary_file_after_the_rerun(delift_torn):
     kill, cache, out, _ = delift_torn
     assert leftovers(cache, out) == [], kill
+
+
+@pytest.mark.xfail(strict=True, reason="features/store.py _settle removes a shard's claim file after writing the "
+                   "shard; killed between the two, the claim stays for good: the rerun finds the shard sound, never "
+                   "settles it, and nothing else removes a claim beside a finished shard (fill, or `slimtune cache "
+                   "verify --fix`, should remove claims of dead pids whose shard is sound)")
+def test_a_kill_between_a_shards_last_write_and_its_claims_removal_leaves_no_claim_after_the_rerun(tmp_path):
+    import numpy as np
+
+    from slimtune.features.store import FeatureStore
+
+    def rows(lo, hi):
+        return {"x": np.arange(lo, hi, dtype=np.float32)[:, None]}
+
+    killed_in("shard:1", lambda: FeatureStore(tmp_path).fill(("x",), 8, 4, rows))
+    assert FeatureStore(tmp_path).fill(("x",), 8, 4, rows) == {"computed": 1, "reused": 1}
+    assert leftovers(tmp_path) == []
 
 
 def test_online_training_killed_mid_run_reruns_to_the_uninterrupted_adapter_and_selection_log(
@@ -296,7 +328,7 @@ def test_online_training_killed_mid_run_reruns_to_the_uninterrupted_adapter_and_
     whole_weights, whole_log, whole_summary = online_result(whole_out)
     assert_same_weights(weights, whole_weights)
     assert log == whole_log and summary == whole_summary, kill
-    assert leftovers(cache, out) == []
+    assert unexpected_leftovers(cache, out) == []
 
 
 @pytest.mark.xfail(strict=True, reason="a killed online run cannot resume: `slimtune train` has no option to "
@@ -331,7 +363,7 @@ def test_a_bench_grid_killed_mid_cell_or_between_cells_reruns_to_the_uninterrupt
     assert len(list((out / "cells").glob("*.json"))) < 4
     run(cache, *bench_args(data, out))
     assert cell_rows(out) == cell_rows(whole_out), kill
-    assert leftovers(cache, out) == []
+    assert unexpected_leftovers(cache, out) == []
 
 
 # -- a damaged byte in each kind of cache file -----------------------------------------------------------------
