@@ -51,7 +51,7 @@ def warm(tmp_path_factory, pool, shared_data):
 
 def test_less_keeps_the_pool_examples_of_the_target_task(warm, pool):
     cache, target, selection = warm
-    for chosen in (selection, small_less(cache, aggregate="mean-cosine").select(pool, 10, target=target)):
+    for chosen in (selection, small_less(cache, aggregate="mean-gradient").select(pool, 10, target=target)):
         kept_tasks = [pool[i].task for i in chosen.kept]
         assert kept_tasks.count("gsm8k") >= 8, kept_tasks
     cost = selection.cost
@@ -115,3 +115,23 @@ def test_less_is_registered_and_refuses_unknown_options():
         LessSelector(aggregate="max")
     with pytest.raises(ValueError, match="unknown projector"):
         LessSelector(projector="gaussian")
+
+
+def test_default_aggregation_is_the_authors_mean_cosine_not_the_norm_weighted_mean_gradient(tmp_path):
+    """One subtask of three target rows: row 0's gradient is 100 times longer than the others'. Pool row 0
+    points along it, pool row 1 along the direction the other two share. The authors' mean of cosines gives
+    each target row one vote (pool row 1: 2/3 beats 1/3); the mean gradient is row 0's direction alone."""
+    e = np.eye(4, dtype=np.float32)
+    pool, target = FeatureStore(tmp_path / "pool"), FeatureStore(tmp_path / "target")
+    pool.write(FEATURES, 0, 2, np.stack([e[0], e[1]]))
+    target.write(FEATURES, 0, 3, np.stack([e[0], e[1], e[1]]))
+    target.write(NORMS, 0, 3, np.array([100.0, 1.0, 1.0], dtype=np.float32))
+    subtasks = {"task": [0, 1, 2]}
+
+    def similarity(selector: LessSelector) -> np.ndarray:
+        return selector._similarity(pool, target, subtasks, 2, 3)[:, 0].numpy()
+
+    authors = similarity(LessSelector())
+    np.testing.assert_allclose(authors, [1 / 3, 2 / 3], atol=1e-6)
+    paper = similarity(LessSelector(aggregate="mean-gradient"))
+    assert paper[0] > 0.99 and paper[1] < 0.03  # the long row's direction wins

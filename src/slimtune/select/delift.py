@@ -93,9 +93,13 @@ class _FacilityLocationSelector(Selector):
                target: Sequence[Example] | None = None,
                existing: Sequence[Example] | None = None) -> Selection:
         # Greedy runs to the budget, not the pool size: stochastic greedy's sample size depends on it, and the
-        # tail of a full greedy order (all gains zero) is the slowest part of lazy greedy.
+        # tail of a full greedy order (all gains zero) is the slowest part of lazy greedy. The budget lives only
+        # for this call: a later score() on another pool must not inherit it.
         self._picks = Budget.parse(budget).resolve(len(pool)) if pool else 0
-        return super().select(pool, budget, target=target, existing=existing)
+        try:
+            return super().select(pool, budget, target=target, existing=existing)
+        finally:
+            del self._picks
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         others = {"fl": None, "flmi": target, "flcg": existing}[self.objective]

@@ -10,7 +10,8 @@ Algorithm (the paper's box, in slimtune's terms)::
            Gamma_c(z) = m'/sqrt(v' + eps),  m' = b1 m_c + (1 - b1) g,  v' = b2 v_c + (1 - b2) g^2
            f_c(z) = P Gamma_c(z) / ||P Gamma_c(z)||          (P: seeded random projection to d = 8192)
     3. for every checkpoint c and target example z':  f_c(z') = P g / ||P g||   (plain SGD gradient)
-    4. Inf(z, D_val^(j)) = sum_c w_c cos(f_c(z), f_c(D_val^(j))),   w_c = mean lr of epoch c / sum of them
+    4. Inf(z, D_val^(j)) = mean_{z' in D_val^(j)} sum_c w_c cos(f_c(z), f_c(z')),
+                                                          w_c = mean lr of epoch c / sum of them
        score(z) = max_j Inf(z, D_val^(j))
     5. keep the k highest scores (the paper keeps 5%; here whatever budget is asked)
 
@@ -20,12 +21,16 @@ example and checkpoint, here taken a batch at a time (:mod:`slimtune.features.gr
 
 Where the paper and the authors' code (princeton-nlp/LESS) differ, and what this module does:
 
-- subtask similarity. The paper takes the cosine with the subtask's gradient, the gradient of the subtask's
-  mean loss: P of the mean of the unnormalised target gradients. The code averages the per-example cosines
-  (``matching.py``: scores reshaped to (n, subtasks, examples), mean, then max). ``aggregate="mean-gradient"``
-  (default, the paper's intent) or ``"mean-cosine"`` (the code's). They differ when a subtask's target
-  gradients disagree: the mean gradient lets a strong shared direction dominate, mean cosine gives each
-  target example one vote.
+- subtask similarity. The code (``matching.py``, which produced the published numbers) takes, at every
+  checkpoint, the inner products of the normalised train features with each normalised target feature,
+  sums them over checkpoints weighted by w_c, averages over a subtask's target rows and takes the max over
+  subtasks: the mean of per-example cosines. The paper writes the cosine with the subtask's gradient, the
+  gradient of the subtask's mean loss: P of the mean of the unnormalised target gradients.
+  ``aggregate="mean-cosine"`` (default) is the code's; ``"mean-gradient"`` the paper's formula, kept as an
+  option. We default to the code because the mean gradient weights each target row by its gradient norm, so
+  one target example with a large per-token loss gradient (short, or badly predicted) sets the subtask's
+  direction alone, which is the length bias that normalising the features removes everywhere else; mean
+  cosine gives each target example one vote.
 - Adam moments. The code reads FSDP's name-keyed ``optimizer.bin`` and hard-codes betas (0.9, 0.999) and
   eps 1e-8; here a Trainer's integer-keyed ``optimizer.pt`` is mapped to names and betas/eps come from the
   checkpoint (the same numbers for the Trainer's default AdamW).
@@ -114,7 +119,7 @@ class LessSelector(Selector):
     max_length: int = 512
     projector: str = "sparse"
     proj_dim: int = 8192
-    aggregate: str = "mean-gradient"
+    aggregate: str = "mean-cosine"
     grad_batch_size: int = 8
     shard_rows: int = 256
     chunk_rows: int = 8192
