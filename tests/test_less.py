@@ -135,3 +135,36 @@ def test_default_aggregation_is_the_authors_mean_cosine_not_the_norm_weighted_me
     np.testing.assert_allclose(authors, [1 / 3, 2 / 3], atol=1e-6)
     paper = similarity(LessSelector(aggregate="mean-gradient"))
     assert paper[0] > 0.99 and paper[1] < 0.03  # the long row's direction wins
+
+
+def test_diverse_less_covers_the_relevant_clusters_where_plain_less_takes_near_duplicates(tmp_path,
+                                                                                           monkeypatch):
+    """Constructed features (one checkpoint, one target along e0): three near-duplicates with LESS score
+    0.9, two rows of a second relevant cluster (0.7), two of a third (0.5), three irrelevant rows. Plain LESS
+    keeps the three duplicates; diverse LESS keeps one row of each relevant cluster."""
+    from slimtune.select.less import Checkpoint
+
+    rng = np.random.default_rng(0)
+    e = np.eye(8)
+
+    def row(relevance, direction, jitter=1e-3):
+        v = relevance * e[0] + np.sqrt(1 - relevance ** 2) * e[direction] + jitter * rng.normal(size=8)
+        return v / np.linalg.norm(v)
+
+    features = np.stack([row(0.9, 1) for _ in range(3)] + [row(0.7, 2) for _ in range(2)]
+                        + [row(0.5, 3) for _ in range(2)] + [e[d] for d in (4, 5, 6)]).astype(np.float32)
+    cluster = ["a", "a", "a", "b", "b", "c", "c", "-", "-", "-"]
+    pool_store, target_store = FeatureStore(tmp_path / "pool"), FeatureStore(tmp_path / "target")
+    pool_store.write(FEATURES, 0, len(features), features)
+    target_store.write(FEATURES, 0, 1, e[:1].astype(np.float32))
+    monkeypatch.setattr(LessSelector, "_checkpoints", lambda self, pool, cost, details: [Checkpoint(None, 1.0)])
+    monkeypatch.setattr(LessSelector, "_features", lambda self, *args: (pool_store, target_store))
+    pool = [make_example([{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer {i}"}], task="pool") for i in range(10)]
+    target = [make_example([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], task="t")]
+
+    plain = LessSelector(model="tiny").select(pool, 3, target=target)
+    assert sorted(cluster[i] for i in plain.kept) == ["a", "a", "a"]
+    diverse = LessSelector(model="tiny", diverse=True, diverse_k=4).select(pool, 3, target=target)
+    assert sorted(cluster[i] for i in diverse.kept) == ["a", "b", "c"]
+    assert diverse.params["diverse"] is True and len(diverse.kept) == 3

@@ -61,7 +61,8 @@ from slimtune.select.submodular import (
     FacilityLocation,
     FLConditionalGain,
     FLMutualInformation,
-    greedy_maximize,
+    GreedyToBudget,
+    greedy_scores,
 )
 
 OBJECTIVES = ("fl", "flmi", "flcg")
@@ -76,7 +77,7 @@ def _check(name: str, value, allowed: tuple) -> None:
 
 
 @dataclass
-class _FacilityLocationSelector(Selector):
+class _FacilityLocationSelector(GreedyToBudget, Selector):
     """What DELIFT and DELIFT(SE) share: the objectives, the greedy run and the scores; subclasses give
     the kernels (:meth:`_kernel`, rows x columns, unscaled)."""
 
@@ -98,14 +99,7 @@ class _FacilityLocationSelector(Selector):
     def select(self, pool: Sequence[Example], budget: Budget | float | int | str = DEFAULT_BUDGET, *,
                target: Sequence[Example] | None = None,
                existing: Sequence[Example] | None = None) -> Selection:
-        # Greedy runs to the budget, not the pool size: stochastic greedy's sample size depends on it, and the
-        # tail of a full greedy order (all gains zero) is the slowest part of lazy greedy. The budget lives only
-        # for this call: a later score() on another pool must not inherit it.
-        self._picks = Budget.parse(budget).resolve(len(pool)) if pool else 0
-        try:
-            return super().select(pool, budget, target=target, existing=existing)
-        finally:
-            del self._picks
+        return super().select(pool, budget, target=target, existing=existing)  # with the authors' default
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         others = {"fl": None, "flmi": target, "flcg": existing}[self.objective]
@@ -127,12 +121,8 @@ class _FacilityLocationSelector(Selector):
                          else FLConditionalGain(S, aux, nu=self.nu, background=background,
                                                 existing_background=aux_background))
         start = time.perf_counter()
-        order, gains = greedy_maximize(objective, getattr(self, "_picks", len(pool)), method=self.optimizer,
-                                       epsilon=self.epsilon, seed=self.seed)
-        scores = np.empty(len(pool))
-        scores[order] = gains
-        rest = np.setdiff1d(np.arange(len(pool)), order)
-        scores[rest] = objective.marginal_gains(torch.from_numpy(rest)).cpu().numpy()
+        scores, order = greedy_scores(objective, self.greedy_picks(len(pool)), method=self.optimizer,
+                                      epsilon=self.epsilon, seed=self.seed)
         cost.details["greedy_seconds"] = time.perf_counter() - start
         return scores, order
 

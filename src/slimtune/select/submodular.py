@@ -50,11 +50,14 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Iterable, Iterator, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from slimtune.select.base import Budget, Selection
 
 #: A dense or torch-sparse (ground x candidates) tensor, or a square kNN kernel ``(indices, values)``.
 Kernel = Tensor | tuple[Tensor, Tensor]
@@ -440,6 +443,35 @@ def greedy_maximize(objective: FLObjective, k: int, *, method: str = "lazy", eps
     return order, gains
 
 
+def greedy_scores(objective: FLObjective, k: int, **greedy) -> tuple[np.ndarray, list[int]]:
+    """A selector's ``(scores, order)`` from :func:`greedy_maximize` (``greedy``: its keyword arguments): a
+    picked candidate scores its marginal gain when it was picked, an unpicked one the gain it would still
+    add to the final set."""
+    order, gains = greedy_maximize(objective, k, **greedy)
+    scores = np.empty(objective.n_candidates)
+    scores[order] = gains
+    rest = np.setdiff1d(np.arange(objective.n_candidates), order)
+    scores[rest] = objective.marginal_gains(torch.from_numpy(rest)).cpu().numpy()
+    return scores, order
+
+
+class GreedyToBudget:
+    """For a Selector whose ``score`` runs a greedy: ``select`` lets it stop at the budget
+    (:meth:`greedy_picks`) rather than order the whole pool (stochastic greedy's sample size depends on the
+    budget, and the tail of a full order, all gains zero, is lazy greedy's slowest part). The budget lives
+    only for that call: ``score`` called alone, or later on another pool, orders its whole pool."""
+
+    def select(self, pool: Sequence, budget, *, target=None, existing=None) -> Selection:
+        self._picks = Budget.parse(budget).resolve(len(pool)) if pool else 0
+        try:
+            return super().select(pool, budget, target=target, existing=existing)
+        finally:
+            del self._picks
+
+    def greedy_picks(self, n: int) -> int:
+        return getattr(self, "_picks", n)
+
+
 def _rows_to_sparse(indices: Tensor, values: Tensor, n_columns: int) -> Tensor:
     """A sparse COO tensor from each row's column ``indices`` and ``values`` (both n x k)."""
     indices, order = indices.sort(dim=1)  # row-major, columns ascending: already coalesced
@@ -486,8 +518,10 @@ __all__ = [
     "FLMutualInformation",
     "FLObjective",
     "FacilityLocation",
+    "GreedyToBudget",
     "Kernel",
     "cosine_kernel",
     "greedy_maximize",
+    "greedy_scores",
     "knn_sparsify",
 ]
