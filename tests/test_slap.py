@@ -18,6 +18,7 @@ from slimtune.online.policies.slap import (
     SLAPPolicy,
     allocate,
     head_signals,
+    sketch_maps,
 )
 
 V, H, T = 40, 8, 10
@@ -166,8 +167,9 @@ def test_gradient_sketch_is_the_projected_lm_head_gradient():
     labels[:, :5] = -100
     labels[1, 5:8] = -100
     p_out, p_in = RademacherProjector(5, seed=0), RademacherProjector(3, seed=1)
-    sketch = head_signals(hidden, labels, p_out, p_in, head=weight.detach()).sketch
-    full = head_signals(hidden, labels, p_out, p_in, logits=hidden @ weight.detach().T).sketch
+    maps = sketch_maps(p_out, p_in, V, H, "cpu", curvature=False, chunk=7)  # chunks across the matrices
+    sketch = head_signals(hidden, labels, maps, head=weight.detach()).sketch
+    full = head_signals(hidden, labels, maps, logits=hidden @ weight.detach().T).sketch
     torch.testing.assert_close(sketch, full)
     out_matrix, in_matrix = p_out.project(torch.eye(V)).T, p_in.project(torch.eye(H)).T
     for i in range(b):

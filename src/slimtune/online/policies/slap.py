@@ -143,19 +143,32 @@ class HeadSignals(NamedTuple):
     curvature: Tensor | None
 
 
-def column_products(p_out: Projector, vocab: int, device: torch.device | str, chunk: int = 4096) -> Tensor:
-    """The (d_out^2, V) table of products of P_out's columns, P[a, v] P[b, v], so that
-    P diag(p) P^T = (p @ table.T) reshaped; P is read from the projector a block of identity at a time."""
-    columns = torch.cat([p_out.project(torch.eye(min(chunk, vocab - lo), device=device), offset=lo)
-                         for lo in range(0, vocab, chunk)])  # (V, d_out): row v is P[:, v]
-    return (columns.unsqueeze(2) * columns.unsqueeze(1)).flatten(1).T.contiguous()
+class SketchMaps(NamedTuple):
+    """P_out (d_out, V) and P_in (d_in, H) as matrices, and, for the curvature, the (d_out^2, V) table of
+    products of P_out's columns, P[a, v] P[b, v], so that P diag(p) P^T = (p @ products.T) reshaped."""
+
+    out: Tensor
+    inp: Tensor
+    products: Tensor | None
 
 
-def head_signals(hidden: Tensor, labels: Tensor, p_out: Projector, p_in: Projector, *,
-                 logits: Tensor | None = None, head: Tensor | None = None,
-                 products: Tensor | None = None) -> HeadSignals:
+def sketch_maps(p_out: Projector, p_in: Projector, vocab: int, width: int, device: torch.device | str, *,
+                curvature: bool, chunk: int = 4096) -> SketchMaps:
+    """The projectors' matrices for a head of ``vocab`` x ``width``, read a block of identity at a time."""
+
+    def matrix(projector: Projector, n: int) -> Tensor:
+        return torch.cat([projector.project(torch.eye(min(chunk, n - lo), device=device), offset=lo)
+                          for lo in range(0, n, chunk)]).T.contiguous()
+
+    out = matrix(p_out, vocab)
+    products = (out.unsqueeze(1) * out.unsqueeze(0)).flatten(0, 1) if curvature else None
+    return SketchMaps(out, matrix(p_in, width), products)
+
+
+def head_signals(hidden: Tensor, labels: Tensor, maps: SketchMaps, *, logits: Tensor | None = None,
+                 head: Tensor | None = None) -> HeadSignals:
     """Each row's LM-head gradient of its mean response loss, projected to (d_out x d_in) and flattened, and
-    (given ``products``, :func:`column_products`) the rows' mean Gauss-Newton block in that space.
+    (when ``maps`` holds the products table) the rows' mean Gauss-Newton block in that space.
 
     grad_W_i = (1/T_i) sum_t d_t h_t^T with d_t = softmax(z_t) - onehot(y_t), so
     P_out grad_W_i P_in^T = (1/T_i) sum_t (P_out d_t)(P_in h_t)^T: only response positions are touched and
@@ -169,21 +182,21 @@ def head_signals(hidden: Tensor, labels: Tensor, p_out: Projector, p_in: Project
     h = hidden[rows, pos].float()
     z = logits[rows, pos].float() if logits is not None else h @ head.float().T
     p = torch.softmax(z, dim=-1)
-    delta = p.clone()
-    delta[torch.arange(len(rows)), targets[rows, pos]] -= 1
-    u = p_in.project(h)
-    outer = p_out.project(delta).unsqueeze(2) * u.unsqueeze(1)
+    u = h @ maps.inp.T
+    out_p = p @ maps.out.T
+    out_delta = out_p - maps.out.T[targets[rows, pos]]  # P_out (p - onehot(y))
+    outer = out_delta.unsqueeze(2) * u.unsqueeze(1)
     sketch = torch.zeros(n_rows, outer[0].numel(), device=outer.device)
     sketch.index_add_(0, rows, outer.flatten(1))
     count = torch.bincount(rows, minlength=n_rows).clamp_min(1)
     sketch = sketch / count.unsqueeze(1)
-    if products is None:
+    if maps.products is None:
         return HeadSignals(sketch, None)
     weight = (1.0 / (count[rows] * n_rows)).unsqueeze(1)  # (1/B)(1/T_i) for each token of row i
-    d_out, d_in = p_out.dim, p_in.dim
-    spread = (weight * (p @ products.T)).T @ (u.unsqueeze(2) * u.unsqueeze(1)).flatten(1)
+    d_out, d_in = maps.out.shape[0], maps.inp.shape[0]
+    spread = (weight * (p @ maps.products.T)).T @ (u.unsqueeze(2) * u.unsqueeze(1)).flatten(1)
     spread = spread.reshape(d_out, d_out, d_in, d_in).permute(0, 2, 1, 3).reshape(d_out * d_in, -1)
-    mean_part = (p_out.project(p).unsqueeze(2) * u.unsqueeze(1)).flatten(1)
+    mean_part = (out_p.unsqueeze(2) * u.unsqueeze(1)).flatten(1)
     return HeadSignals(sketch, spread - (weight * mean_part).T @ mean_part)
 
 
@@ -313,9 +326,11 @@ class SLAPPolicy(Policy):
         # State, not parameters: kept out of the dataclass fields so asdict() stays the method's config.
         self._window_loss: deque[float] = deque(maxlen=self.window)
         self._window_tasks: deque[str] = deque(maxlen=self.window)
-        self._projectors = (RademacherProjector(self.sketch_out, self.seed),
-                            RademacherProjector(self.sketch_in, self.seed + 1))
-        self._products: dict[tuple[int, str], Tensor] = {}
+        # Blocks of 4,096 input coordinates: a projector regenerates whole blocks, and its default block (2^24
+        # entries) would be a million vocabulary rows, 20 times SmolLM2's vocabulary, generated per read.
+        self._projectors = (RademacherProjector(self.sketch_out, self.seed, block_elements=self.sketch_out * 4096),
+                            RademacherProjector(self.sketch_in, self.seed + 1, block_elements=self.sketch_in * 4096))
+        self._maps: dict[tuple[int, int, str], SketchMaps] = {}
         self.last: Assembly | None = None
         self.last_edges: dict[str, list[float]] = {}
 
@@ -331,11 +346,13 @@ class SLAPPolicy(Policy):
             wanted.add("hidden")
         return wanted
 
-    def _column_products(self, vocab: int, device: torch.device) -> Tensor:
-        key = (vocab, str(device))
-        if key not in self._products:
-            self._products[key] = column_products(self._projectors[0], vocab, device)
-        return self._products[key]
+    def sketch_maps(self, vocab: int, width: int, device: torch.device | str) -> SketchMaps:
+        """The sketch's matrices for a head of ``vocab`` x ``width`` (built once per shape and device)."""
+        key = (vocab, width, str(device))
+        if key not in self._maps:
+            self._maps[key] = sketch_maps(*self._projectors, vocab, width, device,
+                                          curvature=self.learnability and self.curvature)
+        return self._maps[key]
 
     def features(self, batch: CandidateBatch) -> RowFeatures:
         """What SLAP keeps of a candidate batch: loss, task, the sketch / representation it needs, and the
@@ -345,12 +362,9 @@ class SLAPPolicy(Policy):
             if batch.hidden is None or (batch.logits is None and "head" not in batch.extras):
                 raise ValueError("SLAP's gradient sketch needs hidden states and the logits or the LM head")
             head = batch.extras.get("head")
-            products = None
-            if self.learnability and self.curvature:
-                vocab = batch.logits.shape[-1] if batch.logits is not None else head.shape[0]
-                products = self._column_products(vocab, batch.hidden.device)
-            sketch, curvature = head_signals(batch.hidden, batch.labels, *self._projectors, logits=batch.logits,
-                                             head=head, products=products)
+            vocab = batch.logits.shape[-1] if batch.logits is not None else head.shape[0]
+            maps = self.sketch_maps(vocab, batch.hidden.shape[-1], batch.hidden.device)
+            sketch, curvature = head_signals(batch.hidden, batch.labels, maps, logits=batch.logits, head=head)
             sketch = sketch.cpu()
             curvature = None if curvature is None else curvature.cpu()
         if self.diversity:
