@@ -47,9 +47,10 @@ Design choices the abstract leaves open, all ours:
     the Gauss-Newton matrix of the candidates' mean loss is G = (1/B) sum_i (1/T_i) sum_t A_t kron h_t h_t^T,
     which for a linear head is its Hessian, and the sketch S = P_out kron P_in maps it to S G S^T, the
     formula in step 4 (E[S^T S] = I, so g_S^T (S G S^T) g_S estimates the unsketched quadratic form). Not
-    the empirical Fisher of the candidates' own sketches, which measures how the gradients of the rows at
-    hand spread, not how the loss curves (it vanishes where the model fits its labels, and is built from the
-    very gradients it then values), and needs B >> D to be more than low-rank. Cost, kept bounded without
+    the empirical Fisher of the candidates' own sketches, which measures how the observed-label gradients of
+    the rows at hand spread rather than how the loss curves (so its quadratic term is the squared alignment
+    of S with those same gradients, confounded with the linear term), and has rank at most B (10 against
+    D = 512), where G takes the model's own predictive distribution at every token. Cost, kept bounded without
     truncating p: P_out diag(p_t) P_out^T is p_t against a fixed (d_out^2 x V) table of products of P_out's
     columns, d_out^2 V multiply-adds per response token (256 V at 16 x 32, below the 576 V of the head's own
     logits for SmolLM2), plus one D x D product per batch; the table is d_out^2 V floats (50 MB at V = 49k),
