@@ -71,6 +71,16 @@ def test_a_repeated_selection_reuses_the_warm_up_and_every_feature_shard(warm, p
     assert details["pool_features"]["shards"] == {"computed": 0, "reused": 2 * 4}
 
 
+def test_diverse_less_reads_the_stored_features_of_every_checkpoint(warm, pool):
+    """On the real stores (float16 shards, two checkpoints) diverse LESS reuses every shard, keeps the budget
+    of distinct rows, and still leans to the target task."""
+    cache, target, _ = warm
+    diverse = small_less(cache, diverse=True, diverse_k=5).select(pool, 10, target=target)
+    assert diverse.cost.forward_tokens == 0 and len(set(diverse.kept)) == 10
+    kept_tasks = [pool[i].task for i in diverse.kept]
+    assert kept_tasks[0] == "gsm8k" and kept_tasks.count("gsm8k") >= 5, kept_tasks
+
+
 @pytest.fixture(scope="module")
 def cold_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("less-cold")
