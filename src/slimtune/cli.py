@@ -166,6 +166,7 @@ def select(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model for model-aware methods.")] = None,
     objective: Annotated[str | None, typer.Option(help="DELIFT objective: fl, flmi or flcg.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random choices.")] = 0,
+    diverse: Annotated[bool, typer.Option(help="LESS: targeted and diverse (FLMI over the LESS kernel).")] = False,
     param: ParamOpt = None,
     shape: ShapeOpt = None,
     skip_bad: SkipBadOpt = False,
@@ -184,7 +185,7 @@ def select(
         raise typer.BadParameter(str(err), param_hint="--method") from None
     params = _params(param)
     fields = {f.name for f in dataclasses.fields(cls)}
-    for name, value in (("model", model), ("objective", objective), ("seed", seed)):
+    for name, value in (("model", model), ("objective", objective), ("seed", seed), ("diverse", diverse or None)):
         if value is not None and name in fields:
             params.setdefault(name, value)
     unknown = set(params) - fields
