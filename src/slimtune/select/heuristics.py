@@ -1,8 +1,9 @@
 """Single-score baselines users compare every method against: random, length, loss / perplexity and IFD.
 
 Length, loss and IFD record the raw quantity (tokens, loss, IFD) as each example's manifest score and return
-their own keep order, so ``keep="shortest"`` or ``"lowest"`` needs no negated scores. Rows that cannot be
-scored (no response token left within ``max_length``) get no score and go last.
+their own keep order, so ``keep="shortest"`` or ``"lowest"`` needs no negated scores. Rows longer than
+``max_length`` lose the start of their prompt, as in training; a row that still cannot be scored gets no
+score and goes last (and :meth:`Selector.select` refuses to keep it unless told to).
 
 The response y is an example's last assistant turn and its prompt x is everything before it, as in the
 papers' (x, y) notation; earlier assistant turns of a dialogue are context, not scored.
@@ -106,14 +107,9 @@ class _ResponseLossSelector(Selector):
         return losses
 
     def _conditioned_rows(self, pool: Sequence[Example], tokenizer) -> list[dict[str, list[int]]]:
-        """Each example as trained (chat template), labels on y only, cut to ``max_length`` tokens."""
-        rows = []
-        for ex in pool:
-            # y is located before cutting: once cut, the last labelled turn may be an earlier one
-            row = encode_example(ex, tokenizer)
-            labels = last_turn_only(row["labels"])
-            rows.append({"input_ids": row["input_ids"][:self.max_length], "labels": labels[:self.max_length]})
-        return rows
+        """Each example as trained (chat template, cut from the left to ``max_length``), labels on y only."""
+        rows = [encode_example(ex, tokenizer, self.max_length) for ex in pool]
+        return [{"input_ids": row["input_ids"], "labels": last_turn_only(row["labels"])} for row in rows]
 
 
 @dataclass
