@@ -98,6 +98,8 @@ class _ResponseLossSelector(Selector):
         """Mean loss over each row's labelled tokens (NaN for rows with none)."""
         losses = np.full(len(rows), np.nan)
         scored = [i for i, r in enumerate(rows) if any(t != IGNORE_INDEX for t in r["labels"])]
+        for i in sorted(set(range(len(rows))) - set(scored)):
+            cost.unscored[i] = f"no response token within max_length={self.max_length}"
         if not scored:
             return losses
         loss, _ = score_rows(model, [rows[i] for i in scored], pad_token_id=tokenizer.pad_token_id,
