@@ -243,7 +243,7 @@ def _typed(cls: type, params: dict[str, Any], what: str, option: str) -> dict[st
     unknown = set(params) - fields
     if unknown:
         _fail(f"{option}: {what} has no parameter {', '.join(sorted(unknown))}; it takes: "
-              f"{', '.join(sorted(fields))}")
+              f"{', '.join(sorted(fields)) or 'none'}")
     try:
         hints = typing.get_type_hints(cls)
     except (NameError, TypeError):  # an annotation only a type checker can resolve: leave values unchecked
@@ -441,7 +441,7 @@ def train(
         ("--max-length", max_length, max_length >= 2, "at least 2 tokens (a prompt token and a response token)"),
         ("--max-steps", max_steps, max_steps == -1 or max_steps >= 1, "-1 (epochs decide) or at least 1"),
         ("--lora-r", lora_r, lora_r >= 0, "0 (full fine-tune) or a positive rank"),
-        ("--candidates", candidates or 1, (candidates or 1) >= 1, "at least 1"),
+        ("--candidates", candidates or 0, candidates is None or candidates >= 1, "at least 1"),
         ("--keep", keep, keep > 0 and (keep < 1 or float(keep).is_integer()),
          "a share in (0, 1) or a whole count >= 1 of each candidate batch"),
     ])
@@ -552,9 +552,10 @@ def evaluate_cmd(
         _fail(f"--run {run}: no slimtune_train.json in it; give a folder written by `slimtune train --out`")
     if task != "auto" and task not in TASKS:
         _fail(f"--task {task}: unknown; known: auto, {', '.join(sorted(TASKS))}")
-    _check_numbers([("--limit", limit or 1, (limit or 1) >= 1, "at least 1"),
+    _check_numbers([("--limit", limit or 0, limit is None or limit >= 1, "at least 1"),
                     ("--batch-size", batch_size, batch_size >= 1, "at least 1"),
-                    ("--max-new-tokens", max_new_tokens or 1, (max_new_tokens or 1) >= 1, "at least 1")])
+                    ("--max-new-tokens", max_new_tokens or 0, max_new_tokens is None or max_new_tokens >= 1,
+                     "at least 1")])
     if out is not None:
         if out.is_dir():
             _fail(f"--out {out}: is a folder; give a file path for the JSON results")
