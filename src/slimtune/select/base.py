@@ -146,7 +146,7 @@ class Selection:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for earlier in [out / "manifest.json", *out.glob("subset.*")]:
+        for earlier in [out / "manifest.json", *(p for p in out.glob("subset.*") if p.is_file())]:
             earlier.unlink(missing_ok=True)
         subset_path = write_examples(self.subset(pool), out / "subset")
         write_json(out / "manifest.json", {**self.manifest(), "subset_file": subset_path.name})
