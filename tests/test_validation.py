@@ -217,14 +217,16 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_bad_argument_or_input_exits_2_naming_it_before_any_model_loads(case, files, monkeypatch):
+def test_every_bad_argument_or_input_exits_2_naming_it_before_any_model_loads(case, files, monkeypatch, tiny):
+    from transformers import AutoModelForCausalLM
+
     args, expected = CASES[case]
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments and inputs were checked")
 
-    monkeypatch.setattr("slimtune.models.load_model", no_model)
-    monkeypatch.setattr("slimtune.models.loading.load_model", no_model)
+    # weights load through this one door (the tiny fixture has built the test model's files already)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
     result = runner.invoke(app, [a.format(**files) for a in args])
     text = " ".join(result.output.split())
     assert result.exit_code == 2, (result.output, result.exception)
