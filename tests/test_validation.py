@@ -66,8 +66,9 @@ def test_an_empty_conversation_and_one_without_a_response_are_problems():
 def test_a_row_whose_prompt_fills_the_window_gets_a_finite_loss_score(tiny):
     pool = [chat("What is 2+2?", "4"), chat(" ".join(["context"] * 400) + " So, what is 3+3?", "6"),
             chat("Name a colour.", "Blue")]
-    selection = LossSelector(model="tiny", max_length=32, device="cpu").select(pool, 3)
+    selection = LossSelector(model="tiny", max_length=80, device="cpu").select(pool, 3)
     assert np.isfinite(selection.scores).all() and not selection.cost.unscored
+    assert selection.cost.details["encode"].startswith("3 examples, 1 truncated from the left")
 
 
 def test_less_scores_a_row_whose_prompt_fills_the_window(tmp_path):

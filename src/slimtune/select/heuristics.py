@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from slimtune.data.example import Example
-from slimtune.data.tokenize import IGNORE_INDEX, encode_example, last_turn_only
+from slimtune.data.tokenize import IGNORE_INDEX, EncodeStats, encode_example, last_turn_only
 from slimtune.features.losses import score_rows
 from slimtune.select.base import Cost, Selector
 
@@ -108,9 +108,11 @@ class _ResponseLossSelector(Selector):
         cost.forward_tokens += sum(len(rows[i]["input_ids"]) for i in scored)
         return losses
 
-    def _conditioned_rows(self, pool: Sequence[Example], tokenizer) -> list[dict[str, list[int]]]:
+    def _conditioned_rows(self, pool: Sequence[Example], tokenizer, cost: Cost) -> list[dict[str, list[int]]]:
         """Each example as trained (chat template, cut from the left to ``max_length``), labels on y only."""
-        rows = [encode_example(ex, tokenizer, self.max_length) for ex in pool]
+        stats = EncodeStats()
+        rows = [encode_example(ex, tokenizer, self.max_length, stats) for ex in pool]
+        cost.details["encode"] = stats.summary()
         return [{"input_ids": row["input_ids"], "labels": last_turn_only(row["labels"])} for row in rows]
 
 
@@ -134,7 +136,7 @@ class LossSelector(_ResponseLossSelector):
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         model, tokenizer = self._load()
-        losses = self._score_rows(model, tokenizer, self._conditioned_rows(pool, tokenizer), cost)
+        losses = self._score_rows(model, tokenizer, self._conditioned_rows(pool, tokenizer, cost), cost)
         values = np.exp(losses) if self.metric == "perplexity" else losses
         return values, _keep_order(values, self.keep)
 
@@ -166,7 +168,7 @@ class IFDSelector(_ResponseLossSelector):
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         model, tokenizer = self._load()
-        conditioned = self._conditioned_rows(pool, tokenizer)
+        conditioned = self._conditioned_rows(pool, tokenizer, cost)
         alone = [_response_alone(ex, tokenizer, sum(t != IGNORE_INDEX for t in row["labels"]))
                  for ex, row in zip(pool, conditioned)]
         with_x = self._score_rows(model, tokenizer, conditioned, cost)
