@@ -46,8 +46,11 @@ def _load(spec: str, shape: str | None = None, skip_bad: bool = False) -> list:
         if not skip_bad:
             console.print("(pass --skip-bad to skip such records and continue)")
         raise typer.Exit(2) from None
-    except (FileNotFoundError, ValueError, EOFError) as err:  # EOFError (a cut .gz) would print a bare "Aborted."
-        console.print(f"[red]error:[/red] {spec}: {err}")
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    except EOFError as err:  # a cut .gz; left to typer it would print a bare "Aborted."
+        console.print(f"[red]error:[/red] {spec}: {err}; the file is cut short: copy or download it again")
         raise typer.Exit(2) from None
     for note in result.report.notes:
         console.print(f"[dim]{note}[/dim]")
@@ -343,9 +346,11 @@ def _check_writable(folder: Path, option: str, given: Path) -> None:
 
 
 def _tokenizer_for(selector):
-    """The tokenizer of the selector's model (cheap: no weights), or None for methods with no model."""
+    """The tokenizer of the selector's model (cheap: no weights), or None where the method runs no model
+    (random; length in characters; k-center on sentence-encoder embeddings): those get shape checks only."""
     name = getattr(selector, "model", None)
-    if not isinstance(name, str):
+    runs_no_model = getattr(selector, "unit", None) == "chars" or getattr(selector, "embedding", "model") != "model"
+    if not isinstance(name, str) or runs_no_model:
         return None
     return _load_tokenizer(name, "--model")
 
