@@ -88,7 +88,8 @@ def test_a_reused_out_holds_only_the_latest_selection(tmp_path):
         result = runner.invoke(app, ["select", "--method", "random", "--budget", "2", "--data", str(pool),
                                      "--out", str(out)])
         assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "subset.jsonl"]
+    pictures = ["lengths.png", "report.html", "scores.png", "tasks.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "subset.jsonl", *pictures])
 
 
 def test_rows_the_method_cannot_score_fail_the_command_unless_allowed(tmp_path, monkeypatch):

@@ -224,9 +224,10 @@ def select(
     except UnscoredRowsError as err:
         _fail(str(err))
     selection.skipped = skipped
-    subset_path = selection.save(out, pool)
-    from slimtune.bench.pictures import selection_rows, write_kept_report
+    from slimtune.bench.pictures import clear_kept_report, selection_rows, write_kept_report
 
+    clear_kept_report(out)
+    subset_path = selection.save(out, pool)
     write_kept_report(out, selection_rows(selection, pool))
     cost = selection.cost
     unscored = f"; {len(cost.unscored)} row(s) unscored (see the manifest)" if cost.unscored else ""
