@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import private_cache
 
 from slimtune.data.example import make_example
 from slimtune.features.embeddings import cosine_kernel, knn, load_minilm, minilm_embeddings, model_embeddings
@@ -21,6 +22,12 @@ from slimtune.select.kcenter import KCenterSelector, farthest_point_order
 def qa(question: str, answer: str, id: str | None = None, **metadata):
     return make_example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
                         id=id, **metadata)
+
+
+@pytest.fixture(autouse=True)
+def fresh_feature_store(tmp_path, monkeypatch):
+    """Losses and embeddings are stored under the slimtune cache: each test starts from none."""
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(private_cache(tmp_path / "cache")))
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +44,7 @@ def pool():
 def patch_losses(monkeypatch, tokenizer, *vectors):
     """Make the shared loss pass return ``vectors`` in turn (conditioned first for IFD), without a model."""
     calls = iter(vectors)
-    monkeypatch.setattr(_ResponseLossSelector, "_load", lambda self: (None, tokenizer))
+    monkeypatch.setattr(_ResponseLossSelector, "_load", lambda self: (torch.nn.Linear(1, 1), tokenizer))
     monkeypatch.setattr(_ResponseLossSelector, "_score_rows",
                         lambda self, model, tok, rows, cost: np.array(next(calls), dtype=float))
 

@@ -425,14 +425,10 @@ class InContextUtility:
         return (total.index_add_(0, owner, -logp) / counts).cpu().numpy()
 
     def fingerprint(self) -> str:
-        """The model's identity for cache keys: its name, dtype and a checksum of a few weights, so a model
-        changed in memory (fine-tuned, merged adapter) never reads another's blocks."""
-        h = hashlib.sha256(str(getattr(self.model, "name_or_path", type(self.model).__name__)).encode())
-        params = list(self.model.parameters())
-        h.update(str((len(params), sum(p.numel() for p in params), params[0].dtype)).encode())
-        for p in (params[0], params[len(params) // 2], params[-1]):
-            h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """The model's identity for cache keys (:func:`slimtune.models.weights_fingerprint`)."""
+        from slimtune.models import weights_fingerprint
+
+        return weights_fingerprint(self.model)
 
     # ---- the kernel ---------------------------------------------------------------------------------
     def kernel(self, targets: Sequence[Example], contexts: Sequence[Example] | None = None, *,
