@@ -163,6 +163,8 @@ def select(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model for model-aware methods.")] = None,
     objective: Annotated[str | None, typer.Option(help="DELIFT objective: fl, flmi or flcg.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random choices.")] = 0,
+    device_map: Annotated[str | None, typer.Option(help="'auto': spread a model too large for one GPU over "
+                                                        "this process's GPUs (run one process per machine).")] = None,
     param: ParamOpt = None,
     shape: ShapeOpt = None,
     skip_bad: SkipBadOpt = False,
@@ -181,7 +183,7 @@ def select(
         raise typer.BadParameter(str(err), param_hint="--method") from None
     params = _params(param)
     fields = {f.name for f in dataclasses.fields(cls)}
-    for name, value in (("model", model), ("objective", objective), ("seed", seed)):
+    for name, value in (("model", model), ("objective", objective), ("seed", seed), ("device_map", device_map)):
         if value is not None and name in fields:
             params.setdefault(name, value)
     unknown = set(params) - fields

@@ -161,6 +161,7 @@ class DeliftSelector(_FacilityLocationSelector):
     cache: bool = True
     cache_dir: str | None = None
     dtype: str | None = None
+    device_map: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -171,7 +172,8 @@ class DeliftSelector(_FacilityLocationSelector):
         if getattr(self, "_loaded", None) is None:
             from slimtune.models import load_model
 
-            model, tokenizer = load_model(self.model, device=self.device, dtype=self.dtype)
+            model, tokenizer = load_model(self.model, device=self.device, dtype=self.dtype,
+                                          device_map=self.device_map)
             self._loaded = InContextUtility(model, tokenizer, distance=self.distance,
                                             max_text_tokens=self.max_text_tokens,
                                             batch_tokens=self.batch_tokens, cache=self._store_root())
