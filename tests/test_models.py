@@ -55,6 +55,9 @@ def test_the_chosen_device_follows_accelerates_local_process_index(monkeypatch):
     class SecondProcess:
         local_process_index = 1
 
+        def __init__(self, cpu: bool = False):
+            pass
+
     monkeypatch.setattr(accelerate, "PartialState", SecondProcess)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert choose_device() == torch.device("cuda", 1)

@@ -148,8 +148,11 @@ def choose_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    return device_for_rank(PartialState().local_process_index, torch.cuda.device_count())
+    # without cpu=True accelerate leaves a GPU-less process out of its torchrun launch (no gloo group)
+    cpu = torch.cuda.device_count() == 0 or parse_flag_from_env("ACCELERATE_USE_CPU")
+    return device_for_rank(PartialState(cpu=cpu).local_process_index, 0 if cpu else torch.cuda.device_count())
 
 
 def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:

@@ -60,6 +60,7 @@ class KCenterSelector(Selector):
     seed: int = 0
     batch_size: int = 8
     max_length: int = 512
+    shard_rows: int = 4096
     device: str | None = None
     device_map: str | None = None
 
@@ -95,7 +96,7 @@ class KCenterSelector(Selector):
         if self.embedding == "minilm":
             return stored_embeddings(
                 examples, lambda part: minilm_embeddings(part, prompt_only=self.prompt_only, device=self.device),
-                {"model": "all-MiniLM-L6-v2", "prompt_only": self.prompt_only})
+                {"model": "all-MiniLM-L6-v2", "prompt_only": self.prompt_only}, shard_rows=self.shard_rows)
         from slimtune.models import load_model, weights_fingerprint
 
         model, tokenizer = load_model(self.model, device=self.device, device_map=self.device_map)
@@ -108,4 +109,4 @@ class KCenterSelector(Selector):
 
         return stored_embeddings(examples, embed, {
             "model": weights_fingerprint(model), "prompt_only": self.prompt_only, "batch_size": self.batch_size,
-            "max_length": self.max_length})
+            "max_length": self.max_length}, shard_rows=self.shard_rows)
