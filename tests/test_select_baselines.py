@@ -349,6 +349,19 @@ def test_faiss_and_the_exact_torch_search_give_the_same_neighbours_with_ties_to_
     assert torch.equal(found["faiss"][0], found["torch"][0])
 
 
+def test_above_the_exact_limit_faiss_finds_nearly_every_neighbour_and_the_same_ones_each_time(monkeypatch):
+    from slimtune.features import neighbours
+
+    points, _ = clusters(20, 100)
+    exact = neighbours.nearest_neighbours(points, points, 10, cache=False, engine="torch")[1]
+    monkeypatch.setattr(neighbours, "EXACT_LIMIT", 500)
+    first, again = (neighbours.nearest_neighbours(points, points, 10, cache=False, engine="faiss")[1]
+                    for _ in range(2))
+    assert torch.equal(first, again), "every process builds the same index"
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(first, exact)])
+    assert recall > 0.95
+
+
 def test_delift_se_goes_sparse_by_itself_above_its_stated_size():
     from slimtune.features.neighbours import AUTO_SPARSE_K, DENSE_LIMIT, sparse_width
     from slimtune.select.base import Cost

@@ -14,12 +14,16 @@ its share, then all read the merged lists) and makes them exact and engine-indep
    float64 over every column.
 
 Either engine therefore gives the same lists, equal to a float64 brute-force search with index tie-breaks.
+Above :data:`EXACT_LIMIT` candidates faiss searches an inverted-file index instead (step 1 becomes
+approximate: a true neighbour in a list it does not probe is missed); its centroids are a seeded sample of the
+rows, so every process builds the same index and the stored lists still do not depend on the process count.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import tempfile
 
@@ -32,6 +36,11 @@ from slimtune.features.store import FeatureStore, chunked_matmul_topk
 
 #: Extra float32 candidates per row, so float32 rounding rarely decides which columns are ranked.
 MARGIN = 8
+#: Candidates above which faiss searches an inverted-file index (approximate, near n * sqrt(n) work) instead of
+#: comparing every pair; the blocked torch search stays exact at any size.
+EXACT_LIMIT = 200_000
+#: Inverted lists searched per query by that index (of 4 sqrt(n)).
+NPROBE = 64
 #: A kernel with more columns than this is made sparse unless the caller chose otherwise (DELIFT(SE)).
 DENSE_LIMIT = 5000
 #: Neighbours per row of a kernel made sparse by :func:`sparse_width`.
@@ -84,15 +93,25 @@ def nearest_neighbours(queries: Tensor, candidates: Tensor, k: int, *, cache: bo
     if engine not in ("faiss", "torch"):
         raise ValueError(f"engine must be 'faiss', 'torch' or 'auto'; got {engine!r}")
 
+    index = []  # the faiss index, built by the first shard this process computes and kept for the others
+
     def compute(lo: int, hi: int) -> dict[str, np.ndarray]:
-        cosines, indices = _search(queries[lo:hi], candidates, k, engine)
+        width = min(len(candidates), k + MARGIN)
+        if engine == "faiss":
+            index[:] = index or [_faiss_index(candidates)]
+            found = torch.from_numpy(index[0].search(np.ascontiguousarray(queries[lo:hi].numpy()), width)[1])
+        else:
+            found = torch.cat([chunked_matmul_topk(candidates, queries[start:min(hi, start + _QUERY_BLOCK)], width)[1]
+                               for start in range(lo, hi, _QUERY_BLOCK)])
+        cosines, indices = _exact_top(queries[lo:hi], candidates, found.long(), k)
         return {"cosines": cosines, "indices": indices}
 
     if cache is False:
         with tempfile.TemporaryDirectory(prefix="slimtune-neighbours-") as tmp:
             return _filled(FeatureStore(tmp), len(queries), shard_rows, compute)
     key = {"kind": "neighbours", "version": _FORMAT_VERSION, "queries": _digest(queries),
-           "candidates": _digest(candidates), "k": k, "shard_rows": shard_rows}
+           "candidates": _digest(candidates), "k": k, "shard_rows": shard_rows,
+           "search": "exact" if engine == "torch" or len(candidates) <= EXACT_LIMIT else f"ivf-{NPROBE}"}
     return _filled(FeatureStore.keyed(key, None if cache is True else cache), len(queries), shard_rows, compute)
 
 
@@ -102,23 +121,45 @@ def _filled(store: FeatureStore, n: int, shard_rows: int, compute) -> tuple[Tens
             torch.from_numpy(np.asarray(store.open("indices", n))))
 
 
-def _search(queries: Tensor, candidates: Tensor, k: int, engine: str) -> tuple[np.ndarray, np.ndarray]:
-    width = min(len(candidates), k + MARGIN)
-    found = _faiss_candidates(queries, candidates, width) if engine == "faiss" else \
-        torch.cat([chunked_matmul_topk(candidates, queries[lo:lo + _QUERY_BLOCK], width)[1]
-                   for lo in range(0, len(queries), _QUERY_BLOCK)])
-    wide_q, wide_c = queries.double(), candidates.double()
-    cosines = torch.cat([torch.einsum("nd,nwd->nw", wide_q[lo:lo + _RANK_BLOCK], wide_c[found[lo:lo + _RANK_BLOCK]])
+def _faiss_index(candidates: Tensor):
+    """An exact inner-product index, or above :data:`EXACT_LIMIT` rows an inverted-file one whose centroids
+    are a seeded sample of the rows (not k-means), so every process builds the same index."""
+    import faiss
+
+    rows = np.ascontiguousarray(candidates.numpy())
+    if len(rows) <= EXACT_LIMIT:
+        index = faiss.IndexFlatIP(rows.shape[1])
+    else:
+        n_lists = int(4 * math.sqrt(len(rows)))
+        quantizer = faiss.IndexFlatIP(rows.shape[1])
+        quantizer.add(rows[np.sort(np.random.default_rng(0).choice(len(rows), n_lists, replace=False))])
+        index = faiss.IndexIVFFlat(quantizer, rows.shape[1], n_lists, faiss.METRIC_INNER_PRODUCT)
+        index.train(rows[:n_lists])  # a quantizer that already holds n_lists centroids is kept as it is
+        index.nprobe = NPROBE
+    index.add(rows)
+    return index
+
+
+def _exact_top(queries: Tensor, candidates: Tensor, found: Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row's ``found`` candidates (-1: none) by float64 cosine, ties to the lower index;
+    a row the candidates cannot settle is searched in float64 over every candidate."""
+    missing = found < 0
+    found = found.clamp_min(0)
+    cosines = torch.cat([torch.einsum("nd,nwd->nw", queries[lo:lo + _RANK_BLOCK].double(),
+                                      candidates[found[lo:lo + _RANK_BLOCK]].double())
                          for lo in range(0, len(queries), _RANK_BLOCK)])
+    cosines[missing] = -torch.inf
     cosines, found = _ranked(cosines, found)
     # a float32 cosine is within `slack` of the float64 one, so a column outside the candidates cannot beat
     # the k-th unless that is within twice the slack of the weakest candidate
     slack = queries.shape[1] * 2.0 ** -23
-    unsure = (cosines[:, k - 1] - cosines[:, -1] <= 2 * slack) & (width < len(candidates))
+    unsure = (cosines[:, k - 1] - cosines[:, -1] <= 2 * slack) & (found.shape[1] < len(candidates))
+    unsure |= ~torch.isfinite(cosines[:, k - 1])
     for row in torch.nonzero(unsure)[:, 0].tolist():
-        every = torch.arange(len(candidates))
+        every = torch.cat([candidates[lo:lo + _RANK_BLOCK * 64].double() @ queries[row].double()
+                           for lo in range(0, len(candidates), _RANK_BLOCK * 64)])
         cosines[row, :k], found[row, :k] = (part[0, :k] for part in _ranked(
-            (wide_c @ wide_q[row])[None], every[None]))
+            every[None], torch.arange(len(candidates))[None]))
     return cosines[:, :k].float().numpy(), found[:, :k].numpy()
 
 
@@ -128,15 +169,6 @@ def _ranked(cosines: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     cosines, indices = cosines.gather(1, by_index), indices.gather(1, by_index)
     order = torch.sort(cosines, dim=1, descending=True, stable=True).indices
     return cosines.gather(1, order), indices.gather(1, order)
-
-
-def _faiss_candidates(queries: Tensor, candidates: Tensor, width: int) -> Tensor:
-    import faiss
-
-    index = faiss.IndexFlatIP(candidates.shape[1])
-    index.add(np.ascontiguousarray(candidates.numpy()))
-    _, found = index.search(np.ascontiguousarray(queries.numpy()), width)
-    return torch.from_numpy(found.astype(np.int64))
 
 
 def _digest(rows: Tensor) -> str:
