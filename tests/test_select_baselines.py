@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import private_cache
 
 from slimtune.data.example import make_example
 from slimtune.features.embeddings import cosine_kernel, knn, load_minilm, minilm_embeddings, model_embeddings
@@ -21,6 +22,12 @@ from slimtune.select.kcenter import KCenterSelector, farthest_point_order
 def qa(question: str, answer: str, id: str | None = None, **metadata):
     return make_example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
                         id=id, **metadata)
+
+
+@pytest.fixture(autouse=True)
+def fresh_feature_store(tmp_path, monkeypatch):
+    """Losses and embeddings are stored under the slimtune cache: each test starts from none."""
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(private_cache(tmp_path / "cache")))
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +44,7 @@ def pool():
 def patch_losses(monkeypatch, tokenizer, *vectors):
     """Make the shared loss pass return ``vectors`` in turn (conditioned first for IFD), without a model."""
     calls = iter(vectors)
-    monkeypatch.setattr(_ResponseLossSelector, "_load", lambda self: (None, tokenizer))
+    monkeypatch.setattr(_ResponseLossSelector, "_load", lambda self: (torch.nn.Linear(1, 1), tokenizer))
     monkeypatch.setattr(_ResponseLossSelector, "_score_rows",
                         lambda self, model, tok, rows, cost: np.array(next(calls), dtype=float))
 
@@ -320,3 +327,60 @@ def test_saved_selection_writes_the_subset_and_a_manifest_of_every_pool_row(tmp_
     assert manifest["cost"]["forward_tokens"] == selection.cost.forward_tokens
     assert manifest["cost"]["seconds"] == pytest.approx(selection.cost.seconds)
     assert manifest["params"]["seed"] == 0
+
+
+# ---- neighbours for sparse kernels -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [3, 12])
+def test_faiss_and_the_exact_torch_search_give_the_same_neighbours_with_ties_to_the_lower_index(k):
+    from slimtune.features.neighbours import nearest_neighbours
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(200, 16, generator=g)
+    # groups of identical rows wider than k plus the margin: float32 rounding alone cannot order them
+    rows = torch.cat([rows, *[rows[:30]] * 20])
+    unit = F.normalize(rows, dim=1).double()
+    cosines = unit @ unit.T
+    columns = np.broadcast_to(np.arange(len(rows)), cosines.shape)
+    expected = torch.from_numpy(np.lexsort((columns, -cosines.numpy()), axis=1)[:, :k])
+    found = {engine: nearest_neighbours(rows, rows, k, cache=False, engine=engine, shard_rows=97)
+             for engine in ("faiss", "torch")}
+    for sims, indices in found.values():
+        assert torch.equal(indices, expected)
+        torch.testing.assert_close(sims, cosines.gather(1, expected).float())
+    assert torch.equal(found["faiss"][0], found["torch"][0])
+
+
+def test_above_the_exact_limit_faiss_finds_nearly_every_neighbour_and_the_same_ones_each_time(monkeypatch):
+    from slimtune.features import neighbours
+
+    points, _ = clusters(20, 100)
+    exact = neighbours.nearest_neighbours(points, points, 10, cache=False, engine="torch")[1]
+    monkeypatch.setattr(neighbours, "EXACT_LIMIT", 500)
+    first, again = (neighbours.nearest_neighbours(points, points, 10, cache=False, engine="faiss")[1]
+                    for _ in range(2))
+    assert torch.equal(first, again), "every process builds the same index"
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(first, exact)])
+    assert recall > 0.95
+
+
+def test_delift_se_goes_sparse_by_itself_above_its_stated_size():
+    from slimtune.features.neighbours import AUTO_SPARSE_K, DENSE_LIMIT, sparse_width
+    from slimtune.select.base import Cost
+    from slimtune.select.delift import DeliftSESelector
+
+    assert sparse_width(DENSE_LIMIT, None) is None and sparse_width(DENSE_LIMIT + 1, None) == AUTO_SPARSE_K
+    assert sparse_width(DENSE_LIMIT + 1, 8) == 8 and sparse_width(5, 8) is None
+    n = DENSE_LIMIT + 1
+    embeddings = F.normalize(torch.randn(n, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    kernel = DeliftSESelector()._kernel([None] * n, [None] * n, embeddings, embeddings, Cost(), "pool")
+    assert kernel.sparse and kernel.columns.shape == (n, AUTO_SPARSE_K)
+    assert (kernel.columns[:, 0] == np.arange(n)).all(), "each row is its own nearest neighbour"
+
+
+def test_a_dense_kernel_that_cannot_fit_is_refused_before_it_starts_with_the_size_it_needs():
+    from slimtune.features.neighbours import require_dense_fits
+
+    with pytest.raises(MemoryError, match=r"100,000 x 100,000 kernel needs about 111.8 GiB.*sparse_k"):
+        require_dense_fits(100_000, 100_000, 12, available=8 << 30)
+    require_dense_fits(1_000, 1_000, 12, available=8 << 30)

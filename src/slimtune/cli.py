@@ -171,6 +171,8 @@ def select(
     objective: Annotated[str | None, typer.Option(help="DELIFT objective: fl, flmi or flcg.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random choices.")] = 0,
     diverse: Annotated[bool, typer.Option(help="LESS: targeted and diverse (FLMI over the LESS kernel).")] = False,
+    device_map: Annotated[str | None, typer.Option(help="'auto': spread a model too large for one GPU over "
+                                                        "this process's GPUs (run one process per machine).")] = None,
     param: ParamOpt = None,
     shape: ShapeOpt = None,
     skip_bad: SkipBadOpt = False,
@@ -196,7 +198,8 @@ def select(
               "such as 200")
     params = _params(param)
     fields = {f.name for f in dataclasses.fields(cls)}
-    for name, value in (("model", model), ("objective", objective), ("seed", seed), ("diverse", diverse or None)):
+    for name, value in (("model", model), ("objective", objective), ("seed", seed), ("diverse", diverse or None),
+                        ("device_map", device_map)):
         if value is not None and name in fields:
             params.setdefault(name, value)
     selector = _build(cls, params, f"method '{method}'", "--param")

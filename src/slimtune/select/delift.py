@@ -31,7 +31,9 @@ Where we depart from the paper, and why:
   it as that value without densifying the kernel (:mod:`slimtune.features.utility`,
   :mod:`slimtune.select.submodular`). ``sparse_k=None`` is the paper's dense kernel, and equals the sparse
   one when k >= n. DELIFT(SE) defaults to dense, as in the paper, since its dense kernel is only a matrix
-  product; its sparse form keeps each row's k most similar columns, 0 elsewhere.
+  product, up to 5,000 columns (sparse above); its sparse form keeps each row's k most similar columns,
+  0 elsewhere. Neighbours are exact cosine neighbours, found once and stored for every process
+  (:mod:`slimtune.features.neighbours`).
 - self-pairs (an example shown as its own in-context example) are left out of the min-max range and
   clipped to 1: their utility, the answer copied verbatim, would otherwise squeeze every real pair into a
   narrow band (the authors' code scales the whole kernel, diagonal included).
@@ -164,6 +166,7 @@ class DeliftSelector(_FacilityLocationSelector):
     cache: bool = True
     cache_dir: str | None = None
     dtype: str | None = None
+    device_map: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -174,7 +177,8 @@ class DeliftSelector(_FacilityLocationSelector):
         if getattr(self, "_loaded", None) is None:
             from slimtune.models import load_model
 
-            model, tokenizer = load_model(self.model, device=self.device, dtype=self.dtype)
+            model, tokenizer = load_model(self.model, device=self.device, dtype=self.dtype,
+                                          device_map=self.device_map)
             self._loaded = InContextUtility(model, tokenizer, distance=self.distance,
                                             max_text_tokens=self.max_text_tokens,
                                             batch_tokens=self.batch_tokens, cache=self._store_root())
@@ -193,11 +197,13 @@ class DeliftSelector(_FacilityLocationSelector):
         return minilm_embeddings(examples, device=self.device)
 
     def _kernel(self, rows, cols, row_emb, col_emb, cost: Cost, name: str) -> UtilityMatrix:
-        from slimtune.features.embeddings import knn
+        from slimtune.features.neighbours import nearest_neighbours, require_dense_fits
 
         neighbours = None
         if self.sparse_k is not None and self.sparse_k < len(cols):
-            neighbours = knn(row_emb, col_emb, self.sparse_k, device=self.device)[1].numpy()
+            neighbours = nearest_neighbours(row_emb, col_emb, self.sparse_k, cache=self._store_root())[1].numpy()
+        else:  # float64 kernel values and two float64 temporaries while they are min-max scaled
+            require_dense_fits(len(rows), len(cols), bytes_per_entry=24)
         kernel = self._utility().kernel(rows, cols, neighbours=neighbours)
         cost.forward_tokens += kernel.stats["model_tokens"]
         for key in ("pairs_scored", "model_tokens", "padded_tokens", "seconds", "blocks_from_cache"):
@@ -233,8 +239,9 @@ class DeliftSelector(_FacilityLocationSelector):
 class DeliftSESelector(_FacilityLocationSelector):
     """DELIFT(SE): the same objectives over the sentence-embedding kernel (cos + 1) / 2 (all-MiniLM-L6-v2;
     the text is the prompt then the response, or the prompt alone with ``prompt_only``), min-max scaled like
-    every DELIFT kernel (the authors' selection code rescales whatever kernel it gets). Dense by default;
-    ``sparse_k`` keeps each row's k most similar columns, for pools whose n x n kernel would not fit."""
+    every DELIFT kernel (the authors' selection code rescales whatever kernel it gets). Dense by default up to
+    5,000 columns and sparse with 32 neighbours above (:func:`~slimtune.features.neighbours.sparse_width`);
+    ``sparse_k`` keeps each row's k most similar columns whatever the size."""
 
     name: ClassVar[str] = "delift-se"
     prompt_only: bool = False
@@ -248,11 +255,14 @@ class DeliftSESelector(_FacilityLocationSelector):
         return embeddings
 
     def _kernel(self, rows, cols, row_emb, col_emb, cost: Cost, name: str) -> UtilityMatrix:
-        from slimtune.features.embeddings import cosine_kernel, knn
+        from slimtune.features.embeddings import cosine_kernel
+        from slimtune.features.neighbours import nearest_neighbours, require_dense_fits, sparse_width
 
-        if self.sparse_k is None or self.sparse_k >= len(cols):
+        k = sparse_width(len(cols), self.sparse_k)
+        if k is None:  # the kernel, and two float32 temporaries while it is min-max scaled
+            require_dense_fits(len(rows), len(cols), bytes_per_entry=12)
             return UtilityMatrix(cosine_kernel(row_emb, col_emb, device=self.device).numpy(), None, len(cols))
-        cosines, indices = knn(row_emb, col_emb, self.sparse_k, device=self.device)
+        cosines, indices = nearest_neighbours(row_emb, col_emb, k)
         return UtilityMatrix(((cosines + 1) / 2).numpy(), indices.numpy(), len(cols))
 
 

@@ -65,7 +65,7 @@ for long examples. Features are stored in float16, as the authors did.
 Warm-up runs and feature stores are cached under ``cache_dir`` (default ``slimtune.models.cache_dir()``) by
 a key of everything that determines them, so a repeated selection reuses both and a killed one resumes at
 the first missing shard. Under ``torchrun`` the warm-up runs as the Trainer's distributed training and each
-rank extracts its share of the feature shards.
+rank extracts and scores its share of the feature shards; the per-row similarities are merged for the top-k.
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ from slimtune.features.store import (
     FeatureStore,
     chunked_matmul,
     chunked_matmul_topk,
-    distributed_rank_world,
     key_digest,
 )
 from slimtune.models import LoraSettings, apply_lora, cache_dir, load_model, load_tokenizer
@@ -153,6 +152,7 @@ class LessSelector(GreedyToBudget, Selector):
     feature_dtype: str = "float16"
     cache_dir: str | None = None
     device: str | None = None
+    device_map: str | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -218,12 +218,26 @@ class LessSelector(GreedyToBudget, Selector):
             norms = torch.from_numpy(np.asarray(target_store.open(NORMS, n_target), dtype=np.float32))
             grads = targets * norms.unsqueeze(1)
             queries = F.normalize(torch.stack([grads[rows].mean(0) for rows in subtasks.values()]), dim=1)
-            return chunked_matmul(pool_store.open(FEATURES, n_pool), queries, chunk_rows=self.chunk_rows)
+            return self._pool_products(pool_store, n_pool, queries)
         means = torch.zeros(n_target, len(subtasks))  # column j averages the cosines with subtask j's rows
         for j, rows in enumerate(subtasks.values()):
             means[rows, j] = 1 / len(rows)
-        return chunked_matmul(pool_store.open(FEATURES, n_pool), targets, chunk_rows=self.chunk_rows,
-                              reduce=lambda block: block @ means)
+        return self._pool_products(pool_store, n_pool, targets, means)
+
+    def _pool_products(self, pool_store: FeatureStore, n_pool: int, queries: torch.Tensor,
+                       mix: torch.Tensor | None = None) -> torch.Tensor:
+        """(pool features @ queries.T) @ mix for every pool row. Each process multiplies its own shards of the
+        pool (those it extracted) and stores the few columns per row beside the features; every process
+        then reads those n small rows, never every feature shard."""
+        digest = hashlib.sha256(queries.numpy().tobytes())
+        if mix is not None:
+            digest.update(mix.numpy().tobytes())
+        name = f"products-{digest.hexdigest()[:20]}"
+        features = pool_store.open(FEATURES, n_pool)
+        reduce = None if mix is None else (lambda block: block @ mix)
+        pool_store.fill([name], n_pool, self.shard_rows, lambda lo, hi: {name: chunked_matmul(
+            features.rows(lo, hi), queries, reduce=reduce, chunk_rows=self.chunk_rows)})
+        return torch.from_numpy(np.asarray(pool_store.open(name, n_pool)))
 
     # -- step 1: warm-up -----------------------------------------------------------------------------------
     def _root(self) -> Path:
@@ -263,14 +277,8 @@ class LessSelector(GreedyToBudget, Selector):
                             target_modules=self.target_modules)
 
     # -- steps 2-3: features -------------------------------------------------------------------------------
-    def _device(self) -> str | None:
-        _, world = distributed_rank_world()
-        if self.device is None and world > 1 and torch.cuda.is_available():
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        return self.device
-
     def _load(self, checkpoint: Checkpoint):
-        model, tokenizer = load_model(self.model, device=self._device())
+        model, tokenizer = load_model(self.model, device=self.device, device_map=self.device_map)
         if checkpoint.path is None:
             torch.manual_seed(self.seed)  # the fresh LoRA's A factors are random: seed them
             return apply_lora(model, self._lora()), tokenizer
