@@ -134,6 +134,14 @@ def stored_embeddings(examples: Sequence[Example], embed: Callable[[Sequence[Exa
     return torch.from_numpy(np.asarray(store.open("embeddings", len(examples))))
 
 
+def stored_minilm_embeddings(examples: Sequence[Example], *, prompt_only: bool = False, device: str | None = None,
+                             shard_rows: int = 4096) -> Tensor:
+    """:func:`minilm_embeddings` through :func:`stored_embeddings`: each process of a launch embeds its share."""
+    return stored_embeddings(
+        examples, lambda part: minilm_embeddings(part, prompt_only=prompt_only, device=device),
+        {"model": "all-MiniLM-L6-v2", "prompt_only": prompt_only}, shard_rows=shard_rows)
+
+
 def cosine_kernel(a: Tensor, b: Tensor, *, chunk_size: int | None = None,
                   device: str | None = None) -> Tensor:
     """(len(a), len(b)) similarity kernel (cos + 1) / 2 in [0, 1], as DELIFT(SE) defines it.

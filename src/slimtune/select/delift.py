@@ -192,9 +192,9 @@ class DeliftSelector(_FacilityLocationSelector):
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
         if self.sparse_k is None:
             return None
-        from slimtune.features.embeddings import minilm_embeddings
+        from slimtune.features.embeddings import stored_minilm_embeddings
 
-        return minilm_embeddings(examples, device=self.device)
+        return stored_minilm_embeddings(examples, device=self.device)
 
     def _kernel(self, rows, cols, row_emb, col_emb, cost: Cost, name: str) -> UtilityMatrix:
         from slimtune.features.neighbours import nearest_neighbours, require_dense_fits
@@ -247,10 +247,10 @@ class DeliftSESelector(_FacilityLocationSelector):
     prompt_only: bool = False
 
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor:
-        from slimtune.features.embeddings import minilm_embeddings
+        from slimtune.features.embeddings import stored_minilm_embeddings
 
         start = time.perf_counter()
-        embeddings = minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device)
+        embeddings = stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device)
         cost.details["embedding_seconds"] = time.perf_counter() - start
         return embeddings
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from slimtune.data.example import Example
-from slimtune.features.embeddings import knn, minilm_embeddings, model_embeddings, stored_embeddings
+from slimtune.features.embeddings import knn, model_embeddings, stored_embeddings, stored_minilm_embeddings
 from slimtune.models import choose_device
 from slimtune.select.base import Budget, Cost, Selection, Selector
 
@@ -94,9 +94,8 @@ class KCenterSelector(Selector):
 
     def _embed(self, examples: list[Example], cost: Cost) -> Tensor:
         if self.embedding == "minilm":
-            return stored_embeddings(
-                examples, lambda part: minilm_embeddings(part, prompt_only=self.prompt_only, device=self.device),
-                {"model": "all-MiniLM-L6-v2", "prompt_only": self.prompt_only}, shard_rows=self.shard_rows)
+            return stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device,
+                                            shard_rows=self.shard_rows)
         from slimtune.models import load_model, weights_fingerprint
 
         model, tokenizer = load_model(self.model, device=self.device, device_map=self.device_map)
