@@ -58,3 +58,25 @@ def test_the_processes_share_the_model_work_instead_of_repeating_it(reports, nam
     [alone], ranks = reports
     tokens = [rank["selections"][name]["forward_tokens"] for rank in ranks]
     assert all(t > 0 for t in tokens) and sum(tokens) == alone["selections"][name]["forward_tokens"]
+
+
+def test_slimtune_select_under_torchrun_writes_what_one_process_writes(tmp_path):
+    """The launch story end to end: `torchrun -m slimtune select` on 2 processes, the CLI's own manifest."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"What is {i} plus {i * 3}?", "output": str(4 * i)}) + "\n"
+                            for i in range(24)))
+    manifests = []
+    for processes in (1, 2):
+        out = tmp_path / f"sel-{processes}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        command = [*(launcher if processes > 1 else [sys.executable]), "-m", "slimtune", "select", "--method",
+                   "loss", "--model", "tiny", "--budget", "6", "--data", str(pool), "--out", str(out),
+                   "-p", "max_length=48"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "SLIMTUNE_CACHE": str(private_cache(tmp_path / f"cache-{processes}"))}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        manifests.append(json.loads((out / "manifest.json").read_text()))
+    one, two = manifests
+    assert [r["id"] for r in one["examples"] if r["kept"]] == [r["id"] for r in two["examples"] if r["kept"]]
+    assert [r["score"] for r in one["examples"]] == [r["score"] for r in two["examples"]]

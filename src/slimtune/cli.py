@@ -228,7 +228,10 @@ def select(
         _fail(str(err))
     selection.skipped = skipped
     from slimtune.bench.pictures import clear_kept_report, selection_rows, write_kept_report
+    from slimtune.features.store import distributed_rank_world
 
+    if distributed_rank_world()[0] != 0:  # every process of a launch holds the same selection: one writes it
+        return
     clear_kept_report(out)
     subset_path = selection.save(out, pool)
     write_kept_report(out, selection_rows(selection, pool))
