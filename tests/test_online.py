@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import gsm8k_examples
 
+from slimtune.data.example import make_example
 from slimtune.data.tokenize import IGNORE_INDEX, Collator, TokenizedDataset
 from slimtune.features.losses import score_losses
 from slimtune.models import LoraSettings
@@ -125,6 +126,7 @@ def test_uniform_runs_no_scoring_forward_and_rho_loss_caches_the_reference(tmp_p
 
 def test_keep_is_a_share_below_one_and_a_count_from_one():
     assert keep_count(0.25, 8) == 2 and keep_count(0.01, 8) == 1 and keep_count(3, 8) == 3
+    assert keep_count(0.25, 10) == 3 and keep_count(0.25, 6) == 2  # halves round up, not to even
     assert keep_count(1, 8) == 1 and keep_count(20, 8) == 8
     with pytest.raises(ValueError):
         keep_count(0, 8)
@@ -229,18 +231,34 @@ def test_uds_prefers_a_new_example_to_a_duplicate_of_a_remembered_one():
     assert policy.scores(batch)[1] > policy.scores(batch)[0]
 
 
-def test_uds_masks_padding_unless_asked_for_the_authors_raw_variant():
+def test_uds_scores_response_logits_unless_asked_for_the_authors_whole_row_variant():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 30)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    logits[0, 3:] = 100.0  # huge logits on padding: must not count
-    batch = candidates(logits=logits, attention_mask=mask)
-    masked = UDSPolicy(max_length=8, vocab_dim=16)
+    logits = torch.randn(2, 7, 30)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    labels = torch.full((2, 7), IGNORE_INDEX)
+    labels[0, 3:5] = 1  # row 0: prompt 0-2, response 3-4, padding 5-6
+    labels[1, 5:] = 1  # row 1: prompt 0-4, response 5-6
+    logits[0, 5:] = 100.0  # huge logits on padding and on the prompt: neither gets a gradient, neither counts
+    logits[1, :3] = 100.0
+    batch = candidates(logits=logits, attention_mask=mask, labels=labels)
+    masked = UDSPolicy(max_length=8, vocab_dim=16, alpha=0.0)
     raw = UDSPolicy(max_length=8, vocab_dim=16, unmasked_raw=True, alpha=0.0)
     masked.choose(batch, 1)
     raw.choose(batch, 1)
-    assert masked.scores(batch)[0] < masked.scores(batch)[1]
+    response = [logits[0, 2:4], logits[1, 4:6]]  # logits at t predict the token at t + 1
+    expected = torch.stack([torch.linalg.svdvals(part).sum() for part in response])
+    assert torch.allclose(masked.scores(batch), (expected - expected.mean()) / expected.std(unbiased=False),
+                          atol=1e-4)
     assert raw.scores(batch)[0] == pytest.approx(float(torch.linalg.svdvals(logits[0]).sum()), rel=1e-4)
+
+
+def test_uds_takes_trainings_max_length_so_rows_past_512_tokens_train(tmp_path, shared_data):
+    long = [make_example([{"role": "user", "content": " ".join(["word"] * 600) + f" {i}"},
+                          {"role": "assistant", "content": "answer " * 5}], task="t") for i in range(4)]
+    result = train_online(long, "uds", keep=0.5, model="tiny",
+                          settings=settings(tmp_path, "long", max_length=700, batch_size=2))
+    assert result.examples_seen == 2
+    assert json.loads((tmp_path / "long" / "selection_summary.json").read_text())["params"]["max_length"] == 700
 
 
 def test_uds_from_logit_factors_scores_as_uds_from_the_logits(tiny, shared_data):
@@ -257,7 +275,7 @@ def test_uds_from_logit_factors_scores_as_uds_from_the_logits(tiny, shared_data)
     full = CandidateBatch(**common, logits=signals["logits"])
     factored = CandidateBatch(**common, hidden=signals["hidden"],
                               extras={"head": model.get_output_embeddings().weight})
-    a, b = UDSPolicy(seed=1), UDSPolicy(seed=1)
+    a, b = UDSPolicy(seed=1, max_length=160), UDSPolicy(seed=1, max_length=160)
     for batch_a, batch_b in ((full, factored), (full, factored)):  # the second time with a memory
         assert a.choose(batch_a, 2).tolist() == b.choose(batch_b, 2).tolist()
         assert torch.allclose(a.scores(None), b.scores(None), atol=1e-3)

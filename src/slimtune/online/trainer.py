@@ -73,10 +73,11 @@ LOG_STEM = "selection_log"
 
 
 def keep_count(keep: float, candidates: int) -> int:
-    """K of a candidate batch of B: ``keep`` x B (rounded, at least 1) if ``keep`` < 1, else ``keep`` rows."""
+    """K of a candidate batch of B: ``keep`` x B (rounded half up, at least 1) if ``keep`` < 1, else ``keep``
+    rows. Half up, not Python's half-to-even: keep 0.25 of 10 keeps 3, as a user reading "a quarter" expects."""
     if keep <= 0:
         raise ValueError(f"keep must be a positive share (< 1) or count (>= 1), got {keep}")
-    k = round(keep * candidates) if keep < 1 else int(keep)
+    k = math.floor(keep * candidates + 0.5) if keep < 1 else int(keep)
     return min(candidates, max(1, k))
 
 
@@ -168,13 +169,18 @@ class SelectionMixin:
 
     ``policy``: a :class:`~slimtune.online.base.Policy` or a registered name (``get_policy``);
     ``keep``: a share of each candidate batch (< 1) or a count of rows (>= 1); the candidate batch is the
-    Trainer's ``per_device_train_batch_size``; ``warmup_steps``: optimiser steps of plain training first.
+    Trainer's ``per_device_train_batch_size``; ``warmup_steps``: optimiser steps of plain training first;
+    ``max_length``: training's token limit, for policies whose ``max_length`` is left unset (UDS's sketch); by
+    default TRL's ``args.max_length``, else the longest training row.
     """
 
     def __init__(self, *args: Any, policy: Policy | str, keep: float = 0.25, warmup_steps: int = 0,
-                 **kwargs: Any):
+                 max_length: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        if getattr(self.policy, "max_length", 0) is None:
+            self.policy.max_length = max_length or getattr(self.args, "max_length", None) or max(
+                len(self.train_dataset[i]["input_ids"]) for i in range(len(self.train_dataset)))
         unsupported = self.policy.needs() - COMPUTED_SIGNALS
         if unsupported:
             raise ValueError(f"policy '{self.policy.name}' needs {sorted(unsupported)}, which the scoring "
@@ -395,7 +401,7 @@ class SelectionMixin:
         """Restore the policy's memories and the counters; returns the checkpoint's step."""
         path = Path(checkpoint) / self._rank_name("selection_state", "pt")
         if path.exists():
-            state = torch.load(path)
+            state = torch.load(path, weights_only=True)  # plain tensors and numbers: no code unpickled
             self.policy.load_state_dict(state.pop("policy"))
             self._rows_streamed = state.pop("rows_streamed")
             for name, value in state.items():
@@ -426,7 +432,7 @@ class SelectionMixin:
         path = Path(self.args.output_dir) / "ref_losses.pt"
         with self.args.main_process_first(desc="reference losses"):
             if path.exists():
-                cached = torch.load(path)
+                cached = torch.load(path, weights_only=True)
                 if cached["key"] == key:
                     return cached["loss"]
             # None: the model being trained, before training (train() calls this before any checkpoint loads)
@@ -455,7 +461,9 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
 
     ``trainer_class``: another :class:`SelectionMixin` trainer, e.g. one built on TRL's SFTTrainer.
     """
-    from slimtune.train import train  # the training floor sits above online/; it is reached only from here
+    from slimtune.train import TrainSettings, train  # the training floor sits above online/; reached only here
 
+    settings = settings or TrainSettings()
     return train(examples, model=model, settings=settings, trainer_class=trainer_class,
-                 trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps})
+                 trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps,
+                                 "max_length": settings.max_length})
