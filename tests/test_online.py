@@ -124,6 +124,40 @@ def test_uniform_runs_no_scoring_forward_and_rho_loss_caches_the_reference(tmp_p
     assert first["scores"] == pytest.approx([0.0] * 4, abs=1e-4)  # the model has not moved yet
 
 
+def without_mask(rows):
+    batch = Collator(0, keep_index=True)(rows)
+    del batch["attention_mask"]
+    return batch
+
+
+def packed(rows):
+    """Every row of the batch in one row, as TRL's padding-free collator builds it: no mask, restarting ids."""
+    ids = [torch.tensor(r["input_ids"]) for r in rows]
+    return {"input_ids": torch.cat(ids)[None], "labels": torch.cat([torch.tensor(r["labels"]) for r in rows])[None],
+            "position_ids": torch.cat([torch.arange(len(i)) for i in ids])[None]}
+
+
+def test_a_batch_without_an_attention_mask_trains_without_one(tmp_path, shared_data):
+    trainer, _ = selective_trainer(tmp_path, gsm8k_examples(shared_data, 8), get_policy("big-loss"), 0.5)
+    trainer.data_collator = without_mask
+    masks = []
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    trainer.train()
+    assert len(masks) == 2 and all(mask is None for mask in masks)
+    assert [len(step["chosen"]) for step in read_selection_log(tmp_path / "run")] == [2, 2]
+
+
+@pytest.mark.parametrize("collate", [packed, lambda rows: {**packed(rows), "cu_seq_lens_q": torch.tensor([0, 5])}])
+def test_a_packed_batch_is_refused_before_the_first_step(tmp_path, shared_data, collate):
+    trainer, _ = selective_trainer(tmp_path, gsm8k_examples(shared_data, 8), get_policy("big-loss"), 0.5)
+    trainer.data_collator = collate
+    with pytest.raises(ValueError, match=r"packed .*cannot be scored or chosen alone.*padding_free=False"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and trainer.examples_trained == 0
+
+
 def test_keep_is_a_share_below_one_and_a_count_from_one():
     assert keep_count(0.25, 8) == 2 and keep_count(0.01, 8) == 1 and keep_count(3, 8) == 3
     assert keep_count(0.25, 10) == 3 and keep_count(0.25, 6) == 2  # halves round up, not to even

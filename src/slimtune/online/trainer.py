@@ -30,7 +30,13 @@ and score, the chosen rows and their loss weights. The trainer counts ``examples
 With TRL: ``class SelectiveSFTTrainer(SelectionMixin, SFTTrainer): pass`` (the mixin first). Rows are
 identified by an ``example_index`` column when the collator keeps one (slimtune's
 ``Collator(keep_index=True)`` does), otherwise by their position in the stream, which RHO-loss's reference
-table cannot use. Packed or padding-free batches cannot be selected from: selection needs a row per example.
+table cannot use.
+
+Packed and padding-free batches are refused, not handled: selection scores and keeps whole rows, and a row
+that holds several examples (position ids restarting inside it, ``cu_seq_lens``) cannot be chosen alone. The
+trainer raises before the first step (TRL's ``packing``/``padding_free`` already at construction). A batch
+without an attention mask trains without one: the trainer never adds a mask, which would make the model
+attend across whatever the row holds; the scoring forward treats every token of such a row as real.
 """
 
 from __future__ import annotations
@@ -79,6 +85,32 @@ def keep_count(keep: float, candidates: int) -> int:
         raise ValueError(f"keep must be a positive share (< 1) or count (>= 1), got {keep}")
     k = math.floor(keep * candidates + 0.5) if keep < 1 else int(keep)
     return min(candidates, max(1, k))
+
+
+PACKING_FLAGS = ("packing", "padding_free")
+
+
+def packing_refusal(batch: dict[str, Any]) -> str | None:
+    """Why ``batch`` is packed (several examples in one row), or None for one example per row."""
+    lengths = sorted(key for key in batch if key.startswith("cu_seq"))
+    if lengths:
+        return f"it carries {lengths}"
+    positions = batch.get("position_ids")
+    if positions is not None and positions.shape[1] > 1:
+        mask = batch.get("attention_mask")
+        restarts = positions[:, 1:] <= positions[:, :-1]
+        if mask is not None:
+            restarts &= mask[:, 1:].bool().to(restarts.device)
+        if restarts.any():
+            return "its position_ids restart inside a row"
+    return None
+
+
+def refuse_packing(reason: str) -> None:
+    raise ValueError(f"online selection chooses whole rows, one example each, but the training batch is packed "
+                     f"({reason}): a row holding several examples cannot be scored or chosen alone. Turn packing "
+                     "and padding-free batching off (TRL: SFTConfig(packing=False, padding_free=False)); "
+                     "slimtune's Collator pads one example per row.")
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -178,6 +210,9 @@ class SelectionMixin:
                  max_length: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        packing = [flag for flag in PACKING_FLAGS if getattr(self.args, flag, False)]
+        if packing:
+            refuse_packing(f"the arguments set {packing}")
         if getattr(self.policy, "max_length", 0) is None:
             self.policy.max_length = max_length or getattr(self.args, "max_length", None) or max(
                 len(self.train_dataset[i]["input_ids"]) for i in range(len(self.train_dataset)))
@@ -208,7 +243,12 @@ class SelectionMixin:
         index = batch.pop("example_index").cpu() if from_dataset else \
             torch.arange(self._rows_streamed, self._rows_streamed + size)
         self._rows_streamed += size
-        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+        reason = packing_refusal(batch)
+        if reason:
+            refuse_packing(reason)
+        mask = batch.get("attention_mask")
+        if mask is None:  # every token is real; the batch itself stays without a mask (see the module's doc)
+            mask = torch.ones_like(batch["input_ids"])
         ids, tasks = self._describe(index, from_dataset)
         record: dict[str, Any] = {"step": self.state.global_step, "index": index.tolist(), "ids": ids}
         weights = None
@@ -217,7 +257,7 @@ class SelectionMixin:
             record["phase"] = "warmup"
         else:
             started = time.perf_counter()
-            candidates = self._candidates(batch, index, ids, tasks, from_dataset)
+            candidates = self._candidates({**batch, "attention_mask": mask}, index, ids, tasks, from_dataset)
             chosen = self.policy.choose(candidates, keep_count(self.keep, size)).cpu()
             if len(chosen) == 0 or len(set(chosen.tolist())) != len(chosen):
                 raise ValueError(f"policy '{self.policy.name}' chose {chosen.tolist()}: "
@@ -237,8 +277,8 @@ class SelectionMixin:
             record["weights"] = _floats(weights)
         self._write(record)
         self.examples_trained += len(rows)
-        self.tokens_trained += int(batch["attention_mask"][rows.to(batch["attention_mask"].device)].sum())
-        return self._rows(batch, rows, weights)
+        self.tokens_trained += int(mask[rows.to(mask.device)].sum())
+        return self._rows(batch, mask, rows, weights)
 
     def _describe(self, index: Tensor, from_dataset: bool) -> tuple[list[str], list[str]]:
         """Ids and tasks of the rows: from the dataset's Examples (TokenizedDataset), else the indices."""
@@ -295,10 +335,10 @@ class SelectionMixin:
         return model.get_output_embeddings().weight if self._head_is_linear else None
 
     @staticmethod
-    def _rows(batch: dict[str, Any], rows: Tensor, weights: Tensor | None) -> dict[str, Any]:
-        """The batch cut to ``rows`` (kept in data-loader order) and to the columns where they have tokens."""
+    def _rows(batch: dict[str, Any], mask: Tensor, rows: Tensor, weights: Tensor | None) -> dict[str, Any]:
+        """The batch cut to ``rows`` (kept in data-loader order) and to the columns where they have tokens
+        (``mask``: the real tokens)."""
         size, width = batch["input_ids"].shape
-        mask = batch["attention_mask"]
         picked = rows.to(mask.device)
         columns = mask[picked].any(0).nonzero().squeeze(1)
         span = slice(int(columns[0]), int(columns[-1]) + 1)
