@@ -210,18 +210,30 @@ def test_infobatch_keeps_every_above_mean_row_and_upweights_the_kept_below_mean_
     assert sorted(chosen.tolist()) == list(range(6)) and policy.weights(None).tolist() == [1.0] * 6
 
 
-def test_row_weights_scale_each_rows_share_of_the_training_loss(tmp_path, shared_data):
+def test_row_weights_give_the_gradient_of_the_weighted_loss_through_the_parents_own_loss(tmp_path,
+                                                                                          shared_data):
     examples = gsm8k_examples(shared_data, 2)
     trainer, dataset = selective_trainer(tmp_path, examples, get_policy("infobatch"), 0.5)
     batch = Collator(0)([dataset[0], dataset[1]])
-    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
     model = trainer.model
-    own = trainer.compute_loss(model, dict(batch))
-    per_row = score_losses(model, [batch])[0] * tokens  # summed token losses of each row
-    unit = trainer.compute_loss(model, {**batch, "loss_weight": torch.tensor([1.0, 1.0])})
-    weighted = trainer.compute_loss(model, {**batch, "loss_weight": torch.tensor([1.0, 2.0])})
-    assert float(unit) == pytest.approx(float(own), rel=1e-5)
-    assert float(weighted) == pytest.approx(float((per_row[0] + 2 * per_row[1]) / tokens.sum()), rel=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test skips
+
+    def gradient(step):
+        model.zero_grad()
+        step()
+        return torch.cat([p.grad.flatten() for p in trainable])
+
+    def weighted_by_hand():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        token = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        ((token.sum(1) * torch.tensor([1.0, 2.0])).sum() / tokens).backward()
+
+    weighted = gradient(lambda: trainer.training_step(model, {**batch, "loss_weight": torch.tensor([1.0, 2.0])}))
+    unweighted = gradient(lambda: trainer.training_step(model, dict(batch)))
+    assert torch.allclose(weighted, gradient(weighted_by_hand), atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(weighted, unweighted, rtol=1e-2)
 
 
 def test_infobatch_trains_the_rows_it_keeps_with_their_weights(tmp_path, shared_data):

@@ -27,10 +27,15 @@ and score, the chosen rows and their loss weights. The trainer counts ``examples
 ``scoring_seconds`` (scoring forward + policy), and writes them, summed over ranks, to
 ``selection_summary.json``. Policy memories are saved with each checkpoint and restored on resume.
 
-With TRL: ``class SelectiveSFTTrainer(SelectionMixin, SFTTrainer): pass`` (the mixin first). Rows are
-identified by an ``example_index`` column when the collator keeps one (slimtune's
-``Collator(keep_index=True)`` does), otherwise by their position in the stream, which RHO-loss's reference
-table cannot use.
+With TRL: ``class SelectiveSFTTrainer(SelectionMixin, SFTTrainer): pass`` (the mixin first). The mixin
+overrides no loss: the chosen rows reach the parent's ``training_step`` and ``compute_loss`` (TRL's metrics,
+``use_cache=False``, ``compute_loss_func`` and collectives included) as an ordinary, smaller batch. Per-row
+loss weights (InfoBatch's rescaling) ride on the batch and are applied by :func:`row_weighted_gradients` to
+each row's gradient at the model's last hidden state, which is the gradient of the weighted loss for every
+parameter below the output layer, whatever loss the parent computes (the logged loss stays unweighted). Rows
+are identified by their index in the training set: the mixin adds an ``example_index`` column where the data
+set lacks one and puts it back into batches whose collator drops unknown keys (TRL's); logged ids are the
+data set's ``id`` column (or its Examples' ids), else the index.
 
 Packed and padding-free batches are refused, not handled: selection scores and keeps whole rows, and a row
 that holds several examples (position ids restarting inside it, ``cu_seq_lens``) cannot be chosen alone. The
@@ -49,7 +54,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +67,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from slimtune.data.tokenize import IGNORE_INDEX
-from slimtune.features.losses import score_losses, token_losses
+from slimtune.features.losses import score_losses
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch, Policy
 from slimtune.utils import atomic_write_bytes, write_json
@@ -111,6 +117,78 @@ def refuse_packing(reason: str) -> None:
                      f"({reason}): a row holding several examples cannot be scored or chosen alone. Turn packing "
                      "and padding-free batching off (TRL: SFTConfig(packing=False, padding_free=False)); "
                      "slimtune's Collator pads one example per row.")
+
+
+ROW_WEIGHTS = "loss_weight"
+
+
+@contextmanager
+def row_weighted_gradients(model: torch.nn.Module, weights: Tensor | None) -> Iterator[None]:
+    """Within the block, each forward's row i passes back w_i times its gradient at the model's last hidden
+    state: the gradient of sum_i w_i loss_i for every parameter below the output layer, composed with any loss
+    the caller computes (rows do not interact in a causal LM's forward). An output layer that trains itself
+    would keep its unweighted gradient, so it is refused."""
+    if weights is None:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is not None and head.weight.requires_grad:
+        raise ValueError("per-row loss weights (InfoBatch's rescaling) are applied at the last hidden state, "
+                         "which leaves a trainable output layer's own gradient unweighted: freeze the LM head "
+                         "(LoRA does) or use a policy without row weights")
+
+    def weigh(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: grad * weights.to(grad).view(-1, *[1] * (grad.dim() - 1)))
+
+    handle = base.get_decoder().register_forward_hook(weigh)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class IndexKeepingCollator:
+    """A collator that puts each row's ``example_index`` back into the batch where the wrapped one drops
+    columns it does not know (TRL's ``DataCollatorForLanguageModeling`` does)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(rows)
+        if "example_index" not in batch and rows and "example_index" in rows[0]:
+            batch["example_index"] = torch.tensor([int(row["example_index"]) for row in rows])
+        return batch
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """A map-style data set whose rows also carry their position as ``example_index``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "example_index": i}
+
+
+def with_example_index(dataset):
+    """``dataset`` with an ``example_index`` column (a Hugging Face Dataset) or field (a map-style one)."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        if "example_index" in dataset.column_names:
+            return dataset
+        return dataset.add_column("example_index", list(range(len(dataset))))
+    if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0 \
+            or "example_index" in dataset[0]:
+        return dataset
+    return IndexedRows(dataset)
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -210,6 +288,10 @@ class SelectionMixin:
                  max_length: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.train_dataset = with_example_index(self.train_dataset)
+        self.data_collator = IndexKeepingCollator(self.data_collator)
+        column_names = getattr(self.train_dataset, "column_names", None) or ()
+        self._row_ids = list(self.train_dataset["id"]) if "id" in column_names else None
         packing = [flag for flag in PACKING_FLAGS if getattr(self.args, flag, False)]
         if packing:
             refuse_packing(f"the arguments set {packing}")
@@ -286,6 +368,8 @@ class SelectionMixin:
         if from_dataset and examples is not None:
             rows = [examples[i] for i in index.tolist()]
             return [ex.id for ex in rows], [ex.task for ex in rows]
+        if from_dataset and self._row_ids is not None:
+            return [str(self._row_ids[i]) for i in index.tolist()], ["default"] * len(index)
         return [str(i) for i in index.tolist()], ["default"] * len(index)
 
     def _candidates(self, batch: dict[str, Tensor], index: Tensor, ids: list[str], tasks: list[str],
@@ -350,26 +434,19 @@ class SelectionMixin:
                     value = value[:, span]
             out[key] = value
         if weights is not None and not torch.all(weights == 1):
-            out["loss_weight"] = weights.to(mask.device)
+            out[ROW_WEIGHTS] = weights.to(mask.device)
         return out
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        weight = inputs.pop("loss_weight", None)
-        if weight is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        # Per-row weights (InfoBatch's rescaling) on the Trainer's token-sum loss, normalised as it does.
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        losses, mask = token_losses(outputs.logits, labels)
-        total = (losses.sum(1) * weight.to(losses.dtype)).sum()
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-            loss = total / num_items_in_batch
-            if self.args.average_tokens_across_devices:  # the token count was summed over ranks
-                loss = loss * self.accelerator.num_processes
-        else:
-            loss = total / mask.sum()
-        return (loss, outputs) if return_outputs else loss
+    def training_step(self, model, inputs, *args, **kwargs):
+        weights = inputs.pop(ROW_WEIGHTS, None)
+        with row_weighted_gradients(self.accelerator.unwrap_model(self.model), weights):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        # The Trainer drops a Hugging Face Dataset's columns its model does not take; the index must stay.
+        super()._set_signature_columns_if_needed()
+        if "example_index" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "example_index"]
 
     def _prepare_inputs(self, inputs):
         # Evaluation batches from an index-keeping collator reach the model directly.
