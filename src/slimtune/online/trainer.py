@@ -339,14 +339,19 @@ class SelectionMixin:
             record["phase"] = "warmup"
         else:
             started = time.perf_counter()
-            candidates = self._candidates({**batch, "attention_mask": mask}, index, ids, tasks, from_dataset)
-            chosen = self.policy.choose(candidates, keep_count(self.keep, size)).cpu()
-            if len(chosen) == 0 or len(set(chosen.tolist())) != len(chosen):
-                raise ValueError(f"policy '{self.policy.name}' chose {chosen.tolist()}: "
-                                 "it must choose at least one row, each at most once")
-            weights = self.policy.weights(candidates)
-            scores = self.policy.scores(candidates)
-            self.policy.observe(candidates.subset(chosen))
+            failure = None
+            try:
+                candidates = self._candidates({**batch, "attention_mask": mask}, index, ids, tasks, from_dataset)
+                chosen = self.policy.choose(candidates, keep_count(self.keep, size)).cpu()
+                if len(chosen) == 0 or len(set(chosen.tolist())) != len(chosen):
+                    raise ValueError(f"policy '{self.policy.name}' chose {chosen.tolist()}: "
+                                     "it must choose at least one row, each at most once")
+                weights = self.policy.weights(candidates)
+                scores = self.policy.scores(candidates)
+                self.policy.observe(candidates.subset(chosen))
+            except Exception as error:  # re-raised below, on every rank
+                failure = error
+            self._raise_on_every_rank(failure)
             self.scoring_seconds += time.perf_counter() - started
             record.update(phase="select", loss=_floats(candidates.loss),
                           scores=None if scores is None else _floats(scores))
@@ -361,6 +366,24 @@ class SelectionMixin:
         self.examples_trained += len(rows)
         self.tokens_trained += int(mask[rows.to(mask.device)].sum())
         return self._rows(batch, mask, rows, weights)
+
+    def _raise_on_every_rank(self, failure: Exception | None) -> None:
+        """Raise ``failure`` here and an error naming it on every other rank: a rank left alone would wait
+        for the failed one in the backward's collective until the process group times out. One all-reduce of
+        a flag per step; the messages travel only when something failed."""
+        if self.args.world_size > 1:
+            flag = torch.tensor([float(failure is not None)], device=self.args.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+                messages: list[str | None] = [None] * self.args.world_size
+                torch.distributed.all_gather_object(
+                    messages, None if failure is None else f"{type(failure).__name__}: {failure}")
+                if failure is None:
+                    failed = "; ".join(f"rank {rank}: {message}" for rank, message in enumerate(messages)
+                                       if message is not None)
+                    raise RuntimeError(f"online selection failed on another rank, so this one stops too "
+                                       f"({failed})")
+        if failure is not None:
+            raise failure
 
     def _describe(self, index: Tensor, from_dataset: bool) -> tuple[list[str], list[str]]:
         """Ids and tasks of the rows: from the dataset's Examples (TokenizedDataset), else the indices."""
