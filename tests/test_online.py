@@ -108,20 +108,52 @@ def test_a_resumed_run_selects_as_the_uninterrupted_one_did(tmp_path, shared_dat
     assert second.examples_trained == first.examples_trained == 8
 
 
-def test_uniform_runs_no_scoring_forward_and_rho_loss_caches_the_reference(tmp_path, shared_data):
+def test_uniform_runs_no_scoring_forward_and_loss_minus_init_caches_the_reference(tmp_path, shared_data):
     examples = gsm8k_examples(shared_data, 8)
     uniform, _ = selective_trainer(tmp_path / "u", examples, get_policy("uniform", seed=3), 0.25)
     uniform.train()
     assert uniform.candidates_scored == 0 and uniform.examples_trained == 2
     assert all(step["loss"] == [None] * 4 for step in read_selection_log(tmp_path / "u" / "run"))
 
-    rho, dataset = selective_trainer(tmp_path / "r", examples, get_policy("rho-loss"), 0.25)
-    before = score_losses(rho.model, [rho.data_collator([dataset[i] for i in range(len(dataset))])])[0]
-    rho.train()
-    cached = torch.load(tmp_path / "r" / "run" / "ref_losses.pt")
+    drop, dataset = selective_trainer(tmp_path / "r", examples, get_policy("loss-minus-init"), 0.25)
+    before = score_losses(drop.model, [drop.data_collator([dataset[i] for i in range(len(dataset))])])[0]
+    drop.train()
+    cached = torch.load(tmp_path / "r" / "run" / "ref_losses.pt", weights_only=True)
     assert torch.allclose(cached["loss"], before, atol=1e-5)
     first = read_selection_log(tmp_path / "r" / "run")[0]
     assert first["scores"] == pytest.approx([0.0] * 4, abs=1e-4)  # the model has not moved yet
+
+
+def test_rho_loss_without_an_irreducible_loss_model_is_refused(tmp_path, shared_data):
+    with pytest.raises(ValueError, match=r"held-out rows the run never trains on.*'loss-minus-init'"):
+        selective_trainer(tmp_path, gsm8k_examples(shared_data, 4), get_policy("rho-loss"), 0.5)
+
+
+def test_rho_loss_trains_its_reference_on_held_out_rows_it_never_trains_on(tmp_path, shared_data):
+    from slimtune.online.trainer import load_reference
+
+    examples = gsm8k_examples(shared_data, 10)
+    run = settings(tmp_path, "rho", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    train_online(examples, get_policy("rho-loss", holdout=0.2), keep=0.5, model="tiny", settings=run)
+    held_out = json.loads((tmp_path / "rho" / "holdout_ids.json").read_text())
+    log = read_selection_log(tmp_path / "rho")
+    candidates_seen = {i for step in log for i in step["ids"]}
+    assert len(held_out) == 2 and not candidates_seen & set(held_out)
+    assert candidates_seen == {ex.id for ex in examples} - set(held_out)
+    reference = load_reference(str(tmp_path / "rho" / "irreducible"), torch.device("cpu"))
+    trained_on = [ex for ex in examples if ex.id not in held_out]
+    _, tokenizer = prepare_model("tiny", run)
+    rows = TokenizedDataset(trained_on, tokenizer, run.max_length)
+    expected = score_losses(reference, [Collator(tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])])[0]
+    cached = torch.load(tmp_path / "rho" / "ref_losses.pt", weights_only=True)["loss"]
+    assert torch.allclose(cached, expected, atol=1e-4)
+
+    adapter = tmp_path / "rho" / "irreducible" / "adapter" / "adapter_model.safetensors"
+    trained_at = adapter.stat().st_mtime_ns
+    train_online(examples, get_policy("rho-loss", holdout=0.2), keep=0.5, model="tiny", settings=run)
+    assert adapter.stat().st_mtime_ns == trained_at  # the irreducible-loss model is reused, not retrained
+    with pytest.raises(ValueError, match="also in the training pool"):
+        train_online(examples, "rho-loss", model="tiny", settings=run, holdout=examples[:2])
 
 
 def without_mask(rows):

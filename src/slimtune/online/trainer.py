@@ -292,6 +292,11 @@ class SelectionMixin:
         self.data_collator = IndexKeepingCollator(self.data_collator)
         column_names = getattr(self.train_dataset, "column_names", None) or ()
         self._row_ids = list(self.train_dataset["id"]) if "id" in column_names else None
+        if getattr(self.policy, "requires_reference", False) and self.policy.reference_model is None:
+            raise ValueError(f"policy '{self.policy.name}' needs an irreducible-loss model trained on held-out "
+                             "rows the run never trains on: pass reference_model=..., or let train_online carve "
+                             "the held-out split and train it. The score against the model before training is "
+                             "policy 'loss-minus-init'.")
         packing = [flag for flag in PACKING_FLAGS if getattr(self.args, flag, False)]
         if packing:
             refuse_packing(f"the arguments set {packing}")
@@ -564,6 +569,11 @@ class SelectionMixin:
         dataset = self.train_dataset
         reference = getattr(self.policy, "reference_model", None)
         digest = hashlib.sha256(json.dumps(reference).encode())
+        if reference is not None and Path(reference).exists():  # a folder retrained in place is another model
+            for file in sorted(Path(reference).rglob("*")):
+                if file.is_file():
+                    digest.update(f"{file.relative_to(reference)}:{file.stat().st_size}:"
+                                  f"{file.stat().st_mtime_ns}".encode())
         for i in range(len(dataset)):
             row = dataset[i]
             for name in ("input_ids", "labels"):
@@ -595,15 +605,64 @@ class SelectiveTrainer(SelectionMixin, Trainer):
 
 def train_online(examples: Sequence[Example], policy: Policy | str, keep: float = 0.25, *,
                  model: str | None = None, settings: TrainSettings | None = None, warmup_steps: int = 0,
-                 trainer_class: type[SelectionMixin] = SelectiveTrainer) -> TrainResult:
+                 trainer_class: type[SelectionMixin] = SelectiveTrainer,
+                 holdout: Sequence[Example] | None = None) -> TrainResult:
     """Fine-tune as :func:`slimtune.train.train` does, backpropagating the K = ``keep`` rows of every
     candidate batch of B = ``settings.batch_size`` that ``policy`` (a Policy or a registered name) chooses.
 
     ``trainer_class``: another :class:`SelectionMixin` trainer, e.g. one built on TRL's SFTTrainer.
+    ``holdout``: for RHO-loss without a ``reference_model``, the held-out rows its irreducible-loss model
+    trains on (none of them may be in ``examples``); by default the policy's ``holdout`` share of
+    ``examples``, drawn with the run's seed and removed from training. Their ids go to
+    ``output_dir/holdout_ids.json``.
     """
     from slimtune.train import TrainSettings, train  # the training floor sits above online/; reached only here
 
     settings = settings or TrainSettings()
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    if getattr(policy, "requires_reference", False) and policy.reference_model is None:
+        examples, held_out = split_holdout(examples, holdout, policy.holdout, settings.seed)
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(settings.output_dir) / "holdout_ids.json", [ex.id for ex in held_out])
+        policy = dataclasses.replace(policy, reference_model=str(irreducible_model(held_out, model, settings)))
     return train(examples, model=model, settings=settings, trainer_class=trainer_class,
                  trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps,
                                  "max_length": settings.max_length})
+
+
+def split_holdout(examples: Sequence[Example], holdout: Sequence[Example] | None, share: float,
+                  seed: int) -> tuple[list[Example], list[Example]]:
+    """(rows to train on, held-out rows): ``holdout`` as given (refused if it shares an id with the pool), else
+    a seeded ``share`` of the pool."""
+    if holdout is not None:
+        shared = {ex.id for ex in holdout} & {ex.id for ex in examples}
+        if shared:
+            raise ValueError(f"{len(shared)} held-out rows are also in the training pool (e.g. "
+                             f"{sorted(shared)[:3]}): the irreducible-loss model must not see rows the run trains on")
+        return list(examples), list(holdout)
+    if not 0 < share < 1:
+        raise ValueError(f"holdout must be a share of the pool in (0, 1), got {share}")
+    count = max(1, math.floor(share * len(examples) + 0.5))
+    if count >= len(examples):
+        raise ValueError(f"a held-out share of {share} leaves nothing of {len(examples)} rows to train on")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:count])
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [ex for i, ex in enumerate(examples) if i in held])
+
+
+def irreducible_model(held_out: Sequence[Example], model: str | None, settings: TrainSettings) -> Path:
+    """RHO-LOSS's irreducible-loss model: ``model`` fine-tuned on the held-out rows with the run's settings, in
+    ``output_dir/irreducible``; reused when a previous run trained it on the same rows from the same model."""
+    from slimtune.data.example import pool_hash
+    from slimtune.train import train
+
+    folder = Path(settings.output_dir) / "irreducible"
+    own = dataclasses.replace(settings, output_dir=str(folder))
+    record = folder / "slimtune_train.json"
+    if (folder / "adapter").exists() and record.exists():
+        previous = json.loads(record.read_text())
+        if (previous["pool_hash"], previous["model"], previous["settings"]) == \
+                (pool_hash(list(held_out)), model, json.loads(json.dumps(dataclasses.asdict(own), default=str))):
+            return folder / "adapter"
+    return train(held_out, model=model, settings=own).adapter_dir
