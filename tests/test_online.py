@@ -227,19 +227,32 @@ def test_rho_loss_keeps_the_largest_gap_to_the_reference_not_the_largest_loss():
     assert get_policy("rho-loss").choose(batch, 1).tolist() == [1]
 
 
-def test_infobatch_keeps_every_above_mean_row_and_upweights_the_kept_below_mean_ones():
-    losses = [1.0, 2.0, 3.0, 10.0, 11.0, 12.0]
+def test_infobatch_prunes_below_mean_rows_at_random_upweights_the_kept_ones_and_anneals():
+    rows = 40
     policy = get_policy("infobatch", prune_ratio=0.5, seed=0)
-    kept_below = 0
-    for _ in range(20):
-        chosen = policy.choose(candidates(loss=losses), 2).tolist()
-        assert {3, 4, 5} <= set(chosen)
-        kept_below += len(set(chosen) - {3, 4, 5})
-        weights = policy.weights(None)
-        assert weights.tolist() == [2.0, 2.0, 2.0, 1.0, 1.0, 1.0]
-    assert 15 < kept_below < 45  # about half of the 60 below-mean draws survive
-    chosen = policy.choose(candidates(loss=losses, progress=0.9), 2)  # annealing: the full batch, unweighted
-    assert sorted(chosen.tolist()) == list(range(6)) and policy.weights(None).tolist() == [1.0] * 6
+    assert sorted(policy.plan_epoch(0, 8, rows)) == list(range(rows))  # nothing scored yet: a whole epoch
+    policy.record_training_losses(torch.arange(rows), torch.arange(rows, dtype=torch.float))  # mean 19.5
+    kept = policy.plan_epoch(1, 8, rows, multiple=4)
+    assert policy.plan_epoch(1, 8, rows, multiple=4) == kept  # a resumed epoch replays its plan
+    below_kept = set(kept) - set(range(20, 40))
+    assert set(range(20, 40)) <= set(kept) and len(kept) == len(set(kept)) and len(kept) % 4 == 0
+    assert 4 <= len(below_kept) <= 16  # about half of the 20 below-mean rows survive
+    policy.choose(candidates(loss=[0.0] * rows), rows)
+    weights = policy.weights(None)
+    assert all(weights[i] == (2.0 if i in below_kept else 1.0) for i in kept)
+    policy.record_training_losses(torch.tensor(kept), torch.zeros(len(kept)))
+    assert sorted(policy.plan_epoch(7, 8, rows, multiple=4)) == list(range(rows))  # annealing: all, weight 1
+    policy.choose(candidates(loss=[0.0] * rows), rows)
+    assert policy.weights(None).tolist() == [1.0] * rows
+
+
+def test_infobatch_scores_rows_with_their_training_forwards_loss_and_runs_no_other(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 8)
+    trainer, dataset = selective_trainer(tmp_path, examples, get_policy("infobatch"), 0.5, learning_rate=0.0)
+    trainer.train()  # the model does not move: each row's training loss is its loss under the initial model
+    expected = score_losses(trainer.model, [Collator(0)([dataset[i] for i in range(len(dataset))])])[0]
+    assert torch.allclose(trainer.policy.state_dict()["fresh"].float(), expected, atol=1e-5)
+    assert trainer.candidates_scored == 0
 
 
 def test_row_weights_give_the_gradient_of_the_weighted_loss_through_the_parents_own_loss(tmp_path,
@@ -268,13 +281,22 @@ def test_row_weights_give_the_gradient_of_the_weighted_loss_through_the_parents_
     assert not torch.allclose(weighted, unweighted, rtol=1e-2)
 
 
-def test_infobatch_trains_the_rows_it_keeps_with_their_weights(tmp_path, shared_data):
+def test_infobatch_trains_pruned_epochs_in_full_batches_and_the_last_epoch_whole(tmp_path, shared_data):
     examples = gsm8k_examples(shared_data, 16)
-    trainer, _ = selective_trainer(tmp_path, examples, get_policy("infobatch", seed=1), 0.25)
+    trainer, _ = selective_trainer(tmp_path, examples, get_policy("infobatch", seed=1), 0.25, num_train_epochs=8)
     trainer.train()
-    log = read_selection_log(tmp_path / "run")
-    assert trainer.examples_trained == sum(len(step["chosen"]) for step in log) > 4
-    assert {w for step in log for w in step["weights"]} == {1.0, 2.0}
+    epochs: dict[int, list] = {}
+    for step in read_selection_log(tmp_path / "run"):
+        assert len(step["chosen"]) == 4  # full batches: pruning removes steps, not rows of a batch
+        epochs.setdefault(step["policy"]["epoch"], []).append(step)
+    rows = {epoch: [i for step in steps for i in step["chosen"]] for epoch, steps in epochs.items()}
+    weights = {epoch: {w for step in steps for w in step["weights"]} for epoch, steps in epochs.items()}
+    assert sorted(epochs) == list(range(8))
+    assert sorted(rows[0]) == sorted(rows[7]) == list(range(16)) and weights[0] == weights[7] == {1.0}
+    pruning = range(1, 7)
+    assert all(len(rows[e]) == len(set(rows[e])) and weights[e] <= {1.0, 2.0} for e in pruning)
+    assert sum(len(rows[e]) for e in pruning) < 6 * 16 and all(2.0 in weights[e] for e in pruning)
+    assert trainer.examples_trained == sum(map(len, rows.values())) and trainer.candidates_scored == 0
 
 
 def test_nuclear_norm_from_the_gram_matrix_equals_the_svd():

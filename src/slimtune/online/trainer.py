@@ -150,6 +150,36 @@ def row_weighted_gradients(model: torch.nn.Module, weights: Tensor | None) -> It
         handle.remove()
 
 
+@contextmanager
+def training_row_losses(model: torch.nn.Module, receive: Any | None) -> Iterator[None]:
+    """Within the block, each grad-enabled forward of ``model`` hands ``receive`` its rows' mean response
+    losses, read off the forward's own output (the logits, or the per-token log-probabilities of TRL's fused
+    head): the signal InfoBatch keeps, at no extra forward."""
+    if receive is None:
+        yield
+        return
+
+    def read(module, args, kwargs, output):
+        labels = kwargs.get("labels")
+        if not torch.is_grad_enabled() or labels is None:
+            return
+        logits = getattr(output, "logits", None)
+        if logits is not None:
+            receive(response_losses(logits.detach(), labels[:, labels.shape[1] - logits.shape[1]:]))
+        elif getattr(output, "log_probs", None) is not None:
+            mask = output.label_mask
+            receive(-(output.log_probs.detach() * mask).sum(1) / mask.sum(1).clamp_min(1))
+        else:
+            raise ValueError("the policy learns from the training forward's per-row losses, but the model's "
+                             "output has neither logits nor per-token log-probabilities")
+
+    handle = model.register_forward_hook(read, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class IndexKeepingCollator:
     """A collator that puts each row's ``example_index`` back into the batch where the wrapped one drops
     columns it does not know (TRL's ``DataCollatorForLanguageModeling`` does)."""
@@ -370,7 +400,10 @@ class SelectionMixin:
         self._write(record)
         self.examples_trained += len(rows)
         self.tokens_trained += int(mask[rows.to(mask.device)].sum())
-        return self._rows(batch, mask, rows, weights)
+        out = self._rows(batch, mask, rows, weights)
+        if from_dataset:  # for a policy fed the training forward's losses (InfoBatch); the model never sees it
+            out["example_index"] = index[rows]
+        return out
 
     def _raise_on_every_rank(self, failure: Exception | None) -> None:
         """Raise ``failure`` here and an error naming it on every other rank: a rank left alone would wait
@@ -467,8 +500,24 @@ class SelectionMixin:
 
     def training_step(self, model, inputs, *args, **kwargs):
         weights = inputs.pop(ROW_WEIGHTS, None)
-        with row_weighted_gradients(self.accelerator.unwrap_model(self.model), weights):
+        index = inputs.pop("example_index", None)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        record = getattr(self.policy, "record_training_losses", None)
+        with row_weighted_gradients(unwrapped, weights), \
+                training_row_losses(unwrapped, None if record is None or index is None
+                                    else lambda losses: record(index, losses)):
             return super().training_step(model, inputs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # A policy that prunes whole epochs (InfoBatch) decides which rows the Trainer's data loader draws.
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not hasattr(self.policy, "sampler"):
+            return super()._get_train_sampler(train_dataset)
+        rows_per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps \
+            * self.args.world_size
+        epochs = math.ceil(self.args.num_train_epochs) if self.args.max_steps <= 0 else \
+            math.ceil(self.args.max_steps / math.ceil(len(dataset) / rows_per_step))
+        return self.policy.sampler(len(dataset), epochs, rows_per_step, self.args.device)
 
     def _set_signature_columns_if_needed(self):
         # The Trainer drops a Hugging Face Dataset's columns its model does not take; the index must stay.
