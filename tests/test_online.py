@@ -93,6 +93,33 @@ def test_the_log_names_exactly_the_rows_that_were_backpropagated(tmp_path, share
     assert trainer.state.num_input_tokens_seen == trainer.tokens_trained  # the Trainer counts the same rows
 
 
+def test_global_selection_keeps_the_k_best_of_every_micro_batch_of_a_step_in_full_batches(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 16)
+    run = settings(tmp_path, "run", lora=LoraSettings(r=4, alpha=8, dropout=0.0), grad_accum=2)
+    model, tokenizer = prepare_model("tiny", run)
+    dataset = TokenizedDataset(examples, tokenizer, run.max_length)
+    trainer = SelectiveTrainer(model=model, args=training_arguments(run), train_dataset=dataset,
+                               data_collator=Collator(tokenizer.pad_token_id, keep_index=True),
+                               policy=get_policy("big-loss"), keep=0.5, global_selection=True)
+    row_of = {tuple(row["input_ids"]): i for i, row in enumerate(dataset.rows)}
+    backpropagated = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():
+            ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+            backpropagated.append([row_of[tuple(r[m.bool()].tolist())] for r, m in zip(ids, mask)])
+
+    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    log = read_selection_log(tmp_path / "run")
+    assert [len(step["index"]) for step in log] == [8, 8]  # 2 micro-batches of 4 candidates a step
+    for step in log:
+        best = sorted(range(8), key=lambda i: -step["loss"][i])[:4]
+        assert sorted(step["chosen"]) == sorted(step["index"][i] for i in best)
+    assert backpropagated == [step["chosen"][half:half + 2] for step in log for half in (0, 2)]
+    assert trainer.examples_trained == 8
+
+
 def test_a_resumed_run_selects_as_the_uninterrupted_one_did(tmp_path, shared_data):
     examples = gsm8k_examples(shared_data, 8)
     first, _ = selective_trainer(tmp_path, examples, UDSPolicy(), 0.5, num_train_epochs=2,

@@ -50,6 +50,7 @@ import dataclasses
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import logging
 import math
@@ -315,7 +316,7 @@ class SelectionMixin:
     """
 
     def __init__(self, *args: Any, policy: Policy | str, keep: float = 0.25, warmup_steps: int = 0,
-                 max_length: int | None = None, **kwargs: Any):
+                 max_length: int | None = None, global_selection: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.train_dataset = with_example_index(self.train_dataset)
@@ -340,6 +341,12 @@ class SelectionMixin:
         keep_count(keep, 1)
         self.keep = keep
         self.warmup_steps = warmup_steps
+        self.global_selection = global_selection
+        if global_selection and (type(self.policy).row_features is Policy.row_features
+                                 or self.policy.sets_own_budget):
+            raise ValueError(f"policy '{self.policy.name}' chooses per candidate batch; global selection needs a "
+                             "policy with row_features and choose_pooled (uniform, big-loss, grad-norm, rho-loss, "
+                             "loss-minus-init, uds)")
         self.examples_trained = self.tokens_trained = self.candidates_scored = self.scoring_tokens = 0
         self.scoring_seconds = 0.0
         self._rows_streamed = 0
@@ -350,7 +357,72 @@ class SelectionMixin:
 
     # ---- the selection step -------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.global_selection and self.state.global_step >= self.warmup_steps:
+            batches = list(itertools.islice(epoch_iterator, num_batches))
+            return super().get_batch_samples(iter(self._select_globally(batches) if batches else []),
+                                             num_batches, device)
         return super().get_batch_samples(map(self._select, epoch_iterator), num_batches, device)
+
+    def _select_globally(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Global selection: the K rows of one optimiser step chosen among the candidates of all its
+        micro-batches on all ranks, the same on every rank, re-collated from the training set into full
+        micro-batches (K / (ranks x micro-batches) rows each, chosen rows in pooled order)."""
+        started = time.perf_counter()
+        local: list[tuple[Tensor, dict[str, Tensor], Tensor]] = []
+        failure = None
+        try:
+            for batch in batches:
+                batch = dict(batch)
+                if "example_index" not in batch:
+                    raise ValueError("global selection re-collates the chosen rows from the training set: the "
+                                     "batches must carry `example_index` (a map-style training set)")
+                index = batch.pop("example_index").cpu()
+                reason = packing_refusal(batch)
+                if reason:
+                    refuse_packing(reason)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+                ids, tasks = self._describe(index, True)
+                candidates = self._candidates({**batch, "attention_mask": mask}, index, ids, tasks, True)
+                features = self.policy.row_features(candidates)
+                local.append((index, {name: value.detach().cpu() for name, value in features.items()},
+                              candidates.loss.detach().float().cpu()))
+        except Exception as error:  # re-raised below, on every rank
+            failure = error
+        self._raise_on_every_rank(failure)
+        mine = (torch.cat([part[0] for part in local]),
+                {name: torch.cat([part[1][name] for part in local]) for name in local[0][1]},
+                torch.cat([part[2] for part in local]))
+        pooled = [mine]
+        if self.args.world_size > 1:
+            pooled = [None] * self.args.world_size
+            torch.distributed.all_gather_object(pooled, mine)
+        index = torch.cat([part[0] for part in pooled])
+        features = {name: torch.cat([part[1][name] for part in pooled]) for name in mine[1]}
+        parts = self.args.world_size * len(batches)
+        k = min(len(index), keep_count(self.keep, len(index)) if self.keep < 1 else int(self.keep) * parts)
+        if k < parts:
+            raise ValueError(f"global selection trains K={k} rows as {parts} micro-batches (ranks x gradient "
+                             "accumulation) of at least one row: raise keep")
+        chosen = self.policy.choose_pooled(features, k).cpu()
+        if len(set(chosen.tolist())) != len(chosen):
+            raise ValueError(f"policy '{self.policy.name}' chose a row twice: {chosen.tolist()}")
+        rows = index[chosen.sort().values]
+        self.scoring_seconds += time.perf_counter() - started
+        if self.args.process_index == 0:
+            ids = self._describe(index, True)[0]
+            scores = getattr(self.policy, "_last_scores", None)
+            self._write({"step": self.state.global_step, "index": index.tolist(), "ids": ids,
+                         "phase": "select-global", "loss": _floats(torch.cat([part[2] for part in pooled])),
+                         "scores": None if scores is None else _floats(scores), "chosen": rows.tolist(),
+                         "chosen_ids": self._describe(rows, True)[0]})
+        shares = torch.tensor_split(rows, parts)[self.args.process_index * len(batches):][:len(batches)]
+        out = [self.data_collator([self.train_dataset[i] for i in share.tolist()]) for share in shares]
+        for batch in out:
+            self.examples_trained += len(batch["input_ids"])
+            mask = batch.get("attention_mask")
+            self.tokens_trained += int(batch["input_ids"].numel() if mask is None else mask.sum())
+        return out
 
     def _select(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The chosen rows of one candidate batch, as a batch the Trainer trains on; logs and counts."""
@@ -655,7 +727,7 @@ class SelectiveTrainer(SelectionMixin, Trainer):
 def train_online(examples: Sequence[Example], policy: Policy | str, keep: float = 0.25, *,
                  model: str | None = None, settings: TrainSettings | None = None, warmup_steps: int = 0,
                  trainer_class: type[SelectionMixin] = SelectiveTrainer,
-                 holdout: Sequence[Example] | None = None) -> TrainResult:
+                 holdout: Sequence[Example] | None = None, global_selection: bool = False) -> TrainResult:
     """Fine-tune as :func:`slimtune.train.train` does, backpropagating the K = ``keep`` rows of every
     candidate batch of B = ``settings.batch_size`` that ``policy`` (a Policy or a registered name) chooses.
 
@@ -663,7 +735,8 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
     ``holdout``: for RHO-loss without a ``reference_model``, the held-out rows its irreducible-loss model
     trains on (none of them may be in ``examples``); by default the policy's ``holdout`` share of
     ``examples``, drawn with the run's seed and removed from training. Their ids go to
-    ``output_dir/holdout_ids.json``.
+    ``output_dir/holdout_ids.json``. ``global_selection``: choose each optimiser step's K among the candidates
+    of all its micro-batches on all ranks (see :meth:`SelectionMixin._select_globally`).
     """
     from slimtune.train import TrainSettings, train  # the training floor sits above online/; reached only here
 
@@ -676,7 +749,7 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
         policy = dataclasses.replace(policy, reference_model=str(irreducible_model(held_out, model, settings)))
     return train(examples, model=model, settings=settings, trainer_class=trainer_class,
                  trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps,
-                                 "max_length": settings.max_length})
+                                 "max_length": settings.max_length, "global_selection": global_selection})
 
 
 def split_holdout(examples: Sequence[Example], holdout: Sequence[Example] | None, share: float,

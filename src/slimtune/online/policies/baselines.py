@@ -39,6 +39,12 @@ class UniformPolicy(Policy):
     def choose(self, batch: CandidateBatch, k: int) -> Tensor:
         return torch.randperm(len(batch), generator=self._generator)[:k]
 
+    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor]:
+        return {"row": torch.zeros(len(batch))}
+
+    def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
+        return torch.randperm(len(features["row"]), generator=self._generator)[:k]
+
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._generator.get_state()}
 

@@ -144,22 +144,38 @@ class UDSPolicy(TopKPolicy):
                              "max length.")
         return (self._seq_side[:, :n].to(vocab_sketch.device) @ vocab_sketch).flatten()
 
-    def score(self, batch: CandidateBatch) -> Tensor:
+    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor]:
+        """Each row's ||L_i||_* and sketch z_i: all that scoring and the memory need."""
         parts = self._grams_and_vocab_sketches(batch)
-        intra = torch.stack([gram_nuclear_norm(gram) for gram, _ in parts])
         sketches = torch.stack([self.sketch(vocab_sketch) for _, vocab_sketch in parts])
-        intra = intra.to(sketches.device)
+        intra = torch.stack([gram_nuclear_norm(gram) for gram, _ in parts]).to(sketches.device)
+        return {"intra": intra, "sketch": sketches}
+
+    def _score(self, features: dict[str, Tensor]) -> Tensor:
+        intra, sketches = features["intra"], features["sketch"]
         memory = self._memory.to(sketches.device)
         inter = (torch.cdist(sketches, memory).mean(1) if len(memory)
-                 else torch.zeros(len(batch), device=sketches.device))
-        self._last_sketch = dict(zip(batch.index.tolist(), sketches, strict=True))
+                 else torch.zeros(len(sketches), device=sketches.device))
         if self.unmasked_raw:
             return intra + self.alpha * inter
         return zscore(intra) + self.alpha * zscore(inter)
 
-    def observe(self, chosen: CandidateBatch) -> None:
-        kept = torch.stack([self._last_sketch[i] for i in chosen.index.tolist()])
+    def score(self, batch: CandidateBatch) -> Tensor:
+        features = self.row_features(batch)
+        self._last_sketch = dict(zip(batch.index.tolist(), features["sketch"], strict=True))
+        return self._score(features)
+
+    def _remember(self, kept: Tensor) -> None:
         self._memory = torch.cat([self._memory.to(kept.device), kept])[-self.memory_size:]
+
+    def observe(self, chosen: CandidateBatch) -> None:
+        self._remember(torch.stack([self._last_sketch[i] for i in chosen.index.tolist()]))
+
+    def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
+        self._last_scores = self._score(features)
+        chosen = torch.topk(self._last_scores, min(k, len(self._last_scores))).indices
+        self._remember(features["sketch"][chosen])
+        return chosen
 
     def state_dict(self) -> dict[str, Any]:
         return {"memory": self._memory.cpu().clone()}
