@@ -8,7 +8,7 @@ Per micro-batch (UDS, Zou et al. 2025, Algorithm 1, and every online baseline):
     chosen     <- policy.choose(candidates, K);  policy.observe(candidates[chosen])
     the Trainer's usual forward + backward on the chosen rows only
 
-K is ``keep`` x B when ``keep`` < 1 (rounded, at least 1) and ``keep`` rows when ``keep`` >= 1. The loss on
+K is ``keep`` x B when ``keep`` < 1 (rounded half up, at least 1) and ``keep`` rows when ``keep`` >= 1. The loss on
 the chosen rows is the Trainer's own loss on a batch of those rows: their response tokens' mean, exactly as
 for a plain batch of K, so learning rates tuned for batches of K carry over.
 
@@ -17,15 +17,20 @@ derives from a batch sees exactly the rows that are trained: the token count tha
 gradient accumulation, ``num_input_tokens_seen``, FLOPs and the logged loss. With gradient accumulation every
 micro-batch selects its own K independently (the weights do not change inside an accumulation window, so
 this is the same as selecting just before each micro-batch's backward); under DDP each rank selects from its
-own candidates, with no extra communication. The first ``warmup_steps`` optimiser steps train on whole
-candidate batches.
+own candidates, with no extra communication. With ``global_selection=True`` the K of an optimiser step are
+chosen once among the candidates of all its micro-batches on all ranks (from per-row features every rank
+gathers, so the choice and the policy's memory are the same everywhere) and re-collated from the training
+set into full micro-batches; one process with 16 candidates and two with 8 each choose the same rows. A
+failure in one rank's scoring step raises on every rank. The first ``warmup_steps`` optimiser steps train
+on whole candidate batches.
 
-Every candidate batch appends one JSON line to ``output_dir/selection_log.jsonl``
-(``selection_log.rank{r}.jsonl`` under DDP), flushed as it goes: the step, every candidate's index, id, loss
-and score, the chosen rows and their loss weights. The trainer counts ``examples_trained``,
-``tokens_trained`` (non-padding tokens of backpropagated rows), ``candidates_scored``, ``scoring_tokens`` and
-``scoring_seconds`` (scoring forward + policy), and writes them, summed over ranks, to
-``selection_summary.json``. Policy memories are saved with each checkpoint and restored on resume.
+Every candidate batch (every step, written by rank 0, under global selection) appends one JSON line to
+``output_dir/selection_log.jsonl`` (``selection_log.rank{r}.jsonl`` under DDP), flushed as it goes: the
+step, every candidate's index, id, loss and score, the chosen rows and their loss weights. The trainer
+counts ``examples_trained``, ``tokens_trained`` (non-padding tokens of backpropagated rows),
+``candidates_scored``, ``scoring_tokens`` and ``scoring_seconds`` (scoring forward + policy), and writes
+them, summed over ranks, to ``selection_summary.json``. Policy memories are saved with each checkpoint and
+restored on resume.
 
 With TRL: ``class SelectiveSFTTrainer(SelectionMixin, SFTTrainer): pass`` (the mixin first). The mixin
 overrides no loss: the chosen rows reach the parent's ``training_step`` and ``compute_loss`` (TRL's metrics,
