@@ -422,7 +422,11 @@ class SelectionMixin:
                          "scores": None if scores is None else _floats(scores), "chosen": rows.tolist(),
                          "chosen_ids": self._describe(rows, True)[0]})
         shares = torch.tensor_split(rows, parts)[self.args.process_index * len(batches):][:len(batches)]
-        out = [self.data_collator([self.train_dataset[i] for i in share.tolist()]) for share in shares]
+        from slimtune.online.pruning import PrunedView  # pruning builds on this module
+
+        # Rows by example_index: a pruned epoch's view (PruningMixin) holds pool rows at other positions.
+        pool = self.train_dataset.dataset if isinstance(self.train_dataset, PrunedView) else self.train_dataset
+        out = [self.data_collator([pool[i] for i in share.tolist()]) for share in shares]
         for batch in out:
             self.examples_trained += len(batch["input_ids"])
             mask = batch.get("attention_mask")
