@@ -13,6 +13,7 @@ POLICIES: dict[str, str] = {
     "big-loss": "slimtune.online.policies.baselines:BigLossPolicy",
     "grad-norm": "slimtune.online.policies.baselines:GradNormPolicy",
     "rho-loss": "slimtune.online.policies.baselines:RhoLossPolicy",
+    "loss-minus-init": "slimtune.online.policies.baselines:LossMinusInitPolicy",
     "infobatch": "slimtune.online.policies.infobatch:InfoBatchPolicy",
     "uds": "slimtune.online.policies.uds:UDSPolicy",
     "slap": "slimtune.online.policies.slap:SLAPPolicy",
