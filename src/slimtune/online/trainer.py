@@ -58,11 +58,11 @@ from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.features.losses import score_losses, token_losses
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch, Policy
+from slimtune.train import TrainResult, TrainSettings, train
 from slimtune.utils import atomic_write_bytes, write_json
 
 if TYPE_CHECKING:
     from slimtune.data.example import Example
-    from slimtune.train import TrainResult, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +349,17 @@ class SelectionMixin:
                        self.selection_summary(result.metrics.get("train_runtime")))
         return result
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Training log lines carry selection so far, so the user's loggers (TensorBoard, W&B, ...) plot it too.
+        if not any(key.startswith("eval_") for key in logs):
+            logs.update(self.selection_stats())
+        super().log(logs, *args, **kwargs)
+
+    def selection_stats(self) -> dict[str, float]:
+        """This rank's selection so far: the share of streamed rows kept, scoring seconds, rows chosen."""
+        return {"selection/kept_share": self.examples_trained / max(1, self._rows_streamed),
+                "selection/scoring_seconds": self.scoring_seconds, "selection/chosen": self.examples_trained}
+
     def selection_summary(self, train_seconds: float | None = None) -> dict[str, Any]:
         """The policy, its parameters and what the run cost: rows and tokens trained and scored."""
         params = dataclasses.asdict(self.policy) if dataclasses.is_dataclass(self.policy) else {}
@@ -449,13 +460,14 @@ class SelectiveTrainer(SelectionMixin, Trainer):
 
 def train_online(examples: Sequence[Example], policy: Policy | str, keep: float = 0.25, *,
                  model: str | None = None, settings: TrainSettings | None = None, warmup_steps: int = 0,
-                 trainer_class: type[SelectionMixin] = SelectiveTrainer) -> TrainResult:
+                 trainer_class: type[SelectionMixin] = SelectiveTrainer, training_args: Any = None,
+                 callbacks: Sequence[Any] | None = None) -> TrainResult:
     """Fine-tune as :func:`slimtune.train.train` does, backpropagating the K = ``keep`` rows of every
     candidate batch of B = ``settings.batch_size`` that ``policy`` (a Policy or a registered name) chooses.
 
-    ``trainer_class``: another :class:`SelectionMixin` trainer, e.g. one built on TRL's SFTTrainer.
+    ``trainer_class``: another :class:`SelectionMixin` trainer, e.g. one built on TRL's SFTTrainer;
+    ``training_args``, ``callbacks``: the user's, as :func:`slimtune.train.train` takes them.
     """
-    from slimtune.train import train  # the training floor sits above online/; it is reached only from here
-
-    return train(examples, model=model, settings=settings, trainer_class=trainer_class,
+    return train(examples, model=model, settings=settings, training_args=training_args, callbacks=callbacks,
+                 trainer_class=trainer_class,
                  trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps})
