@@ -77,6 +77,7 @@ from slimtune.features.projection import make_projector
 from slimtune.features.store import FeatureStore, chunked_matmul, distributed_rank_world, key_digest
 from slimtune.models import LoraSettings, apply_lora, cache_dir, load_model, load_tokenizer
 from slimtune.select.base import Cost, Selector
+from slimtune.train import TrainSettings, train
 
 AGGREGATES = ("mean-gradient", "mean-cosine")
 
@@ -180,8 +181,6 @@ class LessSelector(Selector):
         return run_checkpoints(run)
 
     def _warmup_run(self, pool: Sequence[Example], cost: Cost, details: dict[str, Any]) -> Path:
-        from slimtune.train import TrainSettings, train
-
         rng = np.random.default_rng(self.seed)
         size = max(1, round(self.warmup_fraction * len(pool)))
         subset = [pool[i] for i in sorted(rng.choice(len(pool), size=size, replace=False))]
