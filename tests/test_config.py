@@ -66,6 +66,18 @@ def test_train_and_eval_read_config_files_too(tmp_path, pool):
     assert "known: batch-size, data, device, limit," in flat(result)
 
 
+def test_train_hands_the_trainer_the_users_loggers_and_arguments_from_a_config_file(tmp_path, pool):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data: {pool}\nout: {tmp_path / 'run'}\nmodel: tiny\nmax_length: 96\nbatch-size: 4\n"
+                      "max-steps: 5\nreport-to: tensorboard\ntraining-arg:\n  logging_steps: 1\n  max_grad_norm: 0.5\n")
+    result = runner.invoke(app, ["train", "--config", str(config), "--max-steps", "1"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "slimtune_train.json").read_text())
+    assert saved["global_steps"] == 1  # the flag, not the file's 5
+    assert saved["training_args"] == {"report_to": ["tensorboard"], "logging_steps": 1, "max_grad_norm": 0.5}
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
 def test_training_args_on_the_command_line_are_checked_by_name_and_type(tmp_path, pool):
     common = ["train", "--data", str(pool), "--model", "tiny", "--out", str(tmp_path / "run")]
     result = runner.invoke(app, [*common, "--training-arg", "max_grad_norms=1"])

@@ -46,7 +46,8 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                    help="Print slimtune's version and exit.")] = False) -> None:
-    pass
+    # Options that come before the command; --version acts in its callback, so there is nothing left to do.
+    return
 
 
 def _load(spec: str, shape: str | None = None, skip_bad: bool = False) -> list:
