@@ -4,7 +4,8 @@ Keys are the options' names, with dashes or underscores (``max-steps`` or ``max_
 flag takes. A repeatable ``key=value`` option (``param``, ``training-arg``) takes a list of ``key=value``
 strings or a mapping. The file's values become the command's defaults (click's ``default_map``, which typer
 keeps), so a flag given on the command line overrides the file. An unknown key or a value of the wrong type
-stops the command (exit 2) with the file and the key named.
+stops the command (exit 2) with the file and the key named. Paths in the file read as they would on the
+command line (from the working folder).
 """
 
 from __future__ import annotations
