@@ -261,7 +261,11 @@ def test_cosine_kernel_is_shifted_cosine_in_chunks_and_its_knn_form_keeps_each_r
     assert torch.allclose(cosine_kernel(a, b, chunk_size=5), expected, atol=1e-6)
     sparse = cosine_kernel(a, b, k=3, chunk_size=4)
     assert sparse.shape == (23, 11)
-    assert torch.equal(sparse.to_dense(), knn_sparsify(cosine_kernel(a, b), 3).to_dense())
+    # A chunk of 4 rows and the whole 23 go through different BLAS kernels, whose sums differ in the last bit:
+    # the same neighbours must be kept, with values equal to float rounding.
+    whole = knn_sparsify(cosine_kernel(a, b), 3).to_dense()
+    assert torch.equal(sparse.to_dense() > 0, whole > 0)
+    assert torch.allclose(sparse.to_dense(), whole, atol=1e-6)
     dense = sparse.to_dense()
     assert ((dense > 0).sum(1) == 3).all()
     assert torch.allclose(dense.max(1).values, expected.max(1).values, atol=1e-6)

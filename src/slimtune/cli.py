@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from slimtune.cachecli import cache_app
 from slimtune.config import ConfigOpt
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -23,6 +24,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="
                   help="Train LLMs on less data: pick the examples that matter (LESS, DELIFT, UDS, SLAP).")
 data_app = typer.Typer(no_args_is_help=True, help="Look at data before training on it.")
 app.add_typer(data_app, name="data")
+app.add_typer(cache_app, name="cache")
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face id, local path, 'smollm2' (embedded "
@@ -212,10 +214,13 @@ def select(
     existing_examples = _load(existing, None, skip_bad) if existing else None
     selection = cls(**params).select(pool, budget, target=target_examples, existing=existing_examples)
     subset_path = selection.save(out, pool)
+    from slimtune.bench.pictures import selection_rows, write_kept_report
+
+    write_kept_report(out, selection_rows(selection, pool))
     cost = selection.cost
     console.print(f"[green]kept {len(selection.kept)} of {len(pool)}[/green] with {method} -> {subset_path} "
                   f"({cost.seconds:.1f} s, {cost.forward_tokens:,} forward / {cost.backward_tokens:,} backward "
-                  f"tokens); manifest: {out / 'manifest.json'}")
+                  f"tokens); manifest: {out / 'manifest.json'}; pictures: {out / 'report.html'}")
 
 
 @app.command()
@@ -298,8 +303,14 @@ def train(
             result = train_pruned(examples, policy, keep=keep, model=model, settings=settings,
                                   training_args=user_args)
         else:
+            from slimtune.bench.pictures import online_rows, write_kept_report
+            from slimtune.online.trainer import read_selection_log
+
             result = train_online(examples, policy, keep=keep, model=model, settings=settings,
                                   training_args=user_args)
+            summary_file = out / "selection_summary.json"
+            summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+            write_kept_report(out, online_rows(read_selection_log(out), examples, summary))
     else:
         result = run_training(examples, model=model, settings=settings, training_args=user_args)
     console.print(f"[green]done[/green] in {result.seconds:.0f} s: {result.examples_seen} examples, "
@@ -333,7 +344,7 @@ def _policy_fields(name: str) -> set[str]:
 
 @app.command("eval")
 def evaluate_cmd(
-    data: Annotated[str, typer.Option(help="Evaluation examples: file, datasets folder or recipe.")],
+    data: Annotated[str | None, typer.Option(help="Evaluation examples: file, datasets folder or recipe.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model to evaluate (id, path, smollm2).")]
     = None,
     run: Annotated[Path | None, typer.Option(help="A `slimtune train` run folder (base model + adapter).")] = None,
@@ -345,22 +356,43 @@ def evaluate_cmd(
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,
     shape: ShapeOpt = None,
+    harness: Annotated[str | None, typer.Option(help="lm-evaluation-harness tasks, comma-separated (needs "
+                                                "slimtune[harness]); slimtune_gsm8k runs offline.")] = None,
+    harness_include: Annotated[Path | None, typer.Option(help="Folder of your own lm-eval task "
+                                                         "definitions (YAML).")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples per task.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Target loss and task metrics (GSM8K exact match, chrF/BLEU, option accuracy).
+    """Target loss and task metrics (GSM8K exact match, chrF/BLEU, option accuracy), and lm-eval tasks.
 
-    Example: [bold]slimtune eval --run runs/gsm8k --data gsm8k:test --limit 40[/bold]
+    Example: [bold]slimtune eval --run runs/gsm8k --data gsm8k:test --limit 40 --harness slimtune_gsm8k[/bold]
     """
-    from slimtune.evaluate import evaluate
+    from slimtune.evaluate import EvalReport, evaluate
     from slimtune.models import load_model
     from slimtune.train import load_trained
 
     if (model is None) == (run is None):
         raise typer.BadParameter("give exactly one of --model or --run")
-    examples = _load(data, shape)[:limit]
-    lm, tokenizer = load_trained(run, device=device) if run else load_model(model, device=device)
-    report = evaluate(lm, tokenizer, {_task_name(task, examples): examples}, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size)
+    if data is None and harness is None:
+        raise typer.BadParameter("give --data, --harness or both")
+    report = EvalReport()
+    if data is not None:
+        examples = _load(data, shape)[:limit]
+        lm, tokenizer = load_trained(run, device=device) if run else load_model(model, device=device)
+        report = evaluate(lm, tokenizer, {_task_name(task, examples): examples}, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size)
+        del lm  # lm-eval loads its own copy below; two copies of a large model need not coexist
+    if harness is not None:
+        from slimtune.evaluate.harness import run_harness
+
+        try:
+            run_harness([t.strip() for t in harness.split(",") if t.strip()], model=model, run=run,
+                        include_path=harness_include, limit=limit, num_fewshot=num_fewshot,
+                        batch_size=batch_size, device=device, max_new_tokens=max_new_tokens or 256,
+                        report=report)
+        except (ImportError, ValueError, FileNotFoundError) as err:
+            console.print(f"[red]error:[/red] --harness: {err}")
+            raise typer.Exit(2) from None
     console.print(report.table())
     if out:
         report.to_json(out)

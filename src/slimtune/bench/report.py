@@ -99,13 +99,32 @@ def verdicts(config: GridConfig, summary: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _figure_png(fig) -> str:
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def _figure_png(fig) -> str:
+    return base64.b64encode(png_bytes(fig)).decode("ascii")
+
+
+def figure_html(png_base64: str, caption: str) -> str:
+    """A figure embedded in the page itself, so a report folder can be moved or mailed whole."""
+    return (f'<figure><img src="data:image/png;base64,{png_base64}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def html_page(title: str, body: list[str]) -> str:
+    """The one page style of slimtune's HTML reports (bench grids, selections, online runs)."""
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}figure{display:inline-block}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
 
 
 def plot_quality_vs_budget(summary: pd.DataFrame, metric: str) -> str:
@@ -201,11 +220,7 @@ def write_report(config: GridConfig, rows: list[dict[str, Any]], out: Path) -> P
                  f"<p>Share in the pool: {float(pool_share.iloc[0]):.3f}</p>",
                  corrupt.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
     body += ["<h2>Curves</h2>"]
-    body += [f'<figure><img src="data:image/png;base64,{png}"><figcaption>{html.escape(caption)}</figcaption>'
-             f"</figure>" for caption, png in figures]
+    body += [figure_html(png, caption) for caption, png in figures]
     body += ["<h2>Every cell</h2>", table.to_html(index=False, float_format=lambda v: f"{v:.4g}")]
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}figure{display:inline-block}")
-    atomic_write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>slimtune "
-                      f"bench</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    atomic_write_text(out / "report.html", html_page("slimtune bench", body))
     return out / "report.md"

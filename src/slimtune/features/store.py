@@ -9,25 +9,49 @@ so caching, resuming, sharding across processes and streaming larger-than-RAM da
 - **atomic**: a shard ``<name>/<lo>-<hi>.npy`` holds rows lo..hi of array ``name``; it is written to a
   temporary file and renamed, then its manifest ``<lo>-<hi>.json`` is written the same way. A shard exists
   when its manifest does, so a process killed mid-write leaves nothing that is read back;
-- **resumable**: :meth:`FeatureStore.fill` computes only the shards whose manifests are missing;
-- **rank-sharded**: under ``torchrun`` / ``accelerate launch`` (``torch.distributed`` initialised, or the
-  ``RANK`` / ``WORLD_SIZE`` environment) shard i is computed by rank i % world; every rank then waits until
-  all shards exist. Shard boundaries do not depend on the number of processes, so the merged store is the
-  store a single process writes;
-- **streaming**: :meth:`FeatureStore.open` returns a :class:`ShardedArray`, a lazily concatenated view of
-  memory-mapped shards; :func:`chunked_matmul` and :func:`chunked_matmul_topk` read it a chunk of rows at a
-  time, so selection works on a pool whose features exceed RAM.
+- **verified**: the manifest records the shard's shape, dtype, byte size and the CRC-32 of the whole file.
+  Every read checks the size and the ``.npy`` header against it (a ``stat`` and one small read per shard);
+  the checksum is checked the first time a process uses a shard (by :meth:`FeatureStore.fill`, or on first
+  mapping by :meth:`FeatureStore.open`), remembered for the file's (size, mtime, inode) and not repeated.
+  That costs one extra sequential read of the store per process: zlib's CRC-32 runs at 1.5-2 GB/s on one
+  core here, about disk speed and ~4x blake2b, and a cache is not a trust boundary, so a 32-bit check for
+  accidental damage (torn copies, bit rot, a truncating disk-full) is what is needed, not a cryptographic
+  hash. A bad shard is never used: ``fill`` logs a warning naming the file, discards and recomputes it;
+  ``open`` raises :class:`CorruptShardError` naming it (the next ``fill`` recomputes it). Manifests written
+  before checksums existed are still read, checked by header and size only (recomputing LESS features costs
+  hours; those files were written by the same atomic path);
+- **resumable**: :meth:`FeatureStore.fill` computes only the shards that are missing or bad;
+- **claimed**: under ``torchrun`` / ``accelerate launch`` (``torch.distributed`` initialised, or the
+  ``RANK`` / ``WORLD_SIZE`` environment) every rank claims missing shards one at a time with a claim file
+  created by ``O_EXCL`` (rank, pid, host, time), so a run resumed at any world size spreads what is left over
+  the ranks it has now. A claim whose process died (pid gone, on this host) or, from another host, older
+  than the timeout is taken over. Claims only spread the work: shards are deterministic and written
+  atomically, so the rare double computation a takeover race allows costs time, never correctness. Every
+  rank returns from ``fill`` only when all shards exist; waiting has a timeout (``SLIMTUNE_STORE_TIMEOUT``
+  seconds, default :data:`DEFAULT_TIMEOUT`) whose error names the rank, the shard and its claimant. Shard
+  boundaries do not depend on the number of processes, so the merged store is the store one process writes;
+- **progress**: rank 0 logs rows/s and ETA on the ``slimtune.store`` logger (INFO, silent unless a handler
+  is configured), each record carrying a :class:`FillProgress` as ``record.fill_progress`` for a display;
+- **streaming**: :meth:`FeatureStore.open` returns a :class:`ShardedArray`, a lazily concatenated view that
+  maps shards on demand and keeps at most :data:`MAX_OPEN_SHARDS` mapped (one file descriptor each), so a
+  store of any number of shards opens under a small ``ulimit -n``; :func:`chunked_matmul` and
+  :func:`chunked_matmul_topk` read it a chunk of rows at a time, so selection works on a pool whose features
+  exceed RAM.
 
 Arrays are generic (any dtype, any width, any row ranges), so a kernel's row blocks fit as well as features.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
+import logging
 import os
+import socket
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +63,22 @@ from torch import Tensor
 
 from slimtune.utils import atomic_write_bytes, write_json
 
+log = logging.getLogger("slimtune.store")
+
 #: Rows of a ShardedArray read into memory at once by the chunked operations.
 DEFAULT_CHUNK_ROWS = 8192
+#: Shards a ShardedArray keeps mapped at once (each mapping holds a file descriptor).
+MAX_OPEN_SHARDS = 64
+#: Seconds a rank waits for a shard claimed by another process before giving up (SLIMTUNE_STORE_TIMEOUT).
+DEFAULT_TIMEOUT = 3600.0
+#: Seconds between rank 0's progress records.
+PROGRESS_EVERY = 30.0
+_POLL = 0.2
+_UNREADABLE_CLAIM = 10.0
+_READ_BLOCK = 1 << 24
+
+#: path -> (size, mtime_ns, inode) of shard files whose checksum this process has verified
+_verified: dict[str, tuple[int, int, int]] = {}
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -50,9 +88,39 @@ def distributed_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def store_timeout() -> float:
+    """The wait timeout in seconds: ``SLIMTUNE_STORE_TIMEOUT`` if set, else :data:`DEFAULT_TIMEOUT`."""
+    value = os.environ.get("SLIMTUNE_STORE_TIMEOUT")
+    if value is None:
+        return DEFAULT_TIMEOUT
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"SLIMTUNE_STORE_TIMEOUT={value!r} is not a number of seconds") from None
+
+
 def key_digest(key: Mapping[str, Any]) -> str:
     canon = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:20]
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(_READ_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+class CorruptShardError(ValueError):
+    """Shards that failed verification; ``problems`` maps each data file to what is wrong with it."""
+
+    def __init__(self, problems: Mapping[Path, str]):
+        self.problems = dict(problems)
+        listed = "; ".join(f"{path}: {problem}" for path, problem in list(self.problems.items())[:5])
+        more = f" (and {len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
+        super().__init__(f"bad feature-store shard(s): {listed}{more}. They are not used: rerun the command "
+                         "to recompute them, or remove them with `slimtune cache verify --fix`")
 
 
 @dataclass(frozen=True)
@@ -62,6 +130,84 @@ class Shard:
     hi: int
     path: Path
 
+    @property
+    def manifest(self) -> Path:
+        return self.path.with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a verified shard's rows lie in its file."""
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    crc32: int | None  # None in manifests written before checksums
+
+
+@dataclass(frozen=True)
+class FillProgress:
+    """What :meth:`FeatureStore.fill` reports on rank 0 (``seconds_left`` is None until a rate is known)."""
+    store: Path
+    names: tuple[str, ...]
+    rows_done: int
+    rows_total: int
+    rows_per_second: float
+    seconds_left: float | None
+
+
+def inspect_shard(shard: Shard, *, checksum: bool) -> tuple[_Layout | None, str | None]:
+    """``(layout, None)`` for a good shard, ``(None, problem)`` otherwise: manifest readable, data file
+    present with the recorded size, ``.npy`` header matching the manifest's shape and dtype and the file
+    long enough for it, and (``checksum``) the file's CRC-32 equal to the manifest's. A checksum verified
+    once by this process is not recomputed while the file's size, mtime and inode stay the same."""
+    try:
+        manifest = json.loads(shard.manifest.read_text())
+        shape, dtype = tuple(manifest["shape"]), np.dtype(manifest["dtype"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"unreadable manifest {shard.manifest.name} ({err})"
+    try:
+        stat = shard.path.stat()
+    except FileNotFoundError:
+        return None, "data file missing"
+    if stat.st_size == 0:
+        return None, "empty file (0 bytes)"
+    if "bytes" in manifest and stat.st_size != manifest["bytes"]:
+        return None, f"{stat.st_size} bytes, the manifest says {manifest['bytes']}"
+    try:
+        with open(shard.path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            found_shape, fortran, found_dtype = read_header(fh)
+            offset = fh.tell()
+    except (OSError, ValueError, EOFError) as err:
+        return None, f"unreadable .npy header ({err})"
+    if found_shape != shape or found_dtype != dtype or fortran:
+        return None, (f"header says {found_dtype}{list(found_shape)}{' (Fortran order)' if fortran else ''}, "
+                      f"the manifest {dtype}{list(shape)}")
+    if not shape or shape[0] != shard.hi - shard.lo:
+        return None, f"holds {shape[0] if shape else 0} rows, its name says {shard.hi - shard.lo}"
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if stat.st_size != expected:
+        return None, f"short file: {stat.st_size} of {expected} bytes"
+    layout = _Layout(offset, shape, dtype, manifest.get("crc32"))
+    problem = checksum_problem(shard.path, layout.crc32) if checksum else None
+    return (None, problem) if problem else (layout, None)
+
+
+def checksum_problem(path: Path, crc32: int | None) -> str | None:
+    """None when ``path``'s CRC-32 is ``crc32`` (or none was recorded), else the mismatch; remembered for the
+    file's (size, mtime, inode), so a process checks a file once."""
+    if crc32 is None:
+        return None
+    stat = path.stat()
+    fingerprint = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if _verified.get(str(path)) != fingerprint:
+        if file_crc32(path) != crc32:
+            return "checksum mismatch (the bytes changed after they were written)"
+        _verified[str(path)] = fingerprint
+    return None
+
 
 class FeatureStore:
     """A directory of named, row-sharded arrays. See the module docstring for the guarantees."""
@@ -69,6 +215,8 @@ class FeatureStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        #: data files this object found bad, discarded and recomputed, in the order found
+        self.discarded: list[Path] = []
 
     @classmethod
     def keyed(cls, key: Mapping[str, Any], root: str | os.PathLike | None = None) -> FeatureStore:
@@ -88,12 +236,26 @@ class FeatureStore:
         file = self.path / "key.json"
         return json.loads(file.read_text()) if file.exists() else {}
 
-    # -- writing -------------------------------------------------------------------------------------------
-    def _stem(self, name: str, lo: int, hi: int) -> Path:
-        return self.path / name / f"{lo:012d}-{hi:012d}"
+    def _shard(self, name: str, lo: int, hi: int) -> Shard:
+        return Shard(name, lo, hi, self.path / name / f"{lo:012d}-{hi:012d}.npy")
 
+    # -- writing -------------------------------------------------------------------------------------------
     def has(self, name: str, lo: int, hi: int) -> bool:
-        return self._stem(name, lo, hi).with_suffix(".json").exists()
+        """Whether shard ``name[lo:hi]`` was committed (its manifest exists); :meth:`verify` checks it."""
+        return self._shard(name, lo, hi).manifest.exists()
+
+    def verify(self, name: str, lo: int, hi: int, *, checksum: bool = True) -> str | None:
+        """None when shard ``name[lo:hi]`` is committed and sound, else what is wrong with it."""
+        shard = self._shard(name, lo, hi)
+        if not shard.manifest.exists():
+            return "missing"
+        return inspect_shard(shard, checksum=checksum)[1]
+
+    def discard(self, name: str, lo: int, hi: int) -> None:
+        """Remove shard ``name[lo:hi]``: manifest first, so it stops existing before its data goes."""
+        shard = self._shard(name, lo, hi)
+        shard.manifest.unlink(missing_ok=True)
+        shard.path.unlink(missing_ok=True)
 
     def write(self, name: str, lo: int, hi: int, array: np.ndarray | Tensor, **meta: Any) -> None:
         """Store rows ``lo..hi`` of array ``name`` (its first axis must have hi - lo entries)."""
@@ -102,46 +264,97 @@ class FeatureStore:
         array = np.ascontiguousarray(array)
         if array.shape[0] != hi - lo:
             raise ValueError(f"shard {name}[{lo}:{hi}] needs {hi - lo} rows, got {array.shape[0]}")
-        stem = self._stem(name, lo, hi)
-        stem.parent.mkdir(parents=True, exist_ok=True)
+        shard = self._shard(name, lo, hi)
+        shard.path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        atomic_write_bytes(stem.with_suffix(".npy"), buffer.getvalue())
-        write_json(stem.with_suffix(".json"), {"name": name, "lo": lo, "hi": hi, "shape": list(array.shape),
-                                               "dtype": str(array.dtype), **meta})
+        data = buffer.getvalue()
+        atomic_write_bytes(shard.path, data)
+        write_json(shard.manifest, {"name": name, "lo": lo, "hi": hi, "shape": list(array.shape),
+                                    "dtype": str(array.dtype), "bytes": len(data), "crc32": zlib.crc32(data),
+                                    **meta})
+        stat = shard.path.stat()
+        _verified[str(shard.path)] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
     def fill(self, names: Sequence[str], n_rows: int, shard_rows: int,
              compute: Callable[[int, int], Mapping[str, np.ndarray | Tensor]], *,
              timeout: float | None = None) -> dict[str, int]:
-        """Make arrays ``names`` hold rows 0..n_rows, computing ``compute(lo, hi) -> {name: rows}`` for every
-        missing shard of ``shard_rows`` rows that belongs to this rank, then waiting for the other ranks'.
+        """Make arrays ``names`` hold rows 0..n_rows in shards of ``shard_rows`` rows: every rank claims
+        missing or bad shards one at a time and computes ``compute(lo, hi) -> {name: rows}`` for them, then
+        waits until the other ranks' claims are written (``timeout`` seconds without progress, default
+        :func:`store_timeout`). Existing shards are verified (checksums included) before they count.
 
         Returns counts of shards ``computed`` here and ``reused`` from an earlier run or another rank.
         """
         rank, world = distributed_rank_world()
+        timeout = store_timeout() if timeout is None else timeout
         bounds = [(lo, min(n_rows, lo + shard_rows)) for lo in range(0, n_rows, shard_rows)]
-        computed = 0
-        for i, (lo, hi) in enumerate(bounds):
-            if i % world != rank or all(self.has(name, lo, hi) for name in names):
-                continue
+        if world > 1:  # ranks start at different shards, so they rarely contend for the same claim
+            start = rank * len(bounds) // world
+            bounds = bounds[start:] + bounds[:start]
+        pending = [b for b in bounds if not self._sound(names, *b)]
+        progress = _ProgressLog(self.path, tuple(names), n_rows, n_rows - sum(hi - lo for lo, hi in pending),
+                                enabled=rank == 0)
+        computed, last_progress = 0, time.monotonic()
+        while pending:
+            left, busy = [], None
+            for lo, hi in pending:
+                outcome = self._settle(names, lo, hi, compute, rank, timeout)
+                if isinstance(outcome, dict):  # another live process is computing it
+                    left.append((lo, hi))
+                    busy = busy or ((lo, hi), outcome)
+                    continue
+                computed += outcome
+                progress.done(hi - lo)
+                last_progress = time.monotonic()
+            if left and len(left) == len(pending):  # nothing moved in this pass: wait for the claimants
+                if time.monotonic() - last_progress > timeout:
+                    (lo, hi), claim = busy
+                    raise TimeoutError(
+                        f"rank {rank} waited {timeout:.0f} s for shard {names[0]}[{lo}:{hi}] of {self.path}, "
+                        f"claimed by {_describe(claim)}; if that process is gone, delete "
+                        f"{self._claim_path(names, lo, hi)}, or raise SLIMTUNE_STORE_TIMEOUT")
+                time.sleep(_POLL)
+            pending = left
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # no rank reads the store while another may still discard a bad shard it found
+            torch.distributed.barrier()
+        return {"computed": computed, "reused": len(bounds) - computed}
+
+    def _sound(self, names: Sequence[str], lo: int, hi: int) -> bool:
+        return all(self.verify(name, lo, hi) is None for name in names)
+
+    def _settle(self, names: Sequence[str], lo: int, hi: int,
+                compute: Callable[[int, int], Mapping[str, np.ndarray | Tensor]], rank: int,
+                timeout: float) -> int | dict:
+        """Make shard lo..hi of ``names`` sound: 0 if it is (written by someone else), 1 if computed here,
+        or the claim of the live process that is computing it."""
+        if self._sound(names, lo, hi):
+            return 0
+        claim = self._claim_path(names, lo, hi)
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        holder = _claim(claim, rank, timeout)
+        if holder is not None:
+            return holder
+        try:
+            problems = {name: self.verify(name, lo, hi) for name in names}  # again, now that it is ours
+            if all(problem is None for problem in problems.values()):
+                return 0
+            for name, problem in problems.items():
+                if problem not in (None, "missing"):
+                    shard = self._shard(name, lo, hi)
+                    log.warning("%s: %s; discarded and recomputed", shard.path, problem)
+                    self.discarded.append(shard.path)
+                    self.discard(name, lo, hi)
             arrays = compute(lo, hi)
             for name in names:
                 self.write(name, lo, hi, arrays[name])
-            computed += 1
-        if world > 1:
-            self._wait(bounds, names, timeout)
-        return {"computed": computed, "reused": len(bounds) - computed}
+            return 1
+        finally:
+            claim.unlink(missing_ok=True)
 
-    def _wait(self, bounds: list[tuple[int, int]], names: Sequence[str], timeout: float | None) -> None:
-        """Block until every shard exists: a collective barrier when a process group is up (ranks finish
-        together), then polling the file system, which also serves launchers without a process group."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not all(self.has(name, lo, hi) for name in names for lo, hi in bounds):
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"other ranks did not finish the shards of {self.path} in {timeout} s")
-            time.sleep(0.2)
+    def _claim_path(self, names: Sequence[str], lo: int, hi: int) -> Path:
+        return self._shard(names[0], lo, hi).path.with_suffix(".claim")
 
     # -- reading -------------------------------------------------------------------------------------------
     def shards(self, name: str) -> list[Shard]:
@@ -150,13 +363,17 @@ class FeatureStore:
         if not folder.is_dir():
             return []
         found = []
-        for manifest in folder.glob("*.json"):
+        for manifest in folder.glob("*-*.json"):
             lo, hi = (int(part) for part in manifest.stem.split("-"))
             found.append(Shard(name, lo, hi, manifest.with_suffix(".npy")))
         return sorted(found, key=lambda s: s.lo)
 
-    def open(self, name: str, rows: int | None = None) -> ShardedArray:
-        """A lazily concatenated view of ``name``; its shards must tile rows 0..n (0..``rows`` if given)."""
+    def open(self, name: str, rows: int | None = None, *, max_open: int = MAX_OPEN_SHARDS) -> ShardedArray:
+        """A lazily concatenated view of ``name``; its shards must tile rows 0..n (0..``rows`` if given).
+
+        Every shard's size and header are checked now; its checksum the first time it is mapped (unless this
+        process verified it already). A bad shard raises :class:`CorruptShardError` naming its file.
+        """
         shards = self.shards(name)
         expected = 0
         for shard in shards:
@@ -165,32 +382,143 @@ class FeatureStore:
             expected = shard.hi
         if not shards or (rows is not None and expected != rows):
             raise ValueError(f"{self.path / name} holds {expected} rows, expected {rows}")
-        return ShardedArray([np.load(s.path, mmap_mode="r") for s in shards])
+        layouts, problems = [], {}
+        for shard in shards:
+            layout, problem = inspect_shard(shard, checksum=False)
+            if problem is not None:
+                problems[shard.path] = problem
+            layouts.append(layout)
+        if problems:
+            raise CorruptShardError(problems)
+        tails = {(layout.shape[1:], layout.dtype) for layout in layouts}
+        if len(tails) > 1:
+            raise ValueError(f"{self.path / name}: shards disagree on row shape or dtype: {sorted(map(str, tails))}")
+        return ShardedArray(shards, layouts, max_open=max_open)
+
+
+def _claim(path: Path, rank: int, stale_after: float) -> dict | None:
+    """Create the claim file ``path`` (None: it is ours), or return the live claim that holds it; a stale
+    claim (see :func:`_stale`) is removed and retaken."""
+    mine = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text, age = path.read_text(), time.time() - path.stat().st_mtime
+            except FileNotFoundError:  # released between our two looks
+                continue
+            try:
+                holder = json.loads(text)
+            except ValueError:  # being written this instant
+                holder = {}
+            if not _stale(holder, age, stale_after):
+                return holder or {"file": str(path)}
+            log.info("%s: taking over the claim of %s", path, _describe(holder))
+            try:
+                if path.read_text() == text:  # nobody retook it since we looked
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(mine, fh)
+        return None
+    return {"file": str(path), "note": "contended"}
+
+
+def _stale(holder: Mapping[str, Any], age: float, stale_after: float) -> bool:
+    """On this host a claim is stale exactly when its process is gone; from another host (whose processes
+    cannot be seen) when it is older than ``stale_after`` seconds; unreadable (its writer died between
+    creating and filling it, a matter of microseconds) after :data:`_UNREADABLE_CLAIM` seconds."""
+    if not holder:
+        return age > _UNREADABLE_CLAIM
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return age > stale_after
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def _describe(claim: Mapping[str, Any]) -> str:
+    if "pid" not in claim:
+        return f"a claim being written ({claim.get('file', '?')})"
+    since = time.strftime("%H:%M:%S", time.localtime(claim.get("time", 0)))
+    return f"rank {claim.get('rank')} (pid {claim['pid']} on {claim.get('host')}) since {since}"
+
+
+class _ProgressLog:
+    """Rows/s and ETA of a fill on the ``slimtune.store`` logger, every :data:`PROGRESS_EVERY` seconds."""
+
+    def __init__(self, store: Path, names: tuple[str, ...], total: int, already: int, *, enabled: bool):
+        self.store, self.names, self.total, self.done_rows = store, names, total, already
+        self.already, self.enabled = already, enabled
+        self.start = self.last = time.monotonic()
+
+    def done(self, rows: int) -> None:
+        self.done_rows += rows
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < PROGRESS_EVERY and self.done_rows < self.total):
+            return
+        self.last = now
+        rate = (self.done_rows - self.already) / max(now - self.start, 1e-9)
+        left = (self.total - self.done_rows) / rate if rate > 0 else None
+        report = FillProgress(self.store, self.names, self.done_rows, self.total, rate, left)
+        eta = "" if left is None else f", ETA {left / 60:.1f} min"
+        log.info("%s %s: %d/%d rows, %.1f rows/s%s", self.store.name, "+".join(self.names), self.done_rows,
+                 self.total, rate, eta, extra={"fill_progress": report})
 
 
 class ShardedArray:
-    """Row-wise concatenation of memory-mapped parts; indexing reads only the rows it returns."""
+    """Row-wise concatenation of a store's shards; indexing reads only the rows it returns. Shards are
+    mapped on first use and at most ``max_open`` stay mapped (least recently used unmapped first)."""
 
-    def __init__(self, parts: list[np.ndarray]):
-        self.parts = parts
-        self.starts = np.cumsum([0] + [len(p) for p in parts])
-        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
-        self.dtype = parts[0].dtype
+    def __init__(self, shards: Sequence[Shard], layouts: Sequence[_Layout], *, max_open: int = MAX_OPEN_SHARDS):
+        self.shards, self.layouts = list(shards), list(layouts)
+        self.starts = np.cumsum([0] + [layout.shape[0] for layout in layouts])
+        self.shape = (int(self.starts[-1]), *layouts[0].shape[1:])
+        self.dtype = layouts[0].dtype
+        self.max_open = max_open
+        self._mapped: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def part(self, index: int) -> np.ndarray:
+        """Shard ``index`` memory-mapped (its checksum verified on this process's first use)."""
+        if index in self._mapped:
+            self._mapped.move_to_end(index)
+            return self._mapped[index]
+        shard, layout = self.shards[index], self.layouts[index]
+        try:
+            problem = checksum_problem(shard.path, layout.crc32)
+        except FileNotFoundError:
+            problem = "data file missing"
+        if problem is not None:
+            raise CorruptShardError({shard.path: problem})
+        mapped = np.memmap(shard.path, layout.dtype, mode="r", offset=layout.offset, shape=layout.shape)
+        self._mapped[index] = mapped
+        while len(self._mapped) > self.max_open:
+            self._mapped.popitem(last=False)
+        return mapped
+
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """Rows lo..hi as one in-memory array."""
         lo, hi = max(0, lo), min(len(self), hi)
+        out = np.empty((max(0, hi - lo), *self.shape[1:]), self.dtype)
         first = int(np.searchsorted(self.starts, lo, side="right")) - 1
-        pieces = []
-        while lo < hi:
+        at = lo
+        while at < hi:
             start = self.starts[first]
             take = min(hi, self.starts[first + 1])
-            pieces.append(self.parts[first][lo - start:take - start])
-            lo, first = take, first + 1
-        return np.concatenate(pieces) if pieces else np.empty((0, *self.shape[1:]), self.dtype)
+            # copied out, so no view keeps an unmapped shard's file open
+            out[at - lo:take - lo] = self.part(first)[at - start:take - start]
+            at, first = take, first + 1
+        return out
 
     def __getitem__(self, index) -> np.ndarray:
         if isinstance(index, slice) and index.step in (None, 1):
@@ -202,7 +530,7 @@ class ShardedArray:
         part_of = np.searchsorted(self.starts, flat, side="right") - 1
         for part in np.unique(part_of):
             mine = part_of == part
-            out[mine] = self.parts[part][flat[mine] - self.starts[part]]
+            out[mine] = self.part(int(part))[flat[mine] - self.starts[part]]
         return out[0] if np.ndim(picked) == 0 else out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
