@@ -25,7 +25,9 @@ Every candidate batch appends one JSON line to ``output_dir/selection_log.jsonl`
 and score, the chosen rows and their loss weights. The trainer counts ``examples_trained``,
 ``tokens_trained`` (non-padding tokens of backpropagated rows), ``candidates_scored``, ``scoring_tokens`` and
 ``scoring_seconds`` (scoring forward + policy), and writes them, summed over ranks, to
-``selection_summary.json``. Policy memories are saved with each checkpoint and restored on resume.
+``selection_summary.json``. Every training log line (``Trainer.log``, so whatever ``report_to`` names sees it)
+carries this rank's ``selection/kept_share``, ``selection/scoring_seconds`` and ``selection/chosen`` so far.
+Policy memories are saved with each checkpoint and restored on resume.
 
 With TRL: ``class SelectiveSFTTrainer(SelectionMixin, SFTTrainer): pass`` (the mixin first). Rows are
 identified by an ``example_index`` column when the collator keeps one (slimtune's
