@@ -78,6 +78,16 @@ def test_train_hands_the_trainer_the_users_loggers_and_arguments_from_a_config_f
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
 
 
+def test_the_trainer_flags_become_training_arguments_and_win_over_training_arg():
+    from slimtune.cli import _training_args
+
+    assert _training_args(["report_to=mlflow", "logging_steps=2"], report_to="tensorboard, wandb",
+                          deepspeed="ds_zero2.json", fsdp="full_shard auto_wrap") == {
+        "report_to": ["tensorboard", "wandb"], "logging_steps": 2.0, "deepspeed": "ds_zero2.json",
+        "fsdp": "full_shard auto_wrap"}
+    assert _training_args(None, report_to=None, deepspeed=None, fsdp=None) == {}
+
+
 def test_training_args_on_the_command_line_are_checked_by_name_and_type(tmp_path, pool):
     common = ["train", "--data", str(pool), "--model", "tiny", "--out", str(tmp_path / "run")]
     result = runner.invoke(app, [*common, "--training-arg", "max_grad_norms=1"])
