@@ -108,7 +108,7 @@ def test_loss_keeps_highest_or_lowest_and_puts_unscorable_rows_last(monkeypatch,
     assert high.kept == [1, 4]
     np.testing.assert_array_equal(high.scores, losses)  # the manifest shows the losses themselves
     patch_losses(monkeypatch, tokenizer, losses)
-    low = LossSelector(model="tiny", keep="lowest").select(pool, len(pool))
+    low = LossSelector(model="tiny", keep="lowest").select(pool, len(pool), allow_unscored=True)
     assert low.kept[:2] == [3, 0]
     assert low.kept[-1] == 2
     patch_losses(monkeypatch, tokenizer, losses)
@@ -135,17 +135,15 @@ def test_loss_of_a_dialogue_scores_only_its_last_response(tiny):
     assert selection.scores[0] == pytest.approx(hand_loss(model, tokenizer, turns), rel=1e-5)
 
 
-def test_rows_with_no_response_left_within_max_length_get_no_score(pool):
+def test_rows_longer_than_max_length_lose_the_prompt_start_and_are_still_scored(pool):
     long_prompt = qa("word " * 400, "the answer", id="long")
-    # the final answer is cut off; the first one survives but is context, not the response
+    # the final answer survives; the first one is cut away with the start of the prompt
     long_dialogue = make_example([{"role": "user", "content": "Hi"},
                                   {"role": "assistant", "content": "Hello!"},
                                   {"role": "user", "content": "word " * 400},
                                   {"role": "assistant", "content": "the answer"}], id="dialogue")
     selection = LossSelector(model="tiny", max_length=64).select([*pool[:3], long_prompt, long_dialogue], 5)
-    assert np.isnan(selection.scores[3:]).all()
-    assert selection.kept[-2:] == [3, 4]
-    assert selection.manifest()["examples"][3]["score"] is None
+    assert np.isfinite(selection.scores).all() and not selection.cost.unscored
 
 
 # ---- IFD ---------------------------------------------------------------------------------------------------
@@ -161,28 +159,32 @@ def test_ifd_is_the_conditioned_over_the_unconditioned_response_loss(tiny, pool)
     assert selection.kept == np.argsort(-selection.scores, kind="stable")[:3].tolist()
 
 
-def test_ifd_compares_the_same_response_tokens_when_max_length_cuts_the_response(tiny):
+def test_ifd_scores_the_whole_response_when_max_length_cuts_the_prompt(tiny):
     model, tokenizer = tiny
-    row = qa("Describe the sea.", "The sea is wide, deep and blue, and it moves with the wind and the moon.")
+    row = qa("Describe the sea. " * 20, "The sea is wide, deep and blue.")
     messages = list(row.messages)
-    prompt_tokens = len(render_ids(tokenizer, messages[:-1], add_generation_prompt=True))
-    kept_tokens = 4
-    selection = IFDSelector(model="tiny", max_length=prompt_tokens + kept_tokens).select([row], 1)
+    ids = render_ids(tokenizer, messages)
+    start = len(render_ids(tokenizer, messages[:-1], add_generation_prompt=True))
+    max_length = len(ids) - start + 5  # the response and the last five prompt tokens
+    selection = IFDSelector(model="tiny", max_length=max_length, drop_above_one=False).select([row], 1)
+    window = ids[-max_length:]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([window])).logits[0]
+    with_x = F.cross_entropy(logits[4:-1], torch.tensor(window[5:])).item()
     alone = [{"role": "user", "content": ""}, messages[-1]]
-    expected = (hand_loss(model, tokenizer, messages, kept_tokens)
-                / hand_loss(model, tokenizer, alone, kept_tokens))
-    assert selection.scores[0] == pytest.approx(expected, rel=1e-5)
+    assert selection.scores[0] == pytest.approx(with_x / hand_loss(model, tokenizer, alone), rel=1e-5)
 
 
 def test_ifd_ranks_rows_above_one_after_all_others_when_filtering(monkeypatch, tokenizer, pool):
     rows = pool[:5]
     with_x, without_x = [0.5, 1.5, 0.9, 1.2, np.nan], [1.0] * 5
     patch_losses(monkeypatch, tokenizer, with_x, without_x)
-    filtered = IFDSelector(model="tiny").select(rows, 5)
+    filtered = IFDSelector(model="tiny").select(rows, 5, allow_unscored=True)
     assert filtered.kept == [2, 0, 3, 1, 4]  # misaligned pairs (IFD > 1) only fill a budget the rest cannot
     assert filtered.cost.details["ifd_above_one"] == 2
     patch_losses(monkeypatch, tokenizer, with_x, without_x)
-    assert IFDSelector(model="tiny", drop_above_one=False).select(rows, 5).kept == [1, 3, 2, 0, 4]
+    assert IFDSelector(model="tiny", drop_above_one=False).select(rows, 5, allow_unscored=True).kept == \
+        [1, 3, 2, 0, 4]
 
 
 # ---- k-center ----------------------------------------------------------------------------------------------

@@ -43,9 +43,18 @@ feature store (:mod:`slimtune.features.store`) under a key made of the two examp
 model's identity and the settings: a killed run resumes at the first missing block, and under ``torchrun``
 each rank computes its share of the blocks.
 
-Scaling: the authors min-max scale the whole kernel to [0, 1]. In sparse mode only computed pairs enter the
-minimum and maximum; pairs never computed stay at 0, i.e. they count as no more useful than the least useful
-computed pair, which is what a sparse facility-location kernel means by a missing entry.
+Scaling: the authors min-max scale the whole kernel to [0, 1] (:meth:`UtilityMatrix.scaled`). Two rules of
+ours, both so that a scaled entry still means what its utility means:
+- a pair never computed (sparse mode) means "no effect": utility 0, the value it would have in the dense
+  kernel if the example did nothing for the target. It scales like every other 0 and enters the range,
+  so a harmful neighbour (negative utility) scales *below* a pair never computed, and facility location is
+  not rewarded for covering a target through it. The scaled kernel of a sparse matrix is exactly the scaled
+  kernel of its dense form with zeros in the gaps; the scaled value of a missing entry is carried as
+  ``background`` (what :mod:`slimtune.select.submodular` reads for a sparse kernel's missing entries).
+- self-pairs (the target shown as its own example: the same prompt and response, usually the diagonal)
+  are left out of the minimum and maximum and clipped to 1. Copying the answer verbatim makes their
+  utility several times that of any real pair; in the range, it would squeeze every real pair into a
+  narrow band near the scaled 0. Clipped to 1, a row is still represented best by itself.
 """
 
 from __future__ import annotations
@@ -99,36 +108,55 @@ class UtilityMatrix:
     """UF for ``n_targets`` rows and ``n_columns`` candidates.
 
     Dense: ``values`` is (n_targets, n_columns) and ``columns`` is None. Sparse: ``values`` and ``columns``
-    are (n_targets, k); row i holds UF[i, columns[i, m]] = values[i, m], every other entry is 0.
+    are (n_targets, k); row i holds UF[i, columns[i, m]] = values[i, m], every other entry is ``background``
+    (0, "no effect", before scaling). ``self_pairs`` (the shape of ``values``) marks the stored entries whose
+    context is the target itself, which scaling leaves out of its range (module docstring).
     """
 
     values: np.ndarray
     columns: np.ndarray | None
     n_columns: int
     stats: dict[str, Any] = field(default_factory=dict)
+    self_pairs: np.ndarray | None = None
+    background: float = 0.0
 
     @property
     def sparse(self) -> bool:
         return self.columns is not None
 
+    def _has_missing(self) -> bool:
+        """Whether some row of a sparse matrix does not store every column."""
+        if self.columns is None:
+            return False
+        distinct = (np.diff(np.sort(self.columns, axis=1), axis=1) != 0).sum(1) + (self.columns.shape[1] > 0)
+        return bool((distinct < self.n_columns).any())
+
     def scaled(self) -> UtilityMatrix:
-        """Min-max scaled to [0, 1] over the computed entries (see the module docstring for the zeros)."""
-        lo, hi = float(self.values.min()), float(self.values.max())
+        """Min-max scaled to [0, 1], the range taken over every entry of the dense form (missing ones are
+        ``background``) except the self-pairs, which are clipped into [0, 1] (module docstring)."""
+        ranged = self.values if self.self_pairs is None else self.values[~self.self_pairs]
+        missing = self._has_missing()
+        if missing:
+            ranged = np.append(ranged, self.background)
+        lo, hi = (float(ranged.min()), float(ranged.max())) if ranged.size else (0.0, 0.0)
         if hi > lo:
-            values = (self.values - lo) / (hi - lo)
-        else:  # no spread: every computed pair is equally useful, uncomputed ones still count as less
-            values = np.ones_like(self.values)
-        return UtilityMatrix(values.astype(np.float32), self.columns, self.n_columns, dict(self.stats))
+            values = np.clip((self.values - lo) / (hi - lo), 0.0, 1.0)
+            background = (self.background - lo) / (hi - lo) if missing else 0.0  # 0: nothing is missing
+        else:  # no spread: every pair is equally useful
+            values, background = np.ones_like(self.values), 1.0 if missing else 0.0
+        return UtilityMatrix(values.astype(np.float32), self.columns, self.n_columns, dict(self.stats),
+                             self.self_pairs, float(background))
 
     def to_dense(self) -> np.ndarray:
         if self.columns is None:
             return self.values
-        dense = np.zeros((self.values.shape[0], self.n_columns), dtype=self.values.dtype)
+        dense = np.full((self.values.shape[0], self.n_columns), self.background, dtype=self.values.dtype)
         np.put_along_axis(dense, self.columns, self.values, axis=1)
         return dense
 
     def to_torch(self) -> torch.Tensor:
-        """A dense tensor, or a sparse COO tensor holding the k stored entries of each row."""
+        """A dense tensor, or a sparse COO tensor holding the k stored entries of each row (the others are
+        ``background``, which the tensor does not carry)."""
         if self.columns is None:
             return torch.from_numpy(np.ascontiguousarray(self.values))
         n, k = self.columns.shape
@@ -480,10 +508,13 @@ class InContextUtility:
             d_with = np.asarray(store.open("with", len(order)))[:, 0]
         values = np.empty(len(order))
         values[order] = d_alone[pair_target] - d_with
+        target_key, context_key = _content_keys(targets, contexts)
+        self_pairs = target_key[:, None] == (context_key[None, :] if neighbours is None
+                                             else context_key[neighbours])
         stats |= {"seconds": time.perf_counter() - start, "blocks": sum(sum(d.values()) for d in done),
                   "blocks_from_cache": sum(d["reused"] for d in done),
                   "head_on_response_only": self._head_only, "prefix_reuse": self._reuse}
-        return UtilityMatrix(values.reshape(len(targets), -1), neighbours, len(contexts), stats)
+        return UtilityMatrix(values.reshape(len(targets), -1), neighbours, len(contexts), stats, self_pairs)
 
     @contextlib.contextmanager
     def _store(self, targets, contexts, neighbours) -> Iterator[FeatureStore]:
@@ -511,6 +542,13 @@ def _pair_order(n_t: int, n_c: int, neighbours: np.ndarray | None,
         target, context = np.repeat(np.arange(n_t), neighbours.shape[1]), neighbours.reshape(-1)
     order = np.lexsort((target, context))
     return target[order], context[order], order
+
+
+def _content_keys(targets: Sequence[Example], contexts: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
+    """One integer per distinct (prompt, response) over both lists, so that equal keys mark a self-pair."""
+    ids: dict[tuple[str, str], int] = {}
+    keys = [ids.setdefault((ex.prompt_text, ex.response), len(ids)) for ex in [*targets, *contexts]]
+    return np.array(keys[: len(targets)]), np.array(keys[len(targets):])
 
 
 def _group(sequences: list[tuple[list[int], list[int], int]]) -> _Group:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slimtune.select.base import Budget, Cost, Selection, Selector
+from slimtune.select.base import Budget, Cost, Selection, Selector, UnscoredRowsError
 from slimtune.utils import load_registered
 
 #: name -> "module:Class". Modules load lazily so a method's heavy imports cost nothing until it is used.
@@ -31,4 +31,5 @@ def get_selector(name: str, **params: Any) -> Selector:
     return cls(**params)
 
 
-__all__ = ["SELECTORS", "Budget", "Cost", "Selection", "Selector", "get_selector", "selector_class"]
+__all__ = ["SELECTORS", "Budget", "Cost", "Selection", "Selector", "UnscoredRowsError", "get_selector",
+           "selector_class"]

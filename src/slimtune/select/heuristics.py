@@ -1,8 +1,9 @@
 """Single-score baselines users compare every method against: random, length, loss / perplexity and IFD.
 
 Length, loss and IFD record the raw quantity (tokens, loss, IFD) as each example's manifest score and return
-their own keep order, so ``keep="shortest"`` or ``"lowest"`` needs no negated scores. Rows that cannot be
-scored (no response token left within ``max_length``) get no score and go last.
+their own keep order, so ``keep="shortest"`` or ``"lowest"`` needs no negated scores. Rows longer than
+``max_length`` lose the start of their prompt, as in training; a row that still cannot be scored gets no
+score and goes last (and :meth:`Selector.select` refuses to keep it unless told to).
 
 The response y is an example's last assistant turn and its prompt x is everything before it, as in the
 papers' (x, y) notation; earlier assistant turns of a dialogue are context, not scored.
@@ -17,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from slimtune.data.example import Example
-from slimtune.data.tokenize import IGNORE_INDEX, encode_example, last_turn_only
+from slimtune.data.tokenize import IGNORE_INDEX, EncodeStats, encode_example, last_turn_only
 from slimtune.features.losses import score_rows
 from slimtune.select.base import Cost, Selector
 
@@ -97,6 +98,8 @@ class _ResponseLossSelector(Selector):
         """Mean loss over each row's labelled tokens (NaN for rows with none)."""
         losses = np.full(len(rows), np.nan)
         scored = [i for i, r in enumerate(rows) if any(t != IGNORE_INDEX for t in r["labels"])]
+        for i in sorted(set(range(len(rows))) - set(scored)):
+            cost.unscored[i] = f"no response token within max_length={self.max_length}"
         if not scored:
             return losses
         loss, _ = score_rows(model, [rows[i] for i in scored], pad_token_id=tokenizer.pad_token_id,
@@ -105,15 +108,12 @@ class _ResponseLossSelector(Selector):
         cost.forward_tokens += sum(len(rows[i]["input_ids"]) for i in scored)
         return losses
 
-    def _conditioned_rows(self, pool: Sequence[Example], tokenizer) -> list[dict[str, list[int]]]:
-        """Each example as trained (chat template), labels on y only, cut to ``max_length`` tokens."""
-        rows = []
-        for ex in pool:
-            # y is located before cutting: once cut, the last labelled turn may be an earlier one
-            row = encode_example(ex, tokenizer)
-            labels = last_turn_only(row["labels"])
-            rows.append({"input_ids": row["input_ids"][:self.max_length], "labels": labels[:self.max_length]})
-        return rows
+    def _conditioned_rows(self, pool: Sequence[Example], tokenizer, cost: Cost) -> list[dict[str, list[int]]]:
+        """Each example as trained (chat template, cut from the left to ``max_length``), labels on y only."""
+        stats = EncodeStats()
+        rows = [encode_example(ex, tokenizer, self.max_length, stats) for ex in pool]
+        cost.details["encode"] = stats.summary()
+        return [{"input_ids": row["input_ids"], "labels": last_turn_only(row["labels"])} for row in rows]
 
 
 @dataclass
@@ -136,7 +136,7 @@ class LossSelector(_ResponseLossSelector):
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         model, tokenizer = self._load()
-        losses = self._score_rows(model, tokenizer, self._conditioned_rows(pool, tokenizer), cost)
+        losses = self._score_rows(model, tokenizer, self._conditioned_rows(pool, tokenizer, cost), cost)
         values = np.exp(losses) if self.metric == "perplexity" else losses
         return values, _keep_order(values, self.keep)
 
@@ -168,7 +168,7 @@ class IFDSelector(_ResponseLossSelector):
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         model, tokenizer = self._load()
-        conditioned = self._conditioned_rows(pool, tokenizer)
+        conditioned = self._conditioned_rows(pool, tokenizer, cost)
         alone = [_response_alone(ex, tokenizer, sum(t != IGNORE_INDEX for t in row["labels"]))
                  for ex, row in zip(pool, conditioned)]
         with_x = self._score_rows(model, tokenizer, conditioned, cost)
