@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slimtune.cachecli import cache_app
+from slimtune.config import ConfigOpt
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -35,6 +36,21 @@ SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip bad records (
                                           "instead of stopping at the first.")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Method parameter as key=value "
                                                     "(repeatable); values are parsed as JSON when they can be.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from slimtune import __version__
+
+        console.print(f"slimtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print slimtune's version and exit.")] = False) -> None:
+    # Options that come before the command; --version acts in its callback, so there is nothing left to do.
+    return
 
 
 def _load(spec: str, shape: str | None = None, skip_bad: bool = False) -> list:
@@ -161,7 +177,8 @@ def data_recipes() -> None:
 
 @app.command()
 def select(
-    method: Annotated[str, typer.Option(help="random, length, loss, ifd, kcenter, less, delift, delift-se.")],
+    method: Annotated[str, typer.Option(help="random, length, loss, ifd, kcenter, less, delift, delift-se, or "
+                                        "pkg.module:Class for a Selector of your own.")],
     budget: Annotated[str, typer.Option(help="Fraction (0.05, 5%) or count (200) of the pool to keep.")],
     data: Annotated[str, typer.Option(help="The pool: file, datasets folder or recipe.")],
     out: Annotated[Path, typer.Option(help="Folder for the subset (in the pool's own format) and manifest.json.")],
@@ -178,6 +195,7 @@ def select(
     skip_bad: SkipBadOpt = False,
     allow_unscored: Annotated[bool, typer.Option("--allow-unscored", help="Keep rows the method could not "
                                                  "score (ranked last) instead of stopping.")] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Score a pool once and keep a budget of it.
 
@@ -430,7 +448,8 @@ def train(
     lora_r: Annotated[int, typer.Option(help="LoRA rank (0: full fine-tune).")] = 8,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
     online: Annotated[str | None, typer.Option(help="Online selection: uds, slap, big-loss, grad-norm, rho-loss, "
-                                               "infobatch, uniform.")] = None,
+                                               "infobatch, uniform, or pkg.module:Class for a Policy "
+                                               "of your own.")] = None,
     keep: Annotated[float, typer.Option(help="Online: share (<1) or count (>=1) of each candidate batch "
                                         "to backpropagate.")] = 0.25,
     candidates: Annotated[int | None, typer.Option(help="Online: candidate batch size B (default: "
@@ -443,6 +462,15 @@ def train(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")] = None,
     shape: ShapeOpt = None,
     skip_bad: SkipBadOpt = False,
+    report_to: Annotated[str | None, typer.Option(help="Loggers for the Trainer's metrics, comma-separated: "
+                                                  "tensorboard, wandb, mlflow, all, none (default).")] = None,
+    deepspeed: Annotated[str | None, typer.Option(help="DeepSpeed config (JSON file) for the Trainer.")] = None,
+    fsdp: Annotated[str | None, typer.Option(help="The Trainer's FSDP options, e.g. 'full_shard auto_wrap'.")]
+    = None,
+    training_arg: Annotated[list[str] | None, typer.Option(
+        "--training-arg", help="Any transformers TrainingArguments field as key=value (repeatable); it wins "
+                               "over slimtune's settings.")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Fine-tune with LoRA through the Hugging Face Trainer, optionally with online batch selection.
 
@@ -468,6 +496,7 @@ def train(
     if param and not online:
         _fail("--param: train takes parameters for an --online policy only; add --online NAME or drop --param")
     _check_out_dir(out)
+    user_args = _training_args(training_arg, report_to=report_to, deepspeed=deepspeed, fsdp=fsdp)
     examples = _load(data, shape, skip_bad)
     if subset is not None:
         examples = _subset_of(examples, subset, data)
@@ -478,22 +507,37 @@ def train(
         lora=LoraSettings(r=lora_r, alpha=lora_alpha) if lora_r > 0 else None, device=device)
     console.print(f"training {model} on {len(examples)} examples -> {out}")
     if policy is None:
-        result = run_training(examples, model=model, settings=settings)
+        result = run_training(examples, model=model, settings=settings, training_args=user_args)
     elif per_epoch:
         from slimtune.online.pruning import train_pruned
 
-        result = train_pruned(examples, policy, keep=keep, model=model, settings=settings)
+        result = train_pruned(examples, policy, keep=keep, model=model, settings=settings,
+                              training_args=user_args)
     else:
         from slimtune.bench.pictures import online_rows, write_kept_report
         from slimtune.online.trainer import read_selection_log, train_online
 
-        result = train_online(examples, policy, keep=keep, model=model, settings=settings)
+        result = train_online(examples, policy, keep=keep, model=model, settings=settings,
+                              training_args=user_args)
         summary_file = out / "selection_summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         write_kept_report(out, online_rows(read_selection_log(out), examples, summary))
     console.print(f"[green]done[/green] in {result.seconds:.0f} s: {result.examples_seen} examples, "
                   f"{result.tokens_seen:,} tokens trained; final loss {result.final_loss:.4f}; "
                   f"{result.encode_summary}; adapter in {result.adapter_dir}")
+
+
+def _training_args(pairs: list[str] | None, **flags: str | None) -> dict[str, Any]:
+    """The user's TrainingArguments fields from --training-arg and the named flags (which win)."""
+    from slimtune.train import parse_training_args
+
+    try:
+        user = parse_training_args(pairs or [])
+    except ValueError as err:
+        _fail(f"--training-arg: {err}")
+    if flags.get("report_to"):
+        flags["report_to"] = [name.strip() for name in flags["report_to"].split(",") if name.strip()]
+    return {**user, **{key: value for key, value in flags.items() if value}}
 
 
 def _online_policy(name: str, pairs: list[str] | None, seed: int, max_length: int, per_epoch: bool):
@@ -564,6 +608,7 @@ def evaluate_cmd(
     harness_include: Annotated[Path | None, typer.Option(help="Folder of your own lm-eval task "
                                                          "definitions (YAML).")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples per task.")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Target loss and task metrics (GSM8K exact match, chrF/BLEU, option accuracy), and lm-eval tasks.
 
@@ -650,6 +695,50 @@ def demo(
     from slimtune.bench.demo import run_demo
 
     run_demo(out, model=model, console=console)
+
+
+@app.command("env")
+def env_cmd() -> None:
+    """Versions, devices, threads and cache folders: what a bug report needs.
+
+    Example: [bold]slimtune env[/bold]
+    """
+    table = Table("", "", show_header=False, box=None)
+    for key, value in environment().items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+def environment() -> dict[str, str]:
+    """What ``slimtune env`` prints, as ``{label: value}``."""
+    import platform
+    from importlib import metadata
+
+    import torch
+    from datasets import config as datasets_config
+    from huggingface_hub import constants as hub
+
+    from slimtune import __version__
+    from slimtune.models import cache_dir
+
+    info = {"slimtune": __version__, "python": f"{platform.python_version()} ({platform.platform()})"}
+    for package in ("torch", "transformers", "peft", "accelerate", "datasets", "trl"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["devices"] = f"{len(names)} CUDA: {', '.join(names)} (CUDA {torch.version.cuda}, bf16 " \
+                          f"{'yes' if torch.cuda.is_bf16_supported() else 'no'})"
+    else:
+        info["devices"] = "cpu only"
+    info["threads"] = f"torch {torch.get_num_threads()}, {os.cpu_count()} cores, " \
+                      f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    info["slimtune cache"] = str(cache_dir())
+    info["hub cache"] = f"{hub.HF_HUB_CACHE} (offline: {'yes' if hub.HF_HUB_OFFLINE else 'no'})"
+    info["datasets cache"] = str(datasets_config.HF_DATASETS_CACHE)
+    return info
 
 
 def main() -> None:  # pragma: no cover

@@ -1,9 +1,9 @@
-"""Loading examples from JSONL (optionally gzipped), JSON, CSV, Parquet, saved datasets folders and recipes.
+"""Reading examples from JSONL (optionally gzipped), JSON, CSV, Parquet and saved datasets folders.
 
-One entry point, :func:`load_examples`, returns the examples and a :class:`LoadReport` of what was read,
-kept and skipped. Each example keeps its untouched record and, in ``metadata``, where it came from (``file``,
-``line``) and the file's ``format``, which is how :func:`slimtune.data.writers.write_examples` writes a subset
-back in the user's own format.
+:func:`read_examples` returns the examples and a :class:`LoadReport` of what was read, kept and skipped. Each
+example keeps its untouched record and, in ``metadata``, where it came from (``file``, ``line``) and the file's
+``format``, which is how :func:`slimtune.data.writers.write_examples` writes a subset back in the user's own
+format. Recipes build on these readers; :func:`slimtune.data.load_examples` takes either.
 """
 
 from __future__ import annotations
@@ -71,33 +71,19 @@ class LoadResult:
     report: LoadReport
 
 
-def load_examples(path: str | os.PathLike, *, shape: str | None = None, skip_bad: bool = False,
+def read_examples(path: str | os.PathLike, *, shape: str | None = None, skip_bad: bool = False,
                   source: str | None = None, task_field: str | None = None, id_field: str | None = None,
                   limit: int | None = None, seed: int | None = None) -> LoadResult:
-    """Examples from a file, a saved Hugging Face datasets folder, or a recipe (``gsm8k:test``, ``p3``,
-    ``tatoeba:fra-eng``; see :func:`slimtune.data.recipes.describe_recipes`).
+    """Examples from a file or a saved Hugging Face datasets folder.
 
     Shapes are recognised per record unless ``shape`` names one. A bad record raises a :class:`DataError`
     naming file, line and field; with ``skip_bad`` it is counted in the report instead. ``source`` names
     the data (default: the file's stem), ``task_field`` the field holding each record's task (default: the
     first of ``task``, ``category``, ``source``), ``id_field`` the field holding its id (default ``id``;
     without one the id is a hash of the content). ``limit`` keeps the first examples, or a random sample
-    when ``seed`` is given. Recipes always sample (seed 0 unless given) and skip bad rows, counting them.
+    when ``seed`` is given.
     """
     location = Path(path)
-    # A folder that merely shares a recipe's name (shared/data/gsm8k) holds nothing slimtune reads as is.
-    if not location.exists() or (location.is_dir() and not _is_datasets_folder(location)):
-        from slimtune.data.recipes import RECIPES, is_recipe, run_recipe
-
-        if is_recipe(str(path)):
-            if shape or source or task_field or id_field:
-                raise ValueError("shape, source, task_field and id_field apply to files; a recipe sets its "
-                                 "own")
-            return run_recipe(str(path), limit=limit, seed=seed or 0)
-        if not location.exists():
-            raise FileNotFoundError(f"{path}: no such file or folder, and not a recipe (known recipes: "
-                                    f"{', '.join(RECIPES)})")
-
     label, stem = str(path), _stem(location)
     forced = get_shape(shape) if shape else None
     examples: list[Example] = []

@@ -21,7 +21,8 @@ POLICIES: dict[str, str] = {
 
 
 def policy_class(name: str) -> type[Policy]:
-    return load_registered(POLICIES, name, "online method")
+    """The method registered as ``name``, or a third-party :class:`Policy` dataclass named ``pkg.module:Class``."""
+    return load_registered(POLICIES, name, "online method", base=Policy)
 
 
 def get_policy(name: str, **params: Any) -> Policy:

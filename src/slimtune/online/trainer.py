@@ -29,8 +29,9 @@ Every candidate batch (every step, written by rank 0, under global selection) ap
 step, every candidate's index, id, loss and score, the chosen rows and their loss weights. The trainer
 counts ``examples_trained``, ``tokens_trained`` (non-padding tokens of backpropagated rows),
 ``candidates_scored``, ``scoring_tokens`` and ``scoring_seconds`` (scoring forward + policy), and writes
-them, summed over ranks, to ``selection_summary.json``. Policy memories are saved with each checkpoint and
-restored on resume.
+them, summed over ranks, to ``selection_summary.json``. Every training log line (``Trainer.log``, so whatever
+``report_to`` names sees it) carries this rank's ``selection/kept_share``, ``selection/scoring_seconds`` and
+``selection/chosen`` so far. Policy memories are saved with each checkpoint and restored on resume.
 
 With TRL: ``class SelectiveSFTTrainer(SelectionMixin, SFTTrainer): pass`` (the mixin first). The mixin
 overrides no loss: the chosen rows reach the parent's ``training_step`` and ``compute_loss`` (TRL's metrics,
@@ -76,11 +77,11 @@ from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.features.losses import score_losses
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch, Policy
+from slimtune.train import TrainResult, TrainSettings, train
 from slimtune.utils import atomic_write_bytes, write_json
 
 if TYPE_CHECKING:
     from slimtune.data.example import Example
-    from slimtune.train import TrainResult, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -630,6 +631,17 @@ class SelectionMixin:
                        self.selection_summary(result.metrics.get("train_runtime")))
         return result
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Training log lines carry selection so far, so the user's loggers (TensorBoard, W&B, ...) plot it too.
+        if not any(key.startswith("eval_") for key in logs):
+            logs.update(self.selection_stats())
+        super().log(logs, *args, **kwargs)
+
+    def selection_stats(self) -> dict[str, float]:
+        """This rank's selection so far: the share of streamed rows kept, scoring seconds, rows chosen."""
+        return {"selection/kept_share": self.examples_trained / max(1, self._rows_streamed),
+                "selection/scoring_seconds": self.scoring_seconds, "selection/chosen": self.examples_trained}
+
     def selection_summary(self, train_seconds: float | None = None) -> dict[str, Any]:
         """The policy, its parameters and what the run cost: rows and tokens trained and scored."""
         params = dataclasses.asdict(self.policy) if dataclasses.is_dataclass(self.policy) else {}
@@ -736,7 +748,8 @@ class SelectiveTrainer(SelectionMixin, Trainer):
 def train_online(examples: Sequence[Example], policy: Policy | str, keep: float = 0.25, *,
                  model: str | None = None, settings: TrainSettings | None = None, warmup_steps: int = 0,
                  trainer_class: type[SelectionMixin] = SelectiveTrainer,
-                 holdout: Sequence[Example] | None = None, global_selection: bool = False) -> TrainResult:
+                 holdout: Sequence[Example] | None = None, global_selection: bool = False,
+                 training_args: Any = None, callbacks: Sequence[Any] | None = None) -> TrainResult:
     """Fine-tune as :func:`slimtune.train.train` does, backpropagating the K = ``keep`` rows of every
     candidate batch of B = ``settings.batch_size`` that ``policy`` (a Policy or a registered name) chooses.
 
@@ -746,9 +759,8 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
     ``examples``, drawn with the run's seed and removed from training. Their ids go to
     ``output_dir/holdout_ids.json``. ``global_selection``: choose each optimiser step's K among the candidates
     of all its micro-batches on all ranks (see :meth:`SelectionMixin._select_globally`).
+    ``training_args``, ``callbacks``: the user's, as :func:`slimtune.train.train` takes them.
     """
-    from slimtune.train import TrainSettings, train  # the training floor sits above online/; reached only here
-
     settings = settings or TrainSettings()
     policy = get_policy(policy) if isinstance(policy, str) else policy
     if getattr(policy, "requires_reference", False) and policy.reference_model is None:
@@ -756,7 +768,8 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
         Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(settings.output_dir) / "holdout_ids.json", [ex.id for ex in held_out])
         policy = dataclasses.replace(policy, reference_model=str(irreducible_model(held_out, model, settings)))
-    return train(examples, model=model, settings=settings, trainer_class=trainer_class,
+    return train(examples, model=model, settings=settings, training_args=training_args, callbacks=callbacks,
+                 trainer_class=trainer_class,
                  trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps,
                                  "max_length": settings.max_length, "global_selection": global_selection})
 
@@ -786,7 +799,6 @@ def irreducible_model(held_out: Sequence[Example], model: str | None, settings: 
     """RHO-LOSS's irreducible-loss model: ``model`` fine-tuned on the held-out rows with the run's settings, in
     ``output_dir/irreducible``; reused when a previous run trained it on the same rows from the same model."""
     from slimtune.data.example import pool_hash
-    from slimtune.train import train
 
     folder = Path(settings.output_dir) / "irreducible"
     own = dataclasses.replace(settings, output_dir=str(folder))

@@ -21,7 +21,8 @@ SELECTORS: dict[str, str] = {
 
 
 def selector_class(name: str) -> type[Selector]:
-    return load_registered(SELECTORS, name, "selection method")
+    """The method registered as ``name``, or a third-party :class:`Selector` dataclass named ``pkg.module:Class``."""
+    return load_registered(SELECTORS, name, "selection method", base=Selector)
 
 
 def get_selector(name: str, **params: Any) -> Selector:

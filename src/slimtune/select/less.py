@@ -102,6 +102,7 @@ from slimtune.features.store import (
 from slimtune.models import LoraSettings, apply_lora, cache_dir, load_model, load_tokenizer
 from slimtune.select.base import Cost, Selector
 from slimtune.select.submodular import FLMutualInformation, GreedyToBudget, greedy_scores
+from slimtune.train import TrainSettings, train
 
 AGGREGATES = ("mean-gradient", "mean-cosine")
 #: Feature values one side of a LESS-kernel block holds (64 MB of float32): rows = this / (checkpoints x d).
@@ -250,8 +251,6 @@ class LessSelector(GreedyToBudget, Selector):
         return run_checkpoints(run)
 
     def _warmup_run(self, pool: Sequence[Example], cost: Cost, details: dict[str, Any]) -> Path:
-        from slimtune.train import TrainSettings, train
-
         rng = np.random.default_rng(self.seed)
         size = max(1, round(self.warmup_fraction * len(pool)))
         subset = [pool[i] for i in sorted(rng.choice(len(pool), size=size, replace=False))]
