@@ -423,10 +423,9 @@ class SelectionMixin:
                          "scores": None if scores is None else _floats(scores), "chosen": rows.tolist(),
                          "chosen_ids": self._describe(rows, True)[0]})
         shares = torch.tensor_split(rows, parts)[self.args.process_index * len(batches):][:len(batches)]
-        from slimtune.online.pruning import PrunedView  # pruning builds on this module
-
-        # Rows by example_index: a pruned epoch's view (PruningMixin) holds pool rows at other positions.
-        pool = self.train_dataset.dataset if isinstance(self.train_dataset, PrunedView) else self.train_dataset
+        # Rows by example_index, an index into the pool: a view over the pool (a pruned epoch's PrunedView, a
+        # torch Subset) holds pool rows at other positions, so read the pool under it.
+        pool = getattr(self.train_dataset, "dataset", self.train_dataset)
         out = [self.data_collator([pool[i] for i in share.tolist()]) for share in shares]
         for batch in out:
             self.examples_trained += len(batch["input_ids"])
