@@ -78,7 +78,9 @@ def test_diverse_less_reads_the_stored_features_of_every_checkpoint(warm, pool):
     diverse = small_less(cache, diverse=True, diverse_k=5).select(pool, 10, target=target)
     assert diverse.cost.forward_tokens == 0 and len(set(diverse.kept)) == 10
     kept_tasks = [pool[i].task for i in diverse.kept]
-    assert kept_tasks[0] == "gsm8k" and kept_tasks.count("gsm8k") >= 5, kept_tasks
+    # The first pick is the row that covers most relevance, which need not be a target-task row itself; how
+    # far the whole selection leans to the target is what diversity may not undo.
+    assert kept_tasks.count("gsm8k") >= 5, kept_tasks
 
 
 @pytest.fixture(scope="module")
