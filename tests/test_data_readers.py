@@ -75,8 +75,9 @@ def test_metadata_names_source_task_file_and_line_and_keeps_the_record(write_jso
     first, second = load_examples(path).examples
     assert (first.id, second.id) == ("7", "x-2")
     assert first.metadata == {"source": "my_pool", "task": "brainstorm", "file": str(path), "line": 1,
-                              "format": "jsonl"}
-    assert (second.task, second.metadata["line"]) == ("my_pool", 3)  # blank lines still count as lines
+                              "row": 0, "format": "jsonl"}
+    # Blank lines still count as lines, not as rows: "row" is the record's position for Dataset.select.
+    assert (second.task, second.metadata["line"], second.metadata["row"]) == ("my_pool", 3, 1)
     assert first.record == rows[0]
 
 
@@ -270,20 +271,25 @@ def test_saved_datasets_folder(tmp_path):
     Dataset.from_list(RECORDS).save_to_disk(str(folder))
     result = load_examples(folder)
     assert _responses(result) == ["Blue", "Oui"]
-    assert (result.report.format, result.examples[1].metadata["line"]) == ("hf", 2)
+    assert (result.report.format, result.examples[1].metadata["row"]) == ("hf", 1)
     both = tmp_path / "hf_splits"
-    splits = DatasetDict({"train": Dataset.from_list(RECORDS), "test": Dataset.from_list(RECORDS)})
+    splits = DatasetDict({"train": Dataset.from_list(RECORDS), "test": Dataset.from_list(RECORDS[:1])})
     splits.save_to_disk(str(both))
-    with pytest.raises(ValueError, match="holds the splits train, test: give one split's folder"):
+    with pytest.raises(ValueError, match="holds the splits train, test: choose one"):
         load_examples(both)
-    assert _responses(load_examples(both / "test")) == ["Blue", "Oui"]
+    assert _responses(load_examples(both / "test")) == ["Blue"]
+    assert _responses(load_examples(both, split="test")) == ["Blue"]
+    with pytest.raises(ValueError, match="has no split 'dev'; it has train, test"):
+        load_examples(both, split="dev")
 
 
 def test_paths_that_cannot_be_read(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file or folder, and not a recipe"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder, not a recipe .* and not a Hugging Face "
+                       r"Hub id \(org/name\)"):
         load_examples(tmp_path / "missing.jsonl")
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="unsupported file type"):
-        load_examples(tmp_path / "notes.txt")
-    with pytest.raises(ValueError, match="is a folder but not a saved Hugging Face datasets folder"):
+    (tmp_path / "blob.bin").write_bytes(b"\0")
+    with pytest.raises(FileNotFoundError, match="No \\(supported\\) data files found"):
         load_examples(tmp_path)
+    (tmp_path / "load_pool.py").write_text("import datasets")
+    with pytest.raises(ValueError, match="datasets no longer runs loading scripts"):
+        load_examples(tmp_path / "load_pool.py")

@@ -168,7 +168,7 @@ def test_recipe_specs(shared_data):
         load_recipe("taskmaster4:validation")
     with pytest.raises(TypeError, match="recipe gsm8k takes no option pairs"):
         load_recipe("gsm8k", pairs="fra")
-    with pytest.raises(ValueError, match="shape, source, task_field and id_field apply to files"):
+    with pytest.raises(ValueError, match="shape, source, task_field, id_field and subset apply to files"):
         load_examples("gsm8k", shape="alpaca")
 
 

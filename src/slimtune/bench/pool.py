@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from slimtune.bench.config import EvalSpec, GridConfig
 from slimtune.data.example import Example
-from slimtune.data.readers import seeded_sample
+from slimtune.data.report import seeded_sample
 
 
 @dataclass
