@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
@@ -293,3 +294,133 @@ def test_paths_that_cannot_be_read(tmp_path):
     (tmp_path / "load_pool.py").write_text("import datasets")
     with pytest.raises(ValueError, match="datasets no longer runs loading scripts"):
         load_examples(tmp_path / "load_pool.py")
+
+
+def test_truncated_gzip_names_the_file_instead_of_aborting(tmp_path):
+    path = tmp_path / "pool.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in RECORDS * 50).encode())
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=rf"^{path}: truncated or corrupt gzip file"):
+        load_examples(path, skip_bad=True)  # the rest of the file is lost, not one bad record
+    (tmp_path / "pool.json.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(DataError, match=r"pool\.json\.gz: truncated or corrupt gzip file"):
+        load_examples(tmp_path / "pool.json.gz")
+
+
+# --- data through Hugging Face datasets -----------------------------------------------------------------
+
+
+def test_a_dataset_object_reads_like_a_file_and_bad_rows_name_the_row():
+    from datasets import Dataset
+
+    from slimtune.data import as_examples
+
+    data = Dataset.from_dict({"prompt": ["Say hi", None, None], "completion": ["Hi!", None, None],
+                              "question": [None, "2+2?", "3+3?"], "answer": [None, "4", " "]})
+    result = load_examples(data, skip_bad=True)
+    # Each row's shape is its own, though Arrow gives every row every column.
+    assert result.report.shape == "mixed (prompt-completion 1, question-answer 1)"
+    assert [ex.metadata["row"] for ex in result.examples] == [0, 1]
+    assert str(result.report.problems[0]) == "dataset row 2: field 'answer': empty response"
+    with pytest.raises(DataError, match=r"^dataset row 2: field 'answer': empty response"):
+        as_examples(data)
+    streamed = as_examples(data.select(range(2)).to_iterable_dataset())
+    assert [ex.response for ex in streamed] == ["Hi!", "4"]
+
+
+def test_a_folder_of_data_files_reads_the_split_asked_for(tmp_path):
+    folder = tmp_path / "my_data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    (folder / "test.jsonl").write_text(json.dumps(RECORDS[0]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds the splits train, test: choose one"):
+        load_examples(folder)
+    result = load_examples(folder, split="train")
+    assert _responses(result) == ["Blue", "Oui"]
+    assert (result.report.source, result.report.format) == (f"dataset {folder} split train", "hf")
+
+
+def test_a_file_type_only_datasets_reads(tmp_path):
+    path = tmp_path / "pool.tsv"
+    path.write_text("question\tanswer\n2+2?\tfour\n3+3?\tsix\n", encoding="utf-8")
+    assert _responses(load_examples(path)) == ["four", "six"]
+
+
+def _hub_snapshot(hub_cache, repo_id, files):
+    """The layout ``huggingface-cli download --repo-type dataset`` leaves in the Hub cache."""
+    commit = "0" * 40
+    repo = hub_cache / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for name, content in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            (snapshot / name).write_text(content)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(content), snapshot / name)
+    return snapshot
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Empty Hub and datasets caches, offline (as conftest sets HF_HUB_OFFLINE=1 for every test)."""
+    import datasets
+    from huggingface_hub import constants
+
+    assert datasets.config.HF_HUB_OFFLINE and constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    return tmp_path
+
+
+def test_a_hub_id_reads_a_downloaded_snapshot_offline_with_split_and_subset(hf_cache):
+    card = ("---\nconfigs:\n- config_name: chat\n  data_files:\n  - {split: train, path: chat/train.parquet}\n"
+            "  - {split: test, path: chat/test.parquet}\n- config_name: math\n  data_files:\n"
+            "  - {split: train, path: math/train.parquet}\n---\n")
+    _hub_snapshot(hf_cache / "hub", "acme/tiny-mix", {
+        "README.md": card,
+        "chat/train.parquet": [{"instruction": "Say hi", "output": "Hi!"}, {"instruction": "Bye", "output": ""}],
+        "chat/test.parquet": [{"instruction": "Say yo", "output": "Yo!"}],
+        "math/train.parquet": [{"question": "2+2?", "answer": "4"}]})
+    result = load_examples("acme/tiny-mix", subset="chat", split="train", skip_bad=True)
+    assert _responses(result) == ["Hi!"]
+    assert (str(result.report.problems[0])
+            == "dataset acme/tiny-mix split train row 1: field 'output': empty response")
+    assert result.examples[0].metadata["source"] == "tiny-mix"
+    assert _responses(load_examples("acme/tiny-mix", subset="chat", split="test")) == ["Yo!"]
+    assert _responses(load_examples("acme/tiny-mix", subset="math")) == ["4"]
+    with pytest.raises(ValueError, match=r"dataset .*: .*'poetry'"):
+        load_examples("acme/tiny-mix", subset="poetry")
+
+
+def test_a_hub_id_reads_what_load_dataset_prepared_before_offline(hf_cache):
+    """Online, ``load_dataset("acme/prepared")`` leaves Arrow files under the datasets cache, in
+    ``acme___prepared/<config>/<version>/<hash>/prepared-<split>.arrow``; offline, datasets reads them back."""
+    import shutil
+
+    import datasets
+
+    files = hf_cache / "source"
+    files.mkdir()
+    for split, rows in {"train": RECORDS, "test": RECORDS[:1]}.items():
+        (files / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data_files = {split: str(files / f"{split}.jsonl") for split in ("train", "test")}
+    builder = datasets.load_dataset_builder("json", data_files=data_files, cache_dir=str(hf_cache / "build"))
+    builder.download_and_prepare()
+    prepared = Path(builder.cache_dir)
+    target = hf_cache / "datasets" / "acme___prepared" / "default" / prepared.parent.name / prepared.name
+    shutil.copytree(prepared, target)
+    for arrow in target.glob("json-*.arrow"):
+        arrow.rename(arrow.with_name(arrow.name.replace("json-", "prepared-")))
+    assert _responses(load_examples("acme/prepared", split="train")) == ["Blue", "Oui"]
+    assert _responses(load_examples("acme/prepared", split="test")) == ["Blue"]
+
+
+def test_a_hub_id_missing_from_the_cache_offline_says_how_to_get_it(hf_cache):
+    with pytest.raises(FileNotFoundError, match=r"dataset acme/absent: not in the local Hugging Face cache and "
+                       r"the Hub cannot be reached .*huggingface-cli download --repo-type dataset acme/absent"):
+        load_examples("acme/absent")

@@ -1,7 +1,9 @@
 """The ``slimtune`` command: a thin shell over the Python API (data inspect | select | train | eval | bench | demo).
 
-DATA arguments take a file (JSONL, JSONL.gz, JSON, Parquet, CSV), a saved Hugging Face datasets folder, or a
-recipe such as ``gsm8k:train`` or ``tatoeba:fra-eng`` (see ``slimtune data recipes``).
+DATA arguments take a file (JSONL, JSONL.gz, JSON, Parquet, CSV, or any other file ``datasets`` reads), a saved
+Hugging Face datasets folder or a folder of data files, a Hub id (``org/name``, read from the local cache when
+offline; ``--split`` and ``--data-subset`` choose within it), or a recipe such as ``gsm8k:train`` or
+``tatoeba:fra-eng`` (see ``slimtune data recipes``).
 """
 
 from __future__ import annotations
@@ -29,17 +31,22 @@ ShapeOpt = Annotated[str | None, typer.Option(help="Force the record shape: alpa
                                               "question-answer, messages, sharegpt, taskmaster.")]
 SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip bad records (counted and reported) "
                                           "instead of stopping at the first.")]
+SplitOpt = Annotated[str | None, typer.Option(help="The split of a dataset (Hub id or folder) or recipe that "
+                                              "holds several: train, test, ...")]
+DataSubsetOpt = Annotated[str | None, typer.Option("--data-subset", help="The subset (configuration name) of a "
+                                                   "Hub dataset that has several.")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Method parameter as key=value "
                                                     "(repeatable); values are parsed as JSON when they can be.")]
 
 
-def _load(spec: str, shape: str | None = None, skip_bad: bool = False) -> list:
+def _load(spec: str, shape: str | None = None, skip_bad: bool = False, split: str | None = None,
+          subset: str | None = None) -> list:
     """Examples from a file, folder or recipe; a bad record stops with its file:line:field unless skipped."""
     from slimtune.data import load_examples
     from slimtune.data.errors import DataError
 
     try:
-        result = load_examples(spec, shape=shape, skip_bad=skip_bad)
+        result = load_examples(spec, shape=shape, skip_bad=skip_bad, split=split, subset=subset)
     except DataError as err:
         console.print(f"[red]error:[/red] {err}")
         if not skip_bad:
@@ -77,6 +84,8 @@ def data_inspect(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Count tokens with this model's "
                                               "tokenizer (default: characters).")] = None,
     max_length: Annotated[int, typer.Option(help="Length limit to report truncation against.")] = 512,
+    split: SplitOpt = None,
+    data_subset: DataSubsetOpt = None,
 ) -> None:
     """Shape, counts, tasks, a length histogram and the problems found.
 
@@ -86,7 +95,7 @@ def data_inspect(
     from slimtune.data.errors import DataError
 
     try:
-        result = load_examples(data, shape=shape, skip_bad=True)
+        result = load_examples(data, shape=shape, skip_bad=True, split=split, subset=data_subset)
     except (DataError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
@@ -166,6 +175,12 @@ def select(
     param: ParamOpt = None,
     shape: ShapeOpt = None,
     skip_bad: SkipBadOpt = False,
+    split: SplitOpt = None,
+    data_subset: DataSubsetOpt = None,
+    save_as: Annotated[str, typer.Option(help="What to write, comma-separated: source (the pool's own format), "
+                                         "jsonl/csv/parquet/..., datasets (a save_to_disk folder), indices "
+                                         "(indices.json: positions for Dataset.select) or indices.npy.")]
+    = "source",
 ) -> None:
     """Score a pool once and keep a budget of it.
 
@@ -173,6 +188,7 @@ def select(
     """
     import dataclasses
 
+    from slimtune.data.writers import save_kinds
     from slimtune.select import selector_class
 
     try:
@@ -188,11 +204,15 @@ def select(
     if unknown:
         raise typer.BadParameter(f"'{method}' has no parameter {', '.join(sorted(unknown))}; it takes: "
                                  f"{', '.join(sorted(fields))}", param_hint="--param")
-    pool = _load(data, shape, skip_bad)
+    try:
+        kinds = save_kinds(save_as)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--save-as") from None
+    pool = _load(data, shape, skip_bad, split, data_subset)
     target_examples = _load(target, None, skip_bad) if target else None
     existing_examples = _load(existing, None, skip_bad) if existing else None
     selection = cls(**params).select(pool, budget, target=target_examples, existing=existing_examples)
-    subset_path = selection.save(out, pool)
+    subset_path = selection.save(out, pool, kinds)
     cost = selection.cost
     console.print(f"[green]kept {len(selection.kept)} of {len(pool)}[/green] with {method} -> {subset_path} "
                   f"({cost.seconds:.1f} s, {cost.forward_tokens:,} forward / {cost.backward_tokens:,} backward "
@@ -229,6 +249,8 @@ def train(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")] = None,
     shape: ShapeOpt = None,
     skip_bad: SkipBadOpt = False,
+    split: SplitOpt = None,
+    data_subset: DataSubsetOpt = None,
 ) -> None:
     """Fine-tune with LoRA through the Hugging Face Trainer, optionally with online batch selection.
 
@@ -239,7 +261,7 @@ def train(
     from slimtune.train import TrainSettings
     from slimtune.train import train as run_training
 
-    examples = _load(data, shape, skip_bad)
+    examples = _load(data, shape, skip_bad, split, data_subset)
     if subset is not None:
         kept = set(Selection.load(subset).kept_ids)
         examples = [ex for ex in examples if ex.id in kept]
@@ -297,6 +319,8 @@ def evaluate_cmd(
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,
     shape: ShapeOpt = None,
+    split: SplitOpt = None,
+    data_subset: DataSubsetOpt = None,
 ) -> None:
     """Target loss and task metrics (GSM8K exact match, chrF/BLEU, option accuracy).
 
@@ -308,7 +332,7 @@ def evaluate_cmd(
 
     if (model is None) == (run is None):
         raise typer.BadParameter("give exactly one of --model or --run")
-    examples = _load(data, shape)[:limit]
+    examples = _load(data, shape, split=split, subset=data_subset)[:limit]
     lm, tokenizer = load_trained(run, device=device) if run else load_model(model, device=device)
     report = evaluate(lm, tokenizer, {_task_name(task, examples): examples}, max_new_tokens=max_new_tokens,
                       batch_size=batch_size)

@@ -242,8 +242,11 @@ def _dataset_rows(data: Any, label: str, stem: str, split: str | None) -> _Rows:
     split = split or (str(data.split) if data.split is not None else None)
     if split:
         label = f"{label} split {split}"
-    return _Rows(label, DATASETS_FORMAT, stem, ((row, record, {}) for row, record in enumerate(data)),
-                 by_row=True)
+    # Arrow has no missing keys: a column absent from a row reads as None there, which would make a dataset
+    # mixing shapes (prompt/completion rows beside question/answer rows) look like one shape with holes.
+    rows = ((row, {key: value for key, value in record.items() if value is not None}, {})
+            for row, record in enumerate(data))
+    return _Rows(label, DATASETS_FORMAT, stem, rows, by_row=True)
 
 
 def _stem(path: Path) -> str:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from slimtune.data import as_examples
 from slimtune.data.example import Example, pool_hash
 from slimtune.utils import write_json
 
@@ -118,14 +119,16 @@ class Selection:
             ],
         }
 
-    def save(self, out_dir: str | os.PathLike, pool: Sequence[Example]) -> Path:
-        """Write the kept records in the pool's own format (``subset.<ext>``) and ``manifest.json``."""
-        from slimtune.data.writers import write_examples
+    def save(self, out_dir: str | os.PathLike, pool: Sequence[Example], save_as: Sequence[str] = ("source",)) -> Path:
+        """Write the kept records in the pool's own format (``subset.<ext>``), or as each of ``save_as``
+        (see :func:`slimtune.data.writers.save_subset`), and ``manifest.json``; returns the first written."""
+        from slimtune.data.writers import save_subset
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        subset_path = write_examples(self.subset(pool), out / "subset")
-        write_json(out / "manifest.json", {**self.manifest(), "subset_file": subset_path.name})
+        subset_path, *_ = written = save_subset(self.subset(as_examples(pool)), out, save_as)
+        write_json(out / "manifest.json", {**self.manifest(), "subset_file": subset_path.name,
+                                           "subset_files": [path.name for path in written]})
         return subset_path
 
     @classmethod
@@ -155,6 +158,8 @@ class Selector(ABC):
     def select(self, pool: Sequence[Example], budget: Budget | float | int | str, *,
                target: Sequence[Example] | None = None,
                existing: Sequence[Example] | None = None) -> Selection:
+        # A datasets.Dataset becomes examples here, so every method sees the same records and ids.
+        pool, target, existing = (None if data is None else as_examples(data) for data in (pool, target, existing))
         if len(pool) == 0:
             raise ValueError("the pool is empty: nothing to select from")
         if self.needs_target and not target:
