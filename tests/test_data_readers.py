@@ -424,3 +424,49 @@ def test_a_hub_id_missing_from_the_cache_offline_says_how_to_get_it(hf_cache):
     with pytest.raises(FileNotFoundError, match=r"dataset acme/absent: not in the local Hugging Face cache and "
                        r"the Hub cannot be reached .*huggingface-cli download --repo-type dataset acme/absent"):
         load_examples("acme/absent")
+
+
+# --- the same through the command line --------------------------------------------------------------------
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("command", ["inspect", "select"])
+def test_a_truncated_gzip_exits_2_naming_the_file(tmp_path, command):
+    path = tmp_path / "pool.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in RECORDS * 50).encode())
+    path.write_bytes(whole[: len(whole) // 2])
+    args = (["data", "inspect", path] if command == "inspect" else
+            ["select", "--method", "random", "--budget", 2, "--data", path, "--out", tmp_path / "sel"])
+    code, output = _cli(*args)
+    assert code == 2
+    assert f"{path}: truncated or corrupt gzip file" in output and "Aborted" not in output
+
+
+def test_cli_reads_a_hub_split_and_subset_and_saves_indices(hf_cache):
+    card = ("---\nconfigs:\n- config_name: chat\n  data_files:\n  - {split: train, path: chat/train.parquet}\n"
+            "  - {split: test, path: chat/test.parquet}\n---\n")
+    rows = [{"instruction": f"Say {w}", "output": w * (i + 1)} for i, w in enumerate("abcdef")]
+    _hub_snapshot(hf_cache / "hub", "acme/chat", {"README.md": card, "chat/train.parquet": rows,
+                                                  "chat/test.parquet": rows[:1]})
+    code, output = _cli("data", "inspect", "acme/chat", "--data-subset", "chat", "--split", "train")
+    assert code == 0 and "6 records read, 6 usable, 0 bad" in output
+    out = hf_cache / "sel"
+    code, output = _cli("select", "--method", "length", "-p", "unit=chars", "--budget", 2, "--data", "acme/chat",
+                        "--split", "train", "--out", out, "--save-as", "jsonl,indices")
+    assert code == 0, output
+    assert json.loads((out / "indices.json").read_text()) == [5, 4]
+    assert [json.loads(line)["output"] for line in (out / "subset.jsonl").read_text().splitlines()] == ["ffffff",
+                                                                                                          "eeeee"]
+    code, output = _cli("select", "--method", "random", "--budget", 2, "--data", "acme/chat", "--out", out,
+                        "--save-as", "xml")
+    assert code == 2 and "cannot save a subset as xml" in output
+    code, output = _cli("data", "inspect", "acme/chat")
+    assert code == 2 and "holds the splits train, test: choose one (--split" in output
