@@ -12,14 +12,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"the shared data folder {SHARED_DATA} is not beside the checkout")
-    return SHARED_DATA
+    """Real rows: the shared data folder (``$SLIMTUNE_SHARED_DATA``, else ``../shared/data``) when there is one,
+    else the sample bundled with slimtune, which has the same layout and fewer rows, so that a plain clone runs
+    every test that needs real rows."""
+    from slimtune.data.recipes import SAMPLE_DIR, shared_data_dir
+
+    return shared_data_dir() or SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def full_shared_data() -> Path:
+    """The full shared data, for tests of facts about it (row counts, that the sample is drawn from it)."""
+    from slimtune.data.recipes import shared_data_dir
+
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("the full shared data (../shared/data or $SLIMTUNE_SHARED_DATA) is not here")
+    return path
 
 
 @pytest.fixture(scope="session")
