@@ -344,6 +344,9 @@ def test_a_file_type_only_datasets_reads(tmp_path):
     path = tmp_path / "pool.tsv"
     path.write_text("question\tanswer\n2+2?\tfour\n3+3?\tsix\n", encoding="utf-8")
     assert _responses(load_examples(path)) == ["four", "six"]
+    (tmp_path / "broken.arrow").write_bytes(b"not arrow" * 10)
+    with pytest.raises(ValueError, match=r"^dataset .*broken\.arrow: .*Not an Arrow file"):
+        load_examples(tmp_path / "broken.arrow")
 
 
 def _hub_snapshot(hub_cache, repo_id, files):
@@ -393,7 +396,7 @@ def test_a_hub_id_reads_a_downloaded_snapshot_offline_with_split_and_subset(hf_c
     assert result.examples[0].metadata["source"] == "tiny-mix"
     assert _responses(load_examples("acme/tiny-mix", subset="chat", split="test")) == ["Yo!"]
     assert _responses(load_examples("acme/tiny-mix", subset="math")) == ["4"]
-    with pytest.raises(ValueError, match=r"dataset .*: .*'poetry'"):
+    with pytest.raises(ValueError, match=r"^dataset acme/tiny-mix: .*'poetry'"):
         load_examples("acme/tiny-mix", subset="poetry")
 
 

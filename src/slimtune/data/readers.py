@@ -161,13 +161,14 @@ def _locate(err: DataError, label: str, number: int | None, *, by_row: bool = Fa
 
 def _open_source(data: Any, *, split: str | None, subset: str | None) -> _Rows:
     """The rows of a path, a Hub id or a ``datasets`` object, with their label and format."""
-    from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+    if not isinstance(data, (str, os.PathLike)):
+        # Imported only here and for datasets sources: importing datasets costs seconds a JSONL file need not pay.
+        from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
-    if isinstance(data, (Dataset, IterableDataset, DatasetDict, IterableDatasetDict)):
+        if not isinstance(data, (Dataset, IterableDataset, DatasetDict, IterableDatasetDict)):
+            raise TypeError(f"expected a path, a Hub id or a datasets.Dataset, got {type(data).__name__}")
         name = data.info.dataset_name if isinstance(data, (Dataset, IterableDataset)) else None
         return _dataset_rows(data, f"dataset {name}" if name else "dataset", name or "dataset", split)
-    if not isinstance(data, (str, os.PathLike)):
-        raise TypeError(f"expected a path, a Hub id or a datasets.Dataset, got {type(data).__name__}")
     path = Path(data)
     if path.is_file() and _file_format(path) is not None:
         if split or subset:
@@ -180,12 +181,12 @@ def _open_source(data: Any, *, split: str | None, subset: str | None) -> _Rows:
     if path.is_dir() and is_datasets_folder(path):
         from datasets import load_from_disk
 
-        return _dataset_rows(load_from_disk(str(path)), str(data), path.name, split)
+        return _dataset_rows(load_from_disk(str(path)), f"dataset {data}", path.name, split)
     if path.exists():
         # A folder of data files (as a Hub repository lays them out) or a file type only datasets knows.
         folder, files = (path, None) if path.is_dir() else (path.parent, path.name)
-        return _dataset_rows(_load_dataset(str(folder), subset, data_files=files), f"dataset {data}",
-                             _stem(path), split)
+        return _dataset_rows(_load_dataset(f"dataset {data}", str(folder), subset, data_files=files),
+                             f"dataset {data}", _stem(path), split)
     if looks_like_hub_id(str(data)):
         return _dataset_rows(_hub_dataset(str(data), subset), f"dataset {data}", str(data).split("/")[-1],
                              split)
@@ -197,13 +198,17 @@ def looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith(".")
 
 
-def _load_dataset(path: str, subset: str | None, **kwargs: Any) -> Any:
+def _load_dataset(label: str, path: str, subset: str | None, **kwargs: Any) -> Any:
+    """``load_dataset``, with what it raises for an unknown subset or an unreadable file (said in datasets'
+    own words) prefixed by the source, so that the command line reports it as bad input."""
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     try:
         return load_dataset(path, subset, **kwargs)
-    except ValueError as err:  # an unknown subset (configuration) name, said in datasets' own words
-        raise ValueError(f"dataset {path}: {err}") from None
+    except (ValueError, DatasetGenerationError) as err:
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        raise ValueError(f"{label}: {err}{cause}") from None
 
 
 def _hub_dataset(repo_id: str, subset: str | None) -> Any:
@@ -213,7 +218,7 @@ def _hub_dataset(repo_id: str, subset: str | None) -> Any:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return _load_dataset(repo_id, subset)
+        return _load_dataset(f"dataset {repo_id}", repo_id, subset)
     except ConnectionError as err:
         try:
             folder = snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
@@ -222,7 +227,7 @@ def _hub_dataset(repo_id: str, subset: str | None) -> Any:
                 f"dataset {repo_id}: not in the local Hugging Face cache and the Hub cannot be reached ({err}); "
                 "download it once online (huggingface-cli download --repo-type dataset "
                 f"{repo_id}) or unset HF_HUB_OFFLINE") from None
-    return _load_dataset(folder, subset)
+    return _load_dataset(f"dataset {repo_id}", folder, subset)
 
 
 def _dataset_rows(data: Any, label: str, stem: str, split: str | None) -> _Rows:
