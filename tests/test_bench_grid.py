@@ -13,7 +13,7 @@ name: tiny-grid
 model: tiny
 pool: {sizes: {gsm8k: 8, tatoeba: 8}, max_length: 96, corrupt: {share: 0.25, kinds: [swap, truncate]}}
 eval: {gsm8k: {n: 2, generate: [full, best], max_new_tokens: 4}, tatoeba: {n: 3, max_new_tokens: 4},
-       p3: {n: 2, options: 1, max_options: 4}}
+       p3: {n: 2, options: 1, max_options: 5}}
 target_per_task: 1
 train: {epochs: 1, batch_size: 4, lora_r: 2, lora_alpha: 4}
 budgets: [0.5]
@@ -78,15 +78,16 @@ def test_two_method_grid_on_the_tiny_model_writes_the_table_and_reuses_every_cel
 @pytest.mark.usefixtures("shared_data")
 def test_an_eval_asking_for_option_rows_gets_them_first_and_keeps_targets_apart(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 4}", "p3: {n: 10, options: 4, max_options: 5}"))
+    # The bundled sample's held-out P3 rows list options for two rows with at most 8 (the full data for dozens).
+    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 5}", "p3: {n: 10, options: 2, max_options: 8}"))
     data = GridRunner(load_config(path), tmp_path / "out").data
     p3 = data.evals["p3"]
-    assert [len(ex.metadata.get("options") or ()) for ex in p3][4:] == [0] * 6  # exactly 4 are option-scored
-    assert all(1 < len(ex.metadata["options"]) <= 5 for ex in p3[:4])
+    assert [len(ex.metadata.get("options") or ()) for ex in p3][2:] == [0] * 8  # exactly 2 are option-scored
+    assert all(1 < len(ex.metadata["options"]) <= 8 for ex in p3[:2])
     assert not {ex.id for ex in p3} & {ex.id for ex in data.targets}
     assert not {ex.id for ex in p3} & {ex.id for ex in data.pool}
 
-    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 4}",
+    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 5}",
                                  "p3: {n: 2}, taskmaster4: {n: 2, options: 1}"))
     with pytest.raises(ValueError, match="taskmaster4: options: 1 rows listing answer options asked for"):
         build_bench_data(load_config(path))
