@@ -424,8 +424,9 @@ def test_a_hub_id_reads_what_load_dataset_prepared_before_offline(hf_cache):
 
 
 def test_a_hub_id_missing_from_the_cache_offline_says_how_to_get_it(hf_cache):
-    with pytest.raises(FileNotFoundError, match=r"dataset acme/absent: not in the local Hugging Face cache and "
-                       r"the Hub cannot be reached .*huggingface-cli download --repo-type dataset acme/absent"):
+    with pytest.raises(FileNotFoundError, match=r"dataset acme/absent: no such file or folder, and as a Hub id "
+                       r"not in the local Hugging Face cache .*huggingface-cli download --repo-type dataset "
+                       r"acme/absent"):
         load_examples("acme/absent")
 
 

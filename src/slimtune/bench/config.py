@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from slimtune import __version__
+from slimtune.data.recipes import RECIPES, is_recipe
 from slimtune.online import POLICIES
 from slimtune.select import SELECTORS
 
@@ -218,8 +219,6 @@ def _pool(path: Path, raw: Any) -> PoolSpec:
         sizes = raw["sizes"]
         if not isinstance(sizes, dict) or not sizes:
             raise ValueError(f"{path}: pool: sizes: expected rows per recipe, e.g. {{gsm8k: 40}}, got {sizes!r}")
-        from slimtune.data.recipes import RECIPES, is_recipe
-
         bad = [str(source) for source in sizes if not is_recipe(str(source))]
         if bad:
             raise ValueError(f"{path}: pool: sizes: {bad} are not recipes ({', '.join(RECIPES)}); a pool of your "
@@ -253,8 +252,6 @@ def _eval(path: Path, task: str, spec: Any) -> EvalSpec:
         if key in spec and (not isinstance(spec[key], str) or not spec[key].strip()):
             raise ValueError(f"{where}: {key}: expected a non-empty string, got {spec[key]!r}")
     if "data" not in spec:
-        from slimtune.data.recipes import RECIPES, is_recipe
-
         if not is_recipe(task):
             raise ValueError(f"{where}: not a recipe ({', '.join(RECIPES)}); an eval set of your own needs data: "
                              "(a file, folder or Hub id)")

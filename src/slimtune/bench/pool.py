@@ -14,7 +14,9 @@ import random
 from dataclasses import dataclass, replace
 
 from slimtune.bench.config import EvalSpec, GridConfig
+from slimtune.data import load_examples
 from slimtune.data.example import Example
+from slimtune.data.recipes import load_recipe
 from slimtune.data.report import seeded_sample
 
 
@@ -58,9 +60,6 @@ def corrupt(pool: list[Example], share: float, kinds: tuple[str, ...], seed: int
 def build_bench_data(config: GridConfig) -> BenchData:
     """Pool rows come from each source's training split, evaluation and target rows from its held-out split,
     so no evaluation row is ever in the pool."""
-    from slimtune.data import load_examples
-    from slimtune.data.recipes import load_recipe
-
     spec = config.pool
     pool: list[Example] = []
     if spec.data:

@@ -224,9 +224,9 @@ def _hub_dataset(repo_id: str, subset: str | None) -> Any:
             folder = snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
         except LocalEntryNotFoundError:
             raise FileNotFoundError(
-                f"dataset {repo_id}: not in the local Hugging Face cache and the Hub cannot be reached ({err}); "
-                "download it once online (huggingface-cli download --repo-type dataset "
-                f"{repo_id}) or unset HF_HUB_OFFLINE") from None
+                f"dataset {repo_id}: no such file or folder, and as a Hub id not in the local Hugging Face cache "
+                f"while the Hub cannot be reached ({err}); download it once online (huggingface-cli download "
+                f"--repo-type dataset {repo_id}) or unset HF_HUB_OFFLINE") from None
     return _load_dataset(f"dataset {repo_id}", folder, subset)
 
 
