@@ -206,7 +206,8 @@ def test_fl_picks_one_of_each_duplicate_group_before_any_second_copy(gsm8k, tran
     assert sorted(i.split("-")[0] for i in selection.kept_ids) == ["0", "1", "2", "3"]
 
 
-def test_flmi_with_a_target_task_picks_that_task_first(gsm8k, translations):
+def test_flmi_with_a_target_task_picks_that_task_first(gsm8k, translations, full_shared_data):
+    # On the bundled sample's rows the gsm8k target's second pick is a translation: a fact about the full data.
     pool = [ex for pair in zip(gsm8k[:6], translations[:6]) for ex in pair]
     for target, task in ((gsm8k[6:], "gsm8k"), (translations[6:], "fra-eng")):
         selection = get_selector("delift-se", objective="flmi").select(pool, 6, target=target)

@@ -1,7 +1,9 @@
 """The ``slimtune`` command: a thin shell over the Python API (data inspect | select | train | eval | bench | demo).
 
-DATA arguments take a file (JSONL, JSONL.gz, JSON, Parquet, CSV), a saved Hugging Face datasets folder, or a
-recipe such as ``gsm8k:train`` or ``tatoeba:fra-eng`` (see ``slimtune data recipes``).
+DATA arguments take a file (JSONL, JSONL.gz, JSON, Parquet, CSV, or any other file ``datasets`` reads), a saved
+Hugging Face datasets folder or a folder of data files, a Hub id (``org/name``, read from the local cache when
+offline; ``--split`` and ``--data-subset`` choose within it), or a recipe such as ``gsm8k:train`` or
+``tatoeba:fra-eng`` (see ``slimtune data recipes``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ ShapeOpt = Annotated[str | None, typer.Option(help="Force the record shape: alpa
                                               "question-answer, messages, sharegpt, taskmaster.")]
 SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip bad records (counted and reported) "
                                           "instead of stopping at the first.")]
+SplitOpt = Annotated[str | None, typer.Option(help="The split of a dataset (Hub id or folder) or recipe that "
+                                              "holds several: train, test, ...")]
+DataSubsetOpt = Annotated[str | None, typer.Option("--data-subset", help="The subset (configuration name) of a "
+                                                   "Hub dataset that has several.")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Method parameter as key=value "
                                                     "(repeatable); values are parsed as JSON when they can be.")]
 
@@ -53,13 +59,14 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_print_
     return
 
 
-def _load(spec: str, shape: str | None = None, skip_bad: bool = False) -> list:
+def _load(spec: str, shape: str | None = None, skip_bad: bool = False, split: str | None = None,
+          subset: str | None = None) -> list:
     """Examples from a file, folder or recipe; a bad record stops with its file:line:field unless skipped."""
     from slimtune.data import load_examples
     from slimtune.data.errors import DataError
 
     try:
-        result = load_examples(spec, shape=shape, skip_bad=skip_bad)
+        result = load_examples(spec, shape=shape, skip_bad=skip_bad, split=split, subset=subset)
     except DataError as err:
         console.print(f"[red]error:[/red] {err}")
         if not skip_bad:
@@ -67,9 +74,6 @@ def _load(spec: str, shape: str | None = None, skip_bad: bool = False) -> list:
         raise typer.Exit(2) from None
     except (FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
-    except EOFError as err:  # a cut .gz; left to typer it would print a bare "Aborted."
-        console.print(f"[red]error:[/red] {spec}: {err}; the file is cut short: copy or download it again")
         raise typer.Exit(2) from None
     for note in result.report.notes:
         console.print(f"[dim]{note}[/dim]")
@@ -100,6 +104,8 @@ def data_inspect(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Count tokens with this model's "
                                               "tokenizer (default: characters).")] = None,
     max_length: Annotated[int, typer.Option(help="Length limit to report truncation against.")] = 512,
+    split: SplitOpt = None,
+    data_subset: DataSubsetOpt = None,
 ) -> None:
     """Shape, counts, tasks, a length histogram and the problems found.
 
@@ -109,7 +115,7 @@ def data_inspect(
     from slimtune.data.errors import DataError
 
     try:
-        result = load_examples(data, shape=shape, skip_bad=True)
+        result = load_examples(data, shape=shape, skip_bad=True, split=split, subset=data_subset)
     except (DataError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
@@ -196,6 +202,12 @@ def select(
     allow_unscored: Annotated[bool, typer.Option("--allow-unscored", help="Keep rows the method could not "
                                                  "score (ranked last) instead of stopping.")] = False,
     config: ConfigOpt = None,
+    split: SplitOpt = None,
+    data_subset: DataSubsetOpt = None,
+    save_as: Annotated[str, typer.Option(help="What to write, comma-separated: source (the pool's own format), "
+                                         "jsonl/csv/parquet/..., datasets (a save_to_disk folder), indices "
+                                         "(indices.json: positions for Dataset.select) or indices.npy.")]
+    = "source",
 ) -> None:
     """Score a pool once and keep a budget of it.
 
@@ -203,6 +215,7 @@ def select(
     """
     import dataclasses
 
+    from slimtune.data.writers import save_kinds
     from slimtune.select import Budget, UnscoredRowsError, selector_class
 
     try:
@@ -230,9 +243,14 @@ def select(
             _fail(f"{option}: method '{method}'{_objective_note(selector)} does not use it; drop {option} or "
                   "choose a method that does (" + ("less, delift --objective flmi" if option == "--target"
                                                    else "kcenter, delift --objective flcg") + ")")
+    try:
+        kinds = save_kinds(save_as)
+    except ValueError as err:
+        _fail(f"--save-as: {err}")
     _check_out_dir(out)
     tokenizer, max_length = _tokenizer_for(selector), getattr(selector, "max_length", None)
-    pool, skipped = _checked(_load(data, shape, skip_bad), data, tokenizer, max_length, skip_bad, "--data")
+    pool, skipped = _checked(_load(data, shape, skip_bad, split, data_subset), data, tokenizer, max_length,
+                             skip_bad, "--data")
     extra = {}
     for option, spec in (("--target", target), ("--existing", existing)):
         if spec:
@@ -251,7 +269,7 @@ def select(
     if distributed_rank_world()[0] != 0:  # every process of a launch holds the same selection: one writes it
         return
     clear_kept_report(out)
-    subset_path = selection.save(out, pool)
+    subset_path = selection.save(out, pool, kinds)
     write_kept_report(out, selection_rows(selection, pool))
     cost = selection.cost
     unscored = f"; {len(cost.unscored)} row(s) unscored (see the manifest)" if cost.unscored else ""
@@ -471,6 +489,8 @@ def train(
         "--training-arg", help="Any transformers TrainingArguments field as key=value (repeatable); it wins "
                                "over slimtune's settings.")] = None,
     config: ConfigOpt = None,
+    split: SplitOpt = None,
+    data_subset: DataSubsetOpt = None,
 ) -> None:
     """Fine-tune with LoRA through the Hugging Face Trainer, optionally with online batch selection.
 
@@ -497,7 +517,7 @@ def train(
         _fail("--param: train takes parameters for an --online policy only; add --online NAME or drop --param")
     _check_out_dir(out)
     user_args = _training_args(training_arg, report_to=report_to, deepspeed=deepspeed, fsdp=fsdp)
-    examples = _load(data, shape, skip_bad)
+    examples = _load(data, shape, skip_bad, split, data_subset)
     if subset is not None:
         examples = _subset_of(examples, subset, data)
     examples, _ = _checked(examples, data, _load_tokenizer(model, "--model"), max_length, skip_bad, "--data")
@@ -609,6 +629,8 @@ def evaluate_cmd(
                                                          "definitions (YAML).")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples per task.")] = None,
     config: ConfigOpt = None,
+    split: SplitOpt = None,
+    data_subset: DataSubsetOpt = None,
 ) -> None:
     """Target loss and task metrics (GSM8K exact match, chrF/BLEU, option accuracy), and lm-eval tasks.
 
@@ -637,7 +659,8 @@ def evaluate_cmd(
         _check_writable(out.parent, "--out", out)
     report = EvalReport()
     if data is not None:
-        examples, _ = _checked(_load(data, shape)[:limit], data, None, None, False, "--data")
+        examples, _ = _checked(_load(data, shape, split=split, subset=data_subset)[:limit], data, None, None,
+                               False, "--data")
         lm, tokenizer = load_trained(run, device=device) if run else load_model(model, device=device)
         report = evaluate(lm, tokenizer, {_task_name(task, examples): examples}, max_new_tokens=max_new_tokens,
                           batch_size=batch_size)

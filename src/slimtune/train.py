@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slimtune.data import as_examples
 from slimtune.data.example import Example, pool_hash
 from slimtune.data.tokenize import Collator, TokenizedDataset
 from slimtune.models import LoraSettings, apply_lora, choose_device, load_model
@@ -212,7 +213,7 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lm, tokenizer = prepare_model(model, settings, device=args.device)
-    dataset = TokenizedDataset(examples, tokenizer, settings.max_length)
+    dataset = TokenizedDataset(as_examples(examples), tokenizer, settings.max_length)
     if len(dataset) == 0:
         raise ValueError(f"nothing to train on: {dataset.stats.summary()}")
     whole_warmup(args, settings, len(dataset), given)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from slimtune.data import as_examples
 from slimtune.data.example import Example, pool_hash
 from slimtune.utils import write_json
 
@@ -135,21 +137,25 @@ class Selection:
             ],
         }
 
-    def save(self, out_dir: str | os.PathLike, pool: Sequence[Example]) -> Path:
-        """Write the kept records in the pool's own format (``subset.<ext>``) and ``manifest.json``.
+    def save(self, out_dir: str | os.PathLike, pool: Sequence[Example], save_as: Sequence[str] = ("source",)) -> Path:
+        """Write the kept records in the pool's own format (``subset.<ext>``), or as each of ``save_as``
+        (see :func:`slimtune.data.writers.save_subset`), and ``manifest.json``; returns the first written.
 
         ``manifest.json`` is the commit marker: an earlier run's manifest and subset files are removed first
         and the new manifest is written last (each file atomically), so a folder with a manifest always
-        holds the subset it names, and no stale ``subset.csv`` outlives a new ``subset.jsonl``.
+        holds the subsets it names, and no stale ``subset.csv`` outlives a new ``subset.jsonl``.
         """
-        from slimtune.data.writers import write_examples
+        from slimtune.data.writers import save_subset
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for earlier in [out / "manifest.json", *(p for p in out.glob("subset.*") if p.is_file())]:
+        for earlier in [out / "manifest.json", *(p for p in [*out.glob("subset.*"), *out.glob("indices.*")]
+                                                 if p.is_file())]:
             earlier.unlink(missing_ok=True)
-        subset_path = write_examples(self.subset(pool), out / "subset")
-        write_json(out / "manifest.json", {**self.manifest(), "subset_file": subset_path.name})
+        shutil.rmtree(out / "subset_dataset", ignore_errors=True)
+        subset_path, *_ = written = save_subset(self.subset(as_examples(pool)), out, save_as)
+        write_json(out / "manifest.json", {**self.manifest(), "subset_file": subset_path.name,
+                                           "subset_files": [path.name for path in written]})
         return subset_path
 
     @classmethod
@@ -183,6 +189,8 @@ class Selector(ABC):
         """Score ``pool`` and keep ``budget`` of it. Rows the method could not score are recorded in
         ``cost.unscored``; if any would be kept, :class:`UnscoredRowsError` says how many and why, unless
         ``allow_unscored`` (they are then kept after every scored row, as ranked)."""
+        # A datasets.Dataset becomes examples here, so every method sees the same records and ids.
+        pool, target, existing = (None if data is None else as_examples(data) for data in (pool, target, existing))
         if len(pool) == 0:
             raise ValueError("the pool is empty: nothing to select from")
         if self.needs_target and not target:

@@ -6,8 +6,9 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from slimtune.data.readers import LoadResult, read_examples
+from slimtune.data.readers import read_examples
 from slimtune.data.recipes.common import Recipe
+from slimtune.data.report import LoadResult
 
 _FINAL_ANSWER = re.compile(r"####\s*(.+?)\s*$")
 

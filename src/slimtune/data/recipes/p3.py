@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from slimtune.data.readers import LoadResult, read_examples
+from slimtune.data.readers import read_examples
 from slimtune.data.recipes.common import Recipe, in_split
+from slimtune.data.report import LoadResult
 
 _LIST_ITEM = re.compile(r"^\s*-\s+(.*?)\s*$")
 

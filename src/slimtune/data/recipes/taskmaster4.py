@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimtune.data.readers import LoadResult, read_examples
+from slimtune.data.readers import read_examples
 from slimtune.data.recipes.common import Recipe, in_split
+from slimtune.data.report import LoadResult
 
 
 def build(root: Path, split: str) -> LoadResult:
