@@ -47,3 +47,35 @@ def test_loading_noise_is_off_unless_verbose():
     assert not transformers.utils.logging.is_progress_bar_enabled()
     with pytest.raises(ValueError, match="verbosity"):
         progress.set_verbosity("loud")
+
+
+def _pool(tmp_path, n=16):
+    import json
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"What is {i} plus {i}?", "output": str(2 * i)}) + "\n"
+                            for i in range(n)))
+    return pool
+
+
+def test_the_cli_shows_a_line_per_stage_and_compact_training_logs_and_quiet_shows_none(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    pool, runner = _pool(tmp_path), CliRunner()
+    shown = runner.invoke(app, ["select", "--method", "loss", "--model", "tiny", "--budget", "4", "--data", str(pool),
+                                "--out", str(tmp_path / "sel"), "-p", "max_length=48"])
+    assert shown.exit_code == 0, shown.output
+    assert "response-losses (conditioned): 16 rows in" in shown.output
+    trained = runner.invoke(app, ["train", "--data", str(pool), "--model", "tiny", "--max-steps", "2", "--batch-size",
+                                  "4", "--max-length", "48", "--device", "cpu", "--training-arg", "logging_steps=1",
+                                  "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    assert "step 1/2  loss" in trained.output and "{'loss'" not in trained.output
+    assert "training tiny on 16 rows: 2 steps in" in trained.output
+    quiet = runner.invoke(app, ["--quiet", "select", "--method", "loss", "--model", "tiny", "--budget", "4", "--data",
+                                str(pool), "--out", str(tmp_path / "sel2"), "-p", "max_length=40"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "rows in" not in quiet.output and "kept 4 of 16" in quiet.output

@@ -54,9 +54,17 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                                   help="Print slimtune's version and exit.")] = False) -> None:
-    # Options that come before the command; --version acts in its callback, so there is nothing left to do.
-    return
+                                                   help="Print slimtune's version and exit.")] = False,
+             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines: results and errors "
+                                                 "only.")] = False,
+             verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also the libraries' own logs and "
+                                                   "loading bars.")] = False) -> None:
+    """Options that come before the command (``slimtune --quiet select ...``); --version acts in its callback."""
+    from slimtune.progress import set_verbosity
+
+    if quiet and verbose:
+        raise typer.BadParameter("give --quiet or --verbose, not both")
+    set_verbosity("quiet" if quiet else "verbose" if verbose else "normal")
 
 
 def _load(spec: str, shape: str | None = None, skip_bad: bool = False, split: str | None = None,

@@ -84,10 +84,13 @@ class Stage:
 
 
 @contextmanager
-def stage(description: str, total: int | None = None, unit: str = "rows") -> Iterator[Stage]:
-    """A progress line for the block, then its summary line; nothing when quiet or not rank 0."""
-    if not _shows():
-        yield Stage(description, total, unit, None)
+def stage(description: str, total: int | None = None, unit: str = "rows", *, live: bool = True) -> Iterator[Stage]:
+    """A progress line for the block (``live``), then its summary line; nothing when quiet or not rank 0."""
+    if not _shows() or not live:
+        current = Stage(description, total, unit, None)
+        yield current
+        if _shows():
+            _console.print(f"[green]✓[/green] {current.summary()}", highlight=False)
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn(f"{unit}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]

@@ -12,16 +12,19 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import TrainerCallback
 
 from slimtune.data import as_examples
 from slimtune.data.example import Example, pool_hash
 from slimtune.data.tokenize import Collator, TokenizedDataset
 from slimtune.models import LoraSettings, apply_lora, choose_device, load_model
+from slimtune.progress import compact_log_line, show_log_line, stage
 from slimtune.utils import seed_everything, write_json
 
 if TYPE_CHECKING:
@@ -189,6 +192,40 @@ def prepare_model(model_name: str | None, settings: TrainSettings, device: str |
     return model, tokenizer
 
 
+class _ProgressCallback(TrainerCallback):
+    """The Trainer's progress in slimtune's vocabulary (:mod:`slimtune.progress`): a step bar and one compact
+    line per log (``live``), or only the closing summary line."""
+
+    def __init__(self, label: str, live: bool):
+        self.label, self.live = label, live
+        self._stack = ExitStack()
+        self._stage = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._stage = self._stack.enter_context(stage(self.label, total=state.max_steps, unit="steps",
+                                                      live=self.live))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._stage is not None:
+            self._stage.advance(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.live and logs and state.is_world_process_zero:
+            show_log_line(compact_log_line(logs, state.global_step, state.max_steps))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._stack.close()
+
+
+def show_progress(trainer, label: str, *, live: bool = True) -> None:
+    """Replace the Trainer's own printing (a tqdm bar and raw log dicts) with slimtune's progress lines."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_ProgressCallback(label, live))
+
+
 def train(examples: Sequence[Example], *, model: str | None = None, settings: TrainSettings | None = None,
           training_args: TrainingArguments | Mapping[str, Any] | None = None,
           callbacks: Sequence[Any] | None = None, trainer_class: type | None = None,
@@ -224,6 +261,7 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
         extra["callbacks"] = [*(extra.get("callbacks") or []), *callbacks]
     trainer = cls(model=lm, args=args, train_dataset=dataset,
                   data_collator=Collator(tokenizer.pad_token_id, keep_index=keep_index), **extra)
+    show_progress(trainer, f"training {model or 'smollm2'} on {len(dataset)} rows", live=settings.progress)
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
