@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,47 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"the shared data folder {SHARED_DATA} is not beside the checkout")
-    return SHARED_DATA
+def shared_data(tmp_path_factory) -> Path:
+    """Real rows: the shared data folder (``$SLIMTUNE_SHARED_DATA``, else ``../shared/data``) when there is one,
+    else the sample bundled with slimtune, so that a plain clone runs every test that needs real rows.
+
+    Tests take the first rows of a file and expect them to fit a short token window, as the first rows of the
+    full GSM8K and Tatoeba files do; the sample's rows are a random draw, so its copy here lists them shortest
+    first (Tatoeba's two files stay line-aligned). Other files are the sample's, unchanged."""
+    from slimtune.data.recipes import SAMPLE_DIR, shared_data_dir
+
+    shared = shared_data_dir()
+    if shared is not None:
+        return shared
+    root = tmp_path_factory.mktemp("sample_shortest_first")
+    shutil.copytree(SAMPLE_DIR, root, dirs_exist_ok=True)
+    for name in ("train", "test"):
+        path = root / "gsm8k" / f"{name}.jsonl"
+        path.write_text("".join(sorted(path.read_text(encoding="utf-8").splitlines(keepends=True), key=len)),
+                        encoding="utf-8")
+    foreign, english = (root / "tatoeba" / f"tatoeba.fra-eng.{code}" for code in ("fra", "eng"))
+    pairs = sorted(zip(_lines(foreign), _lines(english)), key=lambda pair: len(pair[0]) + len(pair[1]))
+    for path, lines in ((foreign, [f for f, _ in pairs]), (english, [e for _, e in pairs])):
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return root
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").split("\n")[:-1]
+
+
+@pytest.fixture(scope="session")
+def full_shared_data() -> Path:
+    """The full shared data, for tests of facts about it (row counts, that the sample is drawn from it)."""
+    from slimtune.data.recipes import shared_data_dir
+
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("the full shared data (../shared/data or $SLIMTUNE_SHARED_DATA) is not here")
+    return path
 
 
 @pytest.fixture(scope="session")

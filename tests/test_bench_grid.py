@@ -13,7 +13,7 @@ name: tiny-grid
 model: tiny
 pool: {sizes: {gsm8k: 8, tatoeba: 8}, max_length: 96, corrupt: {share: 0.25, kinds: [swap, truncate]}}
 eval: {gsm8k: {n: 2, generate: [full, best], max_new_tokens: 4}, tatoeba: {n: 3, max_new_tokens: 4},
-       p3: {n: 2, options: 1, max_options: 4}}
+       p3: {n: 2, options: 1, max_options: 5}}
 target_per_task: 1
 train: {epochs: 1, batch_size: 4, lora_r: 2, lora_alpha: 4}
 budgets: [0.5]
@@ -78,15 +78,16 @@ def test_two_method_grid_on_the_tiny_model_writes_the_table_and_reuses_every_cel
 @pytest.mark.usefixtures("shared_data")
 def test_an_eval_asking_for_option_rows_gets_them_first_and_keeps_targets_apart(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 4}", "p3: {n: 10, options: 4, max_options: 5}"))
+    # The bundled sample's held-out P3 rows list options for two rows with at most 8 (the full data for dozens).
+    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 5}", "p3: {n: 10, options: 2, max_options: 8}"))
     data = GridRunner(load_config(path), tmp_path / "out").data
     p3 = data.evals["p3"]
-    assert [len(ex.metadata.get("options") or ()) for ex in p3][4:] == [0] * 6  # exactly 4 are option-scored
-    assert all(1 < len(ex.metadata["options"]) <= 5 for ex in p3[:4])
+    assert [len(ex.metadata.get("options") or ()) for ex in p3][2:] == [0] * 8  # exactly 2 are option-scored
+    assert all(1 < len(ex.metadata["options"]) <= 8 for ex in p3[:2])
     assert not {ex.id for ex in p3} & {ex.id for ex in data.targets}
     assert not {ex.id for ex in p3} & {ex.id for ex in data.pool}
 
-    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 4}",
+    path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 5}",
                                  "p3: {n: 2}, taskmaster4: {n: 2, options: 1}"))
     with pytest.raises(ValueError, match="taskmaster4: options: 1 rows listing answer options asked for"):
         build_bench_data(load_config(path))
@@ -116,3 +117,50 @@ def test_a_grid_builds_selection_artifacts_in_its_own_cache_so_costs_are_from_sc
     again = second._select(cell)  # another grid: the first one's blocks are not its own
     assert again.cost.details["pool_kernel_blocks_from_cache"] == 0
     assert again.cost.forward_tokens == built.cost.forward_tokens > 0
+
+
+USER_GRID = """
+name: my-data
+model: tiny
+pool: {data: POOL, size: 6, max_length: 96}
+eval: {support: {data: EVAL, n: 2}, gsm8k: {n: 2}}
+target_per_task: 1
+train: {epochs: 1, batch_size: 4}
+budgets: [0.5]
+methods: [length]
+"""
+
+
+def test_a_grid_takes_the_users_pool_and_eval_sets(tmp_path):
+    pool, dev = tmp_path / "pool.jsonl", tmp_path / "dev.jsonl"
+    pool.write_text("".join(f'{{"question": "q{i}", "answer": "{"a" * (i + 1)}"}}\n' for i in range(10)))
+    dev.write_text("".join(f'{{"question": "d{i}", "answer": "b"}}\n' for i in range(3)))
+    path = tmp_path / "grid.yaml"
+    path.write_text(USER_GRID.replace("POOL", str(pool)).replace("EVAL", str(dev)))
+    config = load_config(path)
+    assert (config.pool.data, config.pool.size, config.pool.sizes) == (str(pool), 6, {})
+    assert [(ev.task, ev.data) for ev in config.evals] == [("support", str(dev)), ("gsm8k", None)]
+    data = build_bench_data(config)
+    assert len(data.pool) == 6 and {ex.metadata["source"] for ex in data.pool} == {"pool"}
+    assert len(data.evals["support"]) == 2 and {ex.metadata["source"] for ex in data.targets} >= {"dev"}
+
+
+POOL_LINE, EVAL_ENTRY = "pool: {data: POOL, size: 6, max_length: 96}", "support: {data: EVAL, n: 2}"
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    (POOL_LINE, "pool: {data: POOL, sizes: {gsm8k: 4}}", "pool: give exactly one of sizes"),
+    (POOL_LINE, "pool: {sizes: {mine: 4}}", r"pool: sizes: \['mine'\] are not recipes"),
+    (POOL_LINE, "pool: {data: POOL, size: 0}", "pool: size: expected a positive number of rows, got 0"),
+    (POOL_LINE, "pool: {data: POOL, rows: 6}", r"pool: unknown keys \['rows'\]"),
+    (POOL_LINE, "pool: {data: '', size: 6}", "pool: data: expected a non-empty string"),
+    (EVAL_ENTRY, "support: {n: 2}", "eval: support: not a recipe .* needs data:"),
+    (EVAL_ENTRY, "support: {data: EVAL, n: 2, shape: alpaca}", r"eval: support: unknown keys \['shape'\]"),
+    ("gsm8k: {n: 2}", "gsm8k: {n: 2, split: test}", "eval: gsm8k: split and subset apply to data:"),
+    (EVAL_ENTRY, "support: {data: EVAL, n: two}", "eval: support: n: expected a positive number of rows"),
+])
+def test_a_grid_config_error_names_the_key(tmp_path, old, new, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(USER_GRID.replace(old, new).replace("POOL", "pool.jsonl").replace("EVAL", "dev.jsonl"))
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        load_config(path)

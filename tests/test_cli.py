@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 from typer.testing import CliRunner
 
 from slimtune.cli import app
@@ -77,3 +78,45 @@ def test_train_online_slap_per_epoch_trains_on_the_kept_share_and_per_step_only_
     assert [len(r["kept_ids"]) for r in log] == [4] and log[0]["pool"] == 8
     result = runner.invoke(app, [*common, "uds", "--per-epoch", "--out", str(tmp_path / "uds")])
     assert result.exit_code == 2 and "needs slap" in result.output
+
+
+def test_a_reused_out_holds_only_the_latest_selection(tmp_path):
+    csv_pool, jsonl_pool, out = tmp_path / "pool.csv", tmp_path / "pool.jsonl", tmp_path / "sel"
+    csv_pool.write_text("instruction,input,output\n" + "".join(f"{r['instruction']},,{r['output']}\n" for r in ROWS))
+    write_pool(jsonl_pool, ROWS)
+    for pool in (csv_pool, jsonl_pool):
+        result = runner.invoke(app, ["select", "--method", "random", "--budget", "2", "--data", str(pool),
+                                     "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    pictures = ["lengths.png", "report.html", "scores.png", "tasks.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "subset.jsonl", *pictures])
+
+
+def test_rows_the_method_cannot_score_fail_the_command_unless_allowed(tmp_path, monkeypatch):
+    from slimtune.select.heuristics import RandomSelector
+
+    pool = tmp_path / "pool.jsonl"
+    write_pool(pool, ROWS)
+    monkeypatch.setattr(RandomSelector, "score", lambda self, pool, **kw: np.array([1.0] * 5 + [np.nan] * 3))
+    args = ["select", "--method", "random", "--budget", "6", "--data", str(pool), "--out", str(tmp_path / "sel")]
+    result = runner.invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "3 of 8 rows could not be scored and 1 of them would be among the 6 kept" \
+        in text and f"{pool}:6" in text
+    assert not (tmp_path / "sel" / "manifest.json").exists()
+    result = runner.invoke(app, [*args, "--allow-unscored"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
+    assert manifest["unscored"] == 3 and [e["id"] for e in manifest["examples"] if "unscored" in e] == \
+        [e["id"] for e in manifest["examples"][5:]]
+
+
+def test_loss_at_a_short_max_length_scores_every_row_of_a_real_pool(tmp_path, shared_data):
+    """The issue's repro at test scale: GSM8K rows longer than max_length=48 used to score nothing."""
+    pool = tmp_path / "gsm8k.jsonl"
+    pool.write_text("".join((shared_data / "gsm8k" / "train.jsonl").read_text().splitlines(True)[:12]))
+    result = runner.invoke(app, ["select", "--method", "loss", "--model", "tiny", "--budget", "4", "--data",
+                                 str(pool), "--out", str(tmp_path / "sel"), "-p", "max_length=48"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
+    assert manifest["unscored"] == 0 and all(e["score"] is not None for e in manifest["examples"])

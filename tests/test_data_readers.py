@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,8 +76,9 @@ def test_metadata_names_source_task_file_and_line_and_keeps_the_record(write_jso
     first, second = load_examples(path).examples
     assert (first.id, second.id) == ("7", "x-2")
     assert first.metadata == {"source": "my_pool", "task": "brainstorm", "file": str(path), "line": 1,
-                              "format": "jsonl"}
-    assert (second.task, second.metadata["line"]) == ("my_pool", 3)  # blank lines still count as lines
+                              "row": 0, "format": "jsonl"}
+    # Blank lines still count as lines, not as rows: "row" is the record's position for Dataset.select.
+    assert (second.task, second.metadata["line"], second.metadata["row"]) == ("my_pool", 3, 1)
     assert first.record == rows[0]
 
 
@@ -270,20 +272,205 @@ def test_saved_datasets_folder(tmp_path):
     Dataset.from_list(RECORDS).save_to_disk(str(folder))
     result = load_examples(folder)
     assert _responses(result) == ["Blue", "Oui"]
-    assert (result.report.format, result.examples[1].metadata["line"]) == ("hf", 2)
+    assert (result.report.format, result.examples[1].metadata["row"]) == ("hf", 1)
     both = tmp_path / "hf_splits"
-    splits = DatasetDict({"train": Dataset.from_list(RECORDS), "test": Dataset.from_list(RECORDS)})
+    splits = DatasetDict({"train": Dataset.from_list(RECORDS), "test": Dataset.from_list(RECORDS[:1])})
     splits.save_to_disk(str(both))
-    with pytest.raises(ValueError, match="holds the splits train, test: give one split's folder"):
+    with pytest.raises(ValueError, match="holds the splits train, test: choose one"):
         load_examples(both)
-    assert _responses(load_examples(both / "test")) == ["Blue", "Oui"]
+    assert _responses(load_examples(both / "test")) == ["Blue"]
+    assert _responses(load_examples(both, split="test")) == ["Blue"]
+    with pytest.raises(ValueError, match="has no split 'dev'; it has train, test"):
+        load_examples(both, split="dev")
 
 
 def test_paths_that_cannot_be_read(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file or folder, and not a recipe"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder, not a recipe .* and not a Hugging Face "
+                       r"Hub id \(org/name\)"):
         load_examples(tmp_path / "missing.jsonl")
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="unsupported file type"):
-        load_examples(tmp_path / "notes.txt")
-    with pytest.raises(ValueError, match="is a folder but not a saved Hugging Face datasets folder"):
+    (tmp_path / "blob.bin").write_bytes(b"\0")
+    with pytest.raises(FileNotFoundError, match="No \\(supported\\) data files found"):
         load_examples(tmp_path)
+    (tmp_path / "load_pool.py").write_text("import datasets")
+    with pytest.raises(ValueError, match="datasets no longer runs loading scripts"):
+        load_examples(tmp_path / "load_pool.py")
+
+
+def test_truncated_gzip_names_the_file_instead_of_aborting(tmp_path):
+    path = tmp_path / "pool.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in RECORDS * 50).encode())
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=rf"^{path}: truncated or corrupt gzip file"):
+        load_examples(path, skip_bad=True)  # the rest of the file is lost, not one bad record
+    (tmp_path / "pool.json.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(DataError, match=r"pool\.json\.gz: truncated or corrupt gzip file"):
+        load_examples(tmp_path / "pool.json.gz")
+
+
+# --- data through Hugging Face datasets -----------------------------------------------------------------
+
+
+def test_a_dataset_object_reads_like_a_file_and_bad_rows_name_the_row():
+    from datasets import Dataset
+
+    from slimtune.data import as_examples
+
+    data = Dataset.from_dict({"prompt": ["Say hi", None, None], "completion": ["Hi!", None, None],
+                              "question": [None, "2+2?", "3+3?"], "answer": [None, "4", " "]})
+    result = load_examples(data, skip_bad=True)
+    # Each row's shape is its own, though Arrow gives every row every column.
+    assert result.report.shape == "mixed (prompt-completion 1, question-answer 1)"
+    assert [ex.metadata["row"] for ex in result.examples] == [0, 1]
+    assert str(result.report.problems[0]) == "dataset row 2: field 'answer': empty response"
+    with pytest.raises(DataError, match=r"^dataset row 2: field 'answer': empty response"):
+        as_examples(data)
+    streamed = as_examples(data.select(range(2)).to_iterable_dataset())
+    assert [ex.response for ex in streamed] == ["Hi!", "4"]
+
+
+def test_a_folder_of_data_files_reads_the_split_asked_for(tmp_path):
+    folder = tmp_path / "my_data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    (folder / "test.jsonl").write_text(json.dumps(RECORDS[0]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds the splits train, test: choose one"):
+        load_examples(folder)
+    result = load_examples(folder, split="train")
+    assert _responses(result) == ["Blue", "Oui"]
+    assert (result.report.source, result.report.format) == (f"dataset {folder} split train", "hf")
+
+
+def test_a_file_type_only_datasets_reads(tmp_path):
+    path = tmp_path / "pool.tsv"
+    path.write_text("question\tanswer\n2+2?\tfour\n3+3?\tsix\n", encoding="utf-8")
+    assert _responses(load_examples(path)) == ["four", "six"]
+    (tmp_path / "broken.arrow").write_bytes(b"not arrow" * 10)
+    with pytest.raises(ValueError, match=r"^dataset .*broken\.arrow: .*Not an Arrow file"):
+        load_examples(tmp_path / "broken.arrow")
+
+
+def _hub_snapshot(hub_cache, repo_id, files):
+    """The layout ``huggingface-cli download --repo-type dataset`` leaves in the Hub cache."""
+    commit = "0" * 40
+    repo = hub_cache / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for name, content in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            (snapshot / name).write_text(content)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(content), snapshot / name)
+    return snapshot
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Empty Hub and datasets caches, offline (as conftest sets HF_HUB_OFFLINE=1 for every test)."""
+    import datasets
+    from huggingface_hub import constants
+
+    assert datasets.config.HF_HUB_OFFLINE and constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    return tmp_path
+
+
+def test_a_hub_id_reads_a_downloaded_snapshot_offline_with_split_and_subset(hf_cache):
+    card = ("---\nconfigs:\n- config_name: chat\n  data_files:\n  - {split: train, path: chat/train.parquet}\n"
+            "  - {split: test, path: chat/test.parquet}\n- config_name: math\n  data_files:\n"
+            "  - {split: train, path: math/train.parquet}\n---\n")
+    _hub_snapshot(hf_cache / "hub", "acme/tiny-mix", {
+        "README.md": card,
+        "chat/train.parquet": [{"instruction": "Say hi", "output": "Hi!"}, {"instruction": "Bye", "output": ""}],
+        "chat/test.parquet": [{"instruction": "Say yo", "output": "Yo!"}],
+        "math/train.parquet": [{"question": "2+2?", "answer": "4"}]})
+    result = load_examples("acme/tiny-mix", subset="chat", split="train", skip_bad=True)
+    assert _responses(result) == ["Hi!"]
+    assert (str(result.report.problems[0])
+            == "dataset acme/tiny-mix split train row 1: field 'output': empty response")
+    assert result.examples[0].metadata["source"] == "tiny-mix"
+    assert _responses(load_examples("acme/tiny-mix", subset="chat", split="test")) == ["Yo!"]
+    assert _responses(load_examples("acme/tiny-mix", subset="math")) == ["4"]
+    with pytest.raises(ValueError, match=r"^dataset acme/tiny-mix: .*'poetry'"):
+        load_examples("acme/tiny-mix", subset="poetry")
+
+
+def test_a_hub_id_reads_what_load_dataset_prepared_before_offline(hf_cache):
+    """Online, ``load_dataset("acme/prepared")`` leaves Arrow files under the datasets cache, in
+    ``acme___prepared/<config>/<version>/<hash>/prepared-<split>.arrow``; offline, datasets reads them back."""
+    import shutil
+
+    import datasets
+
+    files = hf_cache / "source"
+    files.mkdir()
+    for split, rows in {"train": RECORDS, "test": RECORDS[:1]}.items():
+        (files / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data_files = {split: str(files / f"{split}.jsonl") for split in ("train", "test")}
+    builder = datasets.load_dataset_builder("json", data_files=data_files, cache_dir=str(hf_cache / "build"))
+    builder.download_and_prepare()
+    prepared = Path(builder.cache_dir)
+    target = hf_cache / "datasets" / "acme___prepared" / "default" / prepared.parent.name / prepared.name
+    shutil.copytree(prepared, target)
+    for arrow in target.glob("json-*.arrow"):
+        arrow.rename(arrow.with_name(arrow.name.replace("json-", "prepared-")))
+    assert _responses(load_examples("acme/prepared", split="train")) == ["Blue", "Oui"]
+    assert _responses(load_examples("acme/prepared", split="test")) == ["Blue"]
+
+
+def test_a_hub_id_missing_from_the_cache_offline_says_how_to_get_it(hf_cache):
+    with pytest.raises(FileNotFoundError, match=r"dataset acme/absent: no such file or folder, and as a Hub id "
+                       r"not in the local Hugging Face cache .*huggingface-cli download --repo-type dataset "
+                       r"acme/absent"):
+        load_examples("acme/absent")
+
+
+# --- the same through the command line --------------------------------------------------------------------
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("command", ["inspect", "select"])
+def test_a_truncated_gzip_exits_2_naming_the_file(tmp_path, command):
+    path = tmp_path / "pool.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in RECORDS * 50).encode())
+    path.write_bytes(whole[: len(whole) // 2])
+    args = (["data", "inspect", path] if command == "inspect" else
+            ["select", "--method", "random", "--budget", 2, "--data", path, "--out", tmp_path / "sel"])
+    code, output = _cli(*args)
+    assert code == 2
+    assert f"{path}: truncated or corrupt gzip file" in output and "Aborted" not in output
+
+
+def test_cli_reads_a_hub_split_and_subset_and_saves_indices(hf_cache):
+    card = ("---\nconfigs:\n- config_name: chat\n  data_files:\n  - {split: train, path: chat/train.parquet}\n"
+            "  - {split: test, path: chat/test.parquet}\n---\n")
+    rows = [{"instruction": f"Say {w}", "output": w * (i + 1)} for i, w in enumerate("abcdef")]
+    _hub_snapshot(hf_cache / "hub", "acme/chat", {"README.md": card, "chat/train.parquet": rows,
+                                                  "chat/test.parquet": rows[:1]})
+    code, output = _cli("data", "inspect", "acme/chat", "--data-subset", "chat", "--split", "train")
+    assert code == 0 and "6 records read, 6 usable, 0 bad" in output
+    out = hf_cache / "sel"
+    code, output = _cli("select", "--method", "length", "-p", "unit=chars", "--budget", 2, "--data", "acme/chat",
+                        "--split", "train", "--out", out, "--save-as", "jsonl,indices")
+    assert code == 0, output
+    assert json.loads((out / "indices.json").read_text()) == [5, 4]
+    assert [json.loads(line)["output"] for line in (out / "subset.jsonl").read_text().splitlines()] == ["ffffff",
+                                                                                                          "eeeee"]
+    code, output = _cli("select", "--method", "random", "--budget", 2, "--data", "acme/chat", "--out", out,
+                        "--save-as", "xml")
+    assert code == 2 and "cannot save a subset as xml" in output
+    code, output = _cli("data", "inspect", "acme/chat")
+    assert code == 2 and "holds the splits train, test: choose one (--split" in output

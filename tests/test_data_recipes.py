@@ -19,11 +19,11 @@ def _ids(examples):
 
 
 @pytest.fixture(scope="module")
-def p3_all(shared_data):
+def p3_all(full_shared_data):
     return run_recipe("p3:all")
 
 
-def test_gsm8k_splits_and_final_answers(shared_data):
+def test_gsm8k_splits_and_final_answers(full_shared_data):
     train, test = load_recipe("gsm8k"), load_recipe("gsm8k:test")
     assert (len(train), len(test)) == (7473, 1319)
     first = train[0]
@@ -87,7 +87,7 @@ def test_p3_templates_option(p3_all):
         load_recipe("p3:nonsense")
 
 
-def test_tatoeba_directions_tasks_and_prompts(shared_data):
+def test_tatoeba_directions_tasks_and_prompts(full_shared_data):
     examples = load_recipe("tatoeba:all")
     tasks = {ex.task for ex in examples}
     languages = ["cmn", "deu", "fra", "ita", "jpn", "nld", "por", "rus", "spa", "tur"]
@@ -102,7 +102,7 @@ def test_tatoeba_directions_tasks_and_prompts(shared_data):
     assert eng_jpn.messages[0]["content"].startswith("Translate from English to Japanese: ")
 
 
-def test_tatoeba_pair_options(shared_data):
+def test_tatoeba_pair_options(full_shared_data):
     assert {ex.task for ex in load_recipe("tatoeba:fra-eng")} == {"fra-eng"}
     assert {ex.task for ex in load_recipe("tatoeba", pairs="fra")} == {"fra-eng", "eng-fra"}
     assert {ex.task for ex in load_recipe("tatoeba:eng-deu,spa")} == {"eng-deu", "spa-eng", "eng-spa"}
@@ -113,7 +113,7 @@ def test_tatoeba_pair_options(shared_data):
         load_recipe("tatoeba:fra-deu")
 
 
-def test_tatoeba_split_keeps_an_english_sentence_on_one_side(shared_data):
+def test_tatoeba_split_keeps_an_english_sentence_on_one_side(full_shared_data):
     train, test = load_recipe("tatoeba"), load_recipe("tatoeba:test")
     english = {split: {ex.metadata["reference"] if ex.task.endswith("-eng") else
                        ex.messages[0]["content"].split(": ", 1)[1] for ex in examples}
@@ -124,7 +124,7 @@ def test_tatoeba_split_keeps_an_english_sentence_on_one_side(shared_data):
     assert sum(ex.task == "fra-eng" for ex in test) == sum(ex.task == "eng-fra" for ex in test) > 50
 
 
-def test_taskmaster_dialogues_end_with_an_assistant_turn(shared_data):
+def test_taskmaster_dialogues_end_with_an_assistant_turn(full_shared_data):
     result = run_recipe("taskmaster4:all")
     examples = result.examples
     assert len(examples) == 1500
@@ -141,7 +141,7 @@ def test_taskmaster_dialogues_end_with_an_assistant_turn(shared_data):
     assert len(train) + len(test) == 1500 and not set(_ids(train)) & set(_ids(test))
 
 
-def test_sampling_is_seeded_and_a_smaller_limit_draws_a_prefix(shared_data):
+def test_sampling_is_seeded_and_a_smaller_limit_draws_a_prefix(full_shared_data):
     draw = _ids(load_recipe("taskmaster4", limit=50, seed=3))
     assert draw == _ids(load_recipe("taskmaster4", limit=50, seed=3))
     assert draw != _ids(load_recipe("taskmaster4", limit=50, seed=4))
@@ -168,7 +168,7 @@ def test_recipe_specs(shared_data):
         load_recipe("taskmaster4:validation")
     with pytest.raises(TypeError, match="recipe gsm8k takes no option pairs"):
         load_recipe("gsm8k", pairs="fra")
-    with pytest.raises(ValueError, match="shape, source, task_field and id_field apply to files"):
+    with pytest.raises(ValueError, match="shape, source, task_field, id_field and subset apply to files"):
         load_examples("gsm8k", shape="alpaca")
 
 
@@ -215,13 +215,13 @@ def test_without_shared_data_recipes_fall_back_to_the_bundled_sample(monkeypatch
     assert recipes_module.describe_recipes()[0] == result.report.notes[0]
 
 
-def test_sample_is_small_drawn_from_the_shared_data_and_reproducible(shared_data, tmp_path, monkeypatch):
+def test_sample_is_small_drawn_from_the_shared_data_and_reproducible(full_shared_data, tmp_path, monkeypatch):
     files = sorted(path for path in SAMPLE_DIR.rglob("*") if path.is_file() and path.name != "README.md")
     assert sum(path.stat().st_size for path in files) < 1_000_000
     for path in files:
-        original = set((shared_data / path.relative_to(SAMPLE_DIR)).read_bytes().splitlines())
+        original = set((full_shared_data / path.relative_to(SAMPLE_DIR)).read_bytes().splitlines())
         assert set(path.read_bytes().splitlines()) <= original, path
-    monkeypatch.setattr(sys, "argv", ["make_sample.py", "--shared", str(shared_data), "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["make_sample.py", "--shared", str(full_shared_data), "--out", str(tmp_path)])
     runpy.run_path(str(SAMPLE_DIR.parents[3] / "scripts" / "make_sample.py"), run_name="__main__")
     assert [path.read_bytes() for path in files] == [(tmp_path / path.relative_to(SAMPLE_DIR)).read_bytes()
                                                      for path in files]

@@ -125,3 +125,53 @@ def test_selection_save_writes_the_subset_in_the_pools_format(tmp_path):
     assert subset == tmp_path / "sel" / "subset.csv"
     assert subset.read_text() == "question,answer\n3+3,6\n1+1,2\n"
     assert json.loads((tmp_path / "sel" / "manifest.json").read_text())["subset_file"] == "subset.csv"
+
+
+# --- a selection as a datasets folder and as indices for Dataset.select ----------------------------------
+
+
+def test_indices_select_the_subset_from_the_source_as_datasets_reads_it(write_jsonl, tmp_path):
+    from datasets import load_dataset, load_from_disk
+
+    from slimtune.data.writers import save_subset
+
+    # A blank line and a skipped bad record must not shift the positions datasets sees.
+    source = write_jsonl([LINES[0], "", '{"instruction": "no output"}', *LINES[1:]])
+    pool = load_examples(source, skip_bad=True).examples
+    subset = [pool[3], pool[0], pool[2]]
+    json_path, npy_path, folder = save_subset(subset, tmp_path / "sel", ["indices", "indices.npy", "datasets"])
+    assert (json_path.name, npy_path.name, folder.name) == ("indices.json", "indices.npy", "subset_dataset")
+    indices = json.loads(json_path.read_text())
+    assert indices == [4, 0, 3] and np.load(npy_path).tolist() == indices
+    rows = load_dataset("json", data_files=str(source), split="train").select(indices)
+    assert [row["instruction"] for row in rows] == [ex.record["instruction"] for ex in subset]
+    saved = load_from_disk(str(folder))
+    assert [row["output"] for row in saved] == ["1 2 3", "Blue", "Oui, l'été"]
+    # The folder reads back as the same examples.
+    assert [ex.id for ex in load_examples(folder).examples] == [ex.id for ex in subset]
+
+
+def test_indices_refuse_examples_without_one_source(tmp_path):
+    from slimtune.data.writers import save_subset, write_indices
+
+    built = [make_example([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])]
+    with pytest.raises(ValueError, match=r"indices are positions in one source, but example .* has no position"):
+        write_indices(built, tmp_path / "indices.json")
+    with pytest.raises(ValueError, match="cannot save a subset as xml; choose from source, datasets, indices"):
+        save_subset(built, tmp_path, ["jsonl", "xml"])
+
+
+def test_select_on_a_dataset_saves_indices_that_dataset_select_turns_into_the_subset(tmp_path):
+    from datasets import Dataset
+
+    from slimtune.select import selector_class
+
+    data = Dataset.from_dict({"question": [f"q{i}" for i in range(6)], "answer": ["x" * (i % 4 + 1) for i in range(6)]})
+    selector = selector_class("length")(unit="chars")
+    selection = selector.select(data, 2)
+    selection.save(tmp_path / "sel", data, ["indices", "datasets"])
+    indices = json.loads((tmp_path / "sel" / "indices.json").read_text())
+    assert indices == selection.kept == [3, 2]  # the longest answers, longest first
+    manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
+    assert manifest["subset_files"] == ["indices.json", "subset_dataset"]
+    assert data.select(indices)["answer"] == ["xxxx", "xxx"]

@@ -98,7 +98,7 @@ def test_batched_pairs_equal_pairs_one_at_a_time_whole_sequences_and_the_full_lo
         np.testing.assert_allclose(a.values, other.values, rtol=1e-4, atol=1e-7)
 
 
-def test_sparse_with_every_column_equals_dense_and_keeps_zeros_out_of_the_scaling(peaky, gsm8k):
+def test_sparse_with_every_column_equals_dense_and_missing_pairs_scale_as_no_effect(peaky, gsm8k):
     model, tokenizer = peaky
     pool = gsm8k[:5]
     utility = InContextUtility(model, tokenizer, max_text_tokens=32, cache=False)
@@ -107,14 +107,23 @@ def test_sparse_with_every_column_equals_dense_and_keeps_zeros_out_of_the_scalin
     sparse = utility.kernel(pool, neighbours=shuffled)
     np.testing.assert_allclose(sparse.to_dense(), dense.values, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(sparse.scaled().to_dense(), dense.scaled().values, rtol=1e-5, atol=1e-6)
-    scaled = dense.scaled().values
-    assert scaled.min() == 0 and scaled.max() == 1
-    # two neighbours each: scaled over the computed entries only; the others are exactly 0
-    partial = utility.kernel(pool, neighbours=shuffled[:, :2]).scaled()
-    stored = partial.values
-    assert stored.min() == 0 and stored.max() == 1
-    assert (partial.to_dense() != 0).sum() <= 10
-    assert torch.equal(partial.to_torch().to_dense(), torch.from_numpy(partial.to_dense()))
+    assert np.array_equal(dense.self_pairs, np.eye(5, dtype=bool))
+    scaled, off = dense.scaled().values, ~np.eye(5, dtype=bool)
+    assert scaled[off].min() == 0 and scaled[off].max() == 1  # the range leaves the self-pairs out
+    lo, hi = dense.values[off].min(), dense.values[off].max()
+    np.testing.assert_allclose(scaled.diagonal(), np.clip((dense.values.diagonal() - lo) / (hi - lo), 0, 1),
+                               rtol=1e-5)
+    # two neighbours each: the range spans the computed pairs other than self-pairs, and utility 0, which
+    # every pair never computed stands for
+    raw = utility.kernel(pool, neighbours=shuffled[:, :2])
+    partial = raw.scaled()
+    ranged = np.append(raw.values[~raw.self_pairs], 0.0)
+    lo, hi = ranged.min(), ranged.max()
+    np.testing.assert_allclose(partial.to_dense(), np.clip((raw.to_dense() - lo) / (hi - lo), 0, 1), rtol=1e-5)
+    assert partial.background == pytest.approx(-lo / (hi - lo))
+    assert torch.equal(partial.to_torch().to_dense() + torch.from_numpy(partial.to_dense() == partial.background
+                                                                        ) * partial.background,
+                       torch.from_numpy(partial.to_dense()))
 
 
 def test_a_killed_run_resumes_from_its_blocks_and_gives_the_uninterrupted_result(peaky, gsm8k, tmp_path):
@@ -197,7 +206,8 @@ def test_fl_picks_one_of_each_duplicate_group_before_any_second_copy(gsm8k, tran
     assert sorted(i.split("-")[0] for i in selection.kept_ids) == ["0", "1", "2", "3"]
 
 
-def test_flmi_with_a_target_task_picks_that_task_first(gsm8k, translations):
+def test_flmi_with_a_target_task_picks_that_task_first(gsm8k, translations, full_shared_data):
+    # On the bundled sample's rows the gsm8k target's second pick is a translation: a fact about the full data.
     pool = [ex for pair in zip(gsm8k[:6], translations[:6]) for ex in pair]
     for target, task in ((gsm8k[6:], "gsm8k"), (translations[6:], "fra-eng")):
         selection = get_selector("delift-se", objective="flmi").select(pool, 6, target=target)
@@ -243,3 +253,72 @@ def test_with_the_embedded_model_an_example_helps_itself_most(gsm8k):
     pool = gsm8k[:3]
     kernel = InContextUtility(model, tokenizer, max_text_tokens=64, cache=False).kernel(pool).values
     assert all(kernel[i, i] == kernel[i].max() and kernel[i, i] > 0 for i in range(3))
+
+
+def constructed_selector(monkeypatch, kernel):
+    """A DELIFT selector whose pool kernel is ``kernel`` (a UtilityMatrix): no model, no encoder."""
+    from slimtune.select.delift import DeliftSelector
+
+    monkeypatch.setattr(DeliftSelector, "_embed", lambda self, examples, cost: None)
+    monkeypatch.setattr(DeliftSelector, "_kernel", lambda self, rows, cols, re, ce, cost, name: kernel)
+    return DeliftSelector(objective="fl", sparse_k=3)
+
+
+def harmful_neighbour_kernel():
+    """Seven rows, three stored pairs each (the self-pair first, utility 3: the answer copied). Items 0 and 1
+    help rows 2 and 3 equally; item 0 also hurts row 4 a little (utility -0.2), where item 1 was never
+    computed; item 6 hurts row 4 a lot (-1). Under "missing = no effect", item 1 is the better first pick."""
+    from slimtune.features.utility import UtilityMatrix
+
+    neighbours = np.array([[0, 2, 3], [1, 2, 3], [2, 0, 1], [3, 0, 1], [4, 0, 6], [5, 2, 3], [6, 5, 4]])
+    utility = np.array([[3, .1, .1], [3, .1, .1], [3, .8, .8], [3, .8, .8], [3, -.2, -1], [3, 1, .1],
+                        [3, .1, .1]])
+    self_pairs = neighbours == np.arange(7)[:, None]
+    return UtilityMatrix(utility, neighbours, 7, {}, self_pairs)
+
+
+def test_sparse_delift_counts_an_uncomputed_pair_as_no_effect_not_as_the_least_useful_pair(monkeypatch):
+    from slimtune.features.utility import UtilityMatrix
+
+    pool = [qa(f"q{i}", f"a{i}", "t") for i in range(7)]
+    sparse = harmful_neighbour_kernel()
+    first = constructed_selector(monkeypatch, sparse).select(pool, 1)
+    assert first.kept == [1]  # not item 0, which covers row 4 only through a harmful pair
+    # the sparse kernel selects exactly as its dense form with utility 0 ("no effect") in the gaps
+    dense = UtilityMatrix(sparse.to_dense(), None, 7, {}, np.eye(7, dtype=bool))
+    order = constructed_selector(monkeypatch, sparse).select(pool, 5)
+    assert constructed_selector(monkeypatch, dense).select(pool, 5).kept == order.kept
+    scaled = sparse.scaled()
+    assert scaled.background == pytest.approx(0.5)  # utilities span [-1, 1] once the self-pairs are out
+    assert scaled.values[4, 1] < scaled.background < scaled.values[2, 1]
+    assert np.all(scaled.values[sparse.self_pairs] == 1)
+
+
+def test_a_sparse_kernel_holding_every_pair_selects_as_the_dense_one(monkeypatch):
+    from slimtune.features.utility import UtilityMatrix
+
+    rng = np.random.default_rng(0)
+    utility = rng.normal(size=(8, 8))
+    np.fill_diagonal(utility, 4.0)
+    dense = UtilityMatrix(utility, None, 8, {}, np.eye(8, dtype=bool))
+    columns = np.stack([rng.permutation(8) for _ in range(8)])
+    sparse = UtilityMatrix(np.take_along_axis(utility, columns, 1), columns, 8, {},
+                           columns == np.arange(8)[:, None])
+    pool = [qa(f"q{i}", f"a{i}", "t") for i in range(8)]
+    picks = [constructed_selector(monkeypatch, kernel).select(pool, 5) for kernel in (dense, sparse)]
+    assert picks[0].kept == picks[1].kept
+    np.testing.assert_allclose(picks[0].scores, picks[1].scores, rtol=1e-6)
+
+
+def test_a_selection_leaves_no_budget_behind_for_the_next_call(monkeypatch):
+    """select() on pool A with budget 3, then score() on pool B: the same as a fresh selector's."""
+    from slimtune.select.base import Cost
+
+    pool_a = [qa(f"q{i}", f"a{i}", "t") for i in range(7)]
+    pool_b = [qa(f"r{i}", f"b{i}", "t") for i in range(7)]
+    used = constructed_selector(monkeypatch, harmful_neighbour_kernel())
+    used.select(pool_a, 3)
+    fresh = constructed_selector(monkeypatch, harmful_neighbour_kernel())
+    (scores, order), (fresh_scores, fresh_order) = (s.score(pool_b, cost=Cost()) for s in (used, fresh))
+    assert order == fresh_order and len(order) == len(pool_b)
+    np.testing.assert_array_equal(scores, fresh_scores)

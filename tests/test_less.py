@@ -51,7 +51,7 @@ def warm(tmp_path_factory, pool, shared_data):
 
 def test_less_keeps_the_pool_examples_of_the_target_task(warm, pool):
     cache, target, selection = warm
-    for chosen in (selection, small_less(cache, aggregate="mean-cosine").select(pool, 10, target=target)):
+    for chosen in (selection, small_less(cache, aggregate="mean-gradient").select(pool, 10, target=target)):
         kept_tasks = [pool[i].task for i in chosen.kept]
         assert kept_tasks.count("gsm8k") >= 8, kept_tasks
     cost = selection.cost
@@ -71,6 +71,18 @@ def test_a_repeated_selection_reuses_the_warm_up_and_every_feature_shard(warm, p
     assert details["pool_features"]["shards"] == {"computed": 0, "reused": 2 * 4}
 
 
+def test_diverse_less_reads_the_stored_features_of_every_checkpoint(warm, pool):
+    """On the real stores (float16 shards, two checkpoints) diverse LESS reuses every shard, keeps the budget
+    of distinct rows, and still leans to the target task."""
+    cache, target, _ = warm
+    diverse = small_less(cache, diverse=True, diverse_k=5).select(pool, 10, target=target)
+    assert diverse.cost.forward_tokens == 0 and len(set(diverse.kept)) == 10
+    kept_tasks = [pool[i].task for i in diverse.kept]
+    # The first pick is the row that covers most relevance, which need not be a target-task row itself; how
+    # far the whole selection leans to the target is what diversity may not undo.
+    assert kept_tasks.count("gsm8k") >= 5, kept_tasks
+
+
 @pytest.fixture(scope="module")
 def cold_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("less-cold")
@@ -80,7 +92,8 @@ def cold_cache(tmp_path_factory):
 def test_chunked_scoring_equals_in_memory_scoring(cold_cache, pool, shared_data, aggregate):
     """Without warm-up (plain gradients of a fresh LoRA), two target subtasks, the pool read two rows at a
     time: the scores are the in-memory formula's, max over subtasks of the aggregated cosines."""
-    target = gsm8k(shared_data, "test", slice(0, 3)) + tatoeba(shared_data, "fra", slice(200, 202))
+    # Rows after the pool's, from files the bundled sample has enough short rows of (for a clone without the data)
+    target = gsm8k(shared_data, "train", slice(10, 13)) + tatoeba(shared_data, "fra", slice(100, 102))
     less = small_less(cold_cache, warmup=False, chunk_rows=2, aggregate=aggregate)
     chunked = less.select(pool, 6, target=target)
     stores = {store.key["rows"]: store for store in map(FeatureStore, (cold_cache / "features").iterdir())}
@@ -115,3 +128,56 @@ def test_less_is_registered_and_refuses_unknown_options():
         LessSelector(aggregate="max")
     with pytest.raises(ValueError, match="unknown projector"):
         LessSelector(projector="gaussian")
+
+
+def test_default_aggregation_is_the_authors_mean_cosine_not_the_norm_weighted_mean_gradient(tmp_path):
+    """One subtask of three target rows: row 0's gradient is 100 times longer than the others'. Pool row 0
+    points along it, pool row 1 along the direction the other two share. The authors' mean of cosines gives
+    each target row one vote (pool row 1: 2/3 beats 1/3); the mean gradient is row 0's direction alone."""
+    e = np.eye(4, dtype=np.float32)
+    pool, target = FeatureStore(tmp_path / "pool"), FeatureStore(tmp_path / "target")
+    pool.write(FEATURES, 0, 2, np.stack([e[0], e[1]]))
+    target.write(FEATURES, 0, 3, np.stack([e[0], e[1], e[1]]))
+    target.write(NORMS, 0, 3, np.array([100.0, 1.0, 1.0], dtype=np.float32))
+    subtasks = {"task": [0, 1, 2]}
+
+    def similarity(selector: LessSelector) -> np.ndarray:
+        return selector._similarity(pool, target, subtasks, 2, 3)[:, 0].numpy()
+
+    authors = similarity(LessSelector())
+    np.testing.assert_allclose(authors, [1 / 3, 2 / 3], atol=1e-6)
+    paper = similarity(LessSelector(aggregate="mean-gradient"))
+    assert paper[0] > 0.99 and paper[1] < 0.03  # the long row's direction wins
+
+
+def test_diverse_less_covers_the_relevant_clusters_where_plain_less_takes_near_duplicates(tmp_path,
+                                                                                           monkeypatch):
+    """Constructed features (one checkpoint, one target along e0): three near-duplicates with LESS score
+    0.9, two rows of a second relevant cluster (0.7), two of a third (0.5), three irrelevant rows. Plain LESS
+    keeps the three duplicates; diverse LESS keeps one row of each relevant cluster."""
+    from slimtune.select.less import Checkpoint
+
+    rng = np.random.default_rng(0)
+    e = np.eye(8)
+
+    def row(relevance, direction, jitter=1e-3):
+        v = relevance * e[0] + np.sqrt(1 - relevance ** 2) * e[direction] + jitter * rng.normal(size=8)
+        return v / np.linalg.norm(v)
+
+    features = np.stack([row(0.9, 1) for _ in range(3)] + [row(0.7, 2) for _ in range(2)]
+                        + [row(0.5, 3) for _ in range(2)] + [e[d] for d in (4, 5, 6)]).astype(np.float32)
+    cluster = ["a", "a", "a", "b", "b", "c", "c", "-", "-", "-"]
+    pool_store, target_store = FeatureStore(tmp_path / "pool"), FeatureStore(tmp_path / "target")
+    pool_store.write(FEATURES, 0, len(features), features)
+    target_store.write(FEATURES, 0, 1, e[:1].astype(np.float32))
+    monkeypatch.setattr(LessSelector, "_checkpoints", lambda self, pool, cost, details: [Checkpoint(None, 1.0)])
+    monkeypatch.setattr(LessSelector, "_features", lambda self, *args: (pool_store, target_store))
+    pool = [make_example([{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer {i}"}], task="pool") for i in range(10)]
+    target = [make_example([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], task="t")]
+
+    plain = LessSelector(model="tiny").select(pool, 3, target=target)
+    assert sorted(cluster[i] for i in plain.kept) == ["a", "a", "a"]
+    diverse = LessSelector(model="tiny", diverse=True, diverse_k=4).select(pool, 3, target=target)
+    assert sorted(cluster[i] for i in diverse.kept) == ["a", "b", "c"]
+    assert diverse.params["diverse"] is True and len(diverse.kept) == 3

@@ -4,8 +4,11 @@ import torch
 from slimtune.models import (
     LoraSettings,
     apply_lora,
+    choose_device,
     choose_dtype,
+    device_for_rank,
     embedded_gguf_path,
+    load_model,
     loading,
     lora_target_modules,
 )
@@ -38,6 +41,34 @@ def test_unknown_architecture_falls_back_to_every_linear_layer_but_the_head():
 def test_cpu_defaults_to_fp32_and_overrides_are_honoured():
     assert choose_dtype(torch.device("cpu")) == torch.float32
     assert choose_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+
+
+def test_every_process_of_a_launch_gets_its_own_gpu_never_all_the_first():
+    assert [device_for_rank(rank, 4) for rank in range(4)] == [torch.device("cuda", i) for i in range(4)]
+    assert device_for_rank(5, 4) == torch.device("cuda", 1), "more processes than GPUs share them round robin"
+    assert device_for_rank(3, 0) == torch.device("cpu")
+
+
+def test_the_chosen_device_follows_accelerates_local_process_index(monkeypatch):
+    import accelerate
+
+    class SecondProcess:
+        local_process_index = 1
+
+        def __init__(self, cpu: bool = False):
+            pass
+
+    monkeypatch.setattr(accelerate, "PartialState", SecondProcess)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert choose_device() == torch.device("cuda", 1)
+    assert choose_device("cpu") == torch.device("cpu"), "an explicit device wins"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert choose_device() == torch.device("cpu")
+
+
+def test_a_device_map_other_than_auto_is_refused_by_name():
+    with pytest.raises(ValueError, match="device_map must be 'auto'"):
+        load_model("tiny", device_map="balanced")
 
 
 def test_interrupted_build_leaves_nothing_that_looks_finished(tmp_path):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import gsm8k_examples
 
+from slimtune.data.example import make_example
 from slimtune.data.tokenize import IGNORE_INDEX, Collator, TokenizedDataset
 from slimtune.features.losses import score_losses
 from slimtune.models import LoraSettings
@@ -92,6 +93,33 @@ def test_the_log_names_exactly_the_rows_that_were_backpropagated(tmp_path, share
     assert trainer.state.num_input_tokens_seen == trainer.tokens_trained  # the Trainer counts the same rows
 
 
+def test_global_selection_keeps_the_k_best_of_every_micro_batch_of_a_step_in_full_batches(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 16)
+    run = settings(tmp_path, "run", lora=LoraSettings(r=4, alpha=8, dropout=0.0), grad_accum=2)
+    model, tokenizer = prepare_model("tiny", run)
+    dataset = TokenizedDataset(examples, tokenizer, run.max_length)
+    trainer = SelectiveTrainer(model=model, args=training_arguments(run), train_dataset=dataset,
+                               data_collator=Collator(tokenizer.pad_token_id, keep_index=True),
+                               policy=get_policy("big-loss"), keep=0.5, global_selection=True)
+    row_of = {tuple(row["input_ids"]): i for i, row in enumerate(dataset.rows)}
+    backpropagated = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():
+            ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+            backpropagated.append([row_of[tuple(r[m.bool()].tolist())] for r, m in zip(ids, mask)])
+
+    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    log = read_selection_log(tmp_path / "run")
+    assert [len(step["index"]) for step in log] == [8, 8]  # 2 micro-batches of 4 candidates a step
+    for step in log:
+        best = sorted(range(8), key=lambda i: -step["loss"][i])[:4]
+        assert sorted(step["chosen"]) == sorted(step["index"][i] for i in best)
+    assert backpropagated == [step["chosen"][half:half + 2] for step in log for half in (0, 2)]
+    assert trainer.examples_trained == 8
+
+
 def test_a_resumed_run_selects_as_the_uninterrupted_one_did(tmp_path, shared_data):
     examples = gsm8k_examples(shared_data, 8)
     first, _ = selective_trainer(tmp_path, examples, UDSPolicy(), 0.5, num_train_epochs=2,
@@ -107,24 +135,91 @@ def test_a_resumed_run_selects_as_the_uninterrupted_one_did(tmp_path, shared_dat
     assert second.examples_trained == first.examples_trained == 8
 
 
-def test_uniform_runs_no_scoring_forward_and_rho_loss_caches_the_reference(tmp_path, shared_data):
+def test_uniform_runs_no_scoring_forward_and_loss_minus_init_caches_the_reference(tmp_path, shared_data):
     examples = gsm8k_examples(shared_data, 8)
     uniform, _ = selective_trainer(tmp_path / "u", examples, get_policy("uniform", seed=3), 0.25)
     uniform.train()
     assert uniform.candidates_scored == 0 and uniform.examples_trained == 2
     assert all(step["loss"] == [None] * 4 for step in read_selection_log(tmp_path / "u" / "run"))
 
-    rho, dataset = selective_trainer(tmp_path / "r", examples, get_policy("rho-loss"), 0.25)
-    before = score_losses(rho.model, [rho.data_collator([dataset[i] for i in range(len(dataset))])])[0]
-    rho.train()
-    cached = torch.load(tmp_path / "r" / "run" / "ref_losses.pt")
+    drop, dataset = selective_trainer(tmp_path / "r", examples, get_policy("loss-minus-init"), 0.25)
+    before = score_losses(drop.model, [drop.data_collator([dataset[i] for i in range(len(dataset))])])[0]
+    drop.train()
+    cached = torch.load(tmp_path / "r" / "run" / "ref_losses.pt", weights_only=True)
     assert torch.allclose(cached["loss"], before, atol=1e-5)
     first = read_selection_log(tmp_path / "r" / "run")[0]
     assert first["scores"] == pytest.approx([0.0] * 4, abs=1e-4)  # the model has not moved yet
 
 
+def test_rho_loss_without_an_irreducible_loss_model_is_refused(tmp_path, shared_data):
+    with pytest.raises(ValueError, match=r"held-out rows the run never trains on.*'loss-minus-init'"):
+        selective_trainer(tmp_path, gsm8k_examples(shared_data, 4), get_policy("rho-loss"), 0.5)
+
+
+def test_rho_loss_trains_its_reference_on_held_out_rows_it_never_trains_on(tmp_path, shared_data):
+    from slimtune.online.trainer import load_reference
+
+    examples = gsm8k_examples(shared_data, 10)
+    run = settings(tmp_path, "rho", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    train_online(examples, get_policy("rho-loss", holdout=0.2), keep=0.5, model="tiny", settings=run)
+    held_out = json.loads((tmp_path / "rho" / "holdout_ids.json").read_text())
+    log = read_selection_log(tmp_path / "rho")
+    candidates_seen = {i for step in log for i in step["ids"]}
+    assert len(held_out) == 2 and not candidates_seen & set(held_out)
+    assert candidates_seen == {ex.id for ex in examples} - set(held_out)
+    reference = load_reference(str(tmp_path / "rho" / "irreducible"), torch.device("cpu"))
+    trained_on = [ex for ex in examples if ex.id not in held_out]
+    _, tokenizer = prepare_model("tiny", run)
+    rows = TokenizedDataset(trained_on, tokenizer, run.max_length)
+    expected = score_losses(reference, [Collator(tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])])[0]
+    cached = torch.load(tmp_path / "rho" / "ref_losses.pt", weights_only=True)["loss"]
+    assert torch.allclose(cached, expected, atol=1e-4)
+
+    adapter = tmp_path / "rho" / "irreducible" / "adapter" / "adapter_model.safetensors"
+    trained_at = adapter.stat().st_mtime_ns
+    train_online(examples, get_policy("rho-loss", holdout=0.2), keep=0.5, model="tiny", settings=run)
+    assert adapter.stat().st_mtime_ns == trained_at  # the irreducible-loss model is reused, not retrained
+    with pytest.raises(ValueError, match="also in the training pool"):
+        train_online(examples, "rho-loss", model="tiny", settings=run, holdout=examples[:2])
+
+
+def without_mask(rows):
+    batch = Collator(0, keep_index=True)(rows)
+    del batch["attention_mask"]
+    return batch
+
+
+def packed(rows):
+    """Every row of the batch in one row, as TRL's padding-free collator builds it: no mask, restarting ids."""
+    ids = [torch.tensor(r["input_ids"]) for r in rows]
+    return {"input_ids": torch.cat(ids)[None], "labels": torch.cat([torch.tensor(r["labels"]) for r in rows])[None],
+            "position_ids": torch.cat([torch.arange(len(i)) for i in ids])[None]}
+
+
+def test_a_batch_without_an_attention_mask_trains_without_one(tmp_path, shared_data):
+    trainer, _ = selective_trainer(tmp_path, gsm8k_examples(shared_data, 8), get_policy("big-loss"), 0.5)
+    trainer.data_collator = without_mask
+    masks = []
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    trainer.train()
+    assert len(masks) == 2 and all(mask is None for mask in masks)
+    assert [len(step["chosen"]) for step in read_selection_log(tmp_path / "run")] == [2, 2]
+
+
+@pytest.mark.parametrize("collate", [packed, lambda rows: {**packed(rows), "cu_seq_lens_q": torch.tensor([0, 5])}])
+def test_a_packed_batch_is_refused_before_the_first_step(tmp_path, shared_data, collate):
+    trainer, _ = selective_trainer(tmp_path, gsm8k_examples(shared_data, 8), get_policy("big-loss"), 0.5)
+    trainer.data_collator = collate
+    with pytest.raises(ValueError, match=r"packed .*cannot be scored or chosen alone.*padding_free=False"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and trainer.examples_trained == 0
+
+
 def test_keep_is_a_share_below_one_and_a_count_from_one():
     assert keep_count(0.25, 8) == 2 and keep_count(0.01, 8) == 1 and keep_count(3, 8) == 3
+    assert keep_count(0.25, 10) == 3 and keep_count(0.25, 6) == 2  # halves round up, not to even
     assert keep_count(1, 8) == 1 and keep_count(20, 8) == 8
     with pytest.raises(ValueError):
         keep_count(0, 8)
@@ -159,42 +254,76 @@ def test_rho_loss_keeps_the_largest_gap_to_the_reference_not_the_largest_loss():
     assert get_policy("rho-loss").choose(batch, 1).tolist() == [1]
 
 
-def test_infobatch_keeps_every_above_mean_row_and_upweights_the_kept_below_mean_ones():
-    losses = [1.0, 2.0, 3.0, 10.0, 11.0, 12.0]
+def test_infobatch_prunes_below_mean_rows_at_random_upweights_the_kept_ones_and_anneals():
+    rows = 40
     policy = get_policy("infobatch", prune_ratio=0.5, seed=0)
-    kept_below = 0
-    for _ in range(20):
-        chosen = policy.choose(candidates(loss=losses), 2).tolist()
-        assert {3, 4, 5} <= set(chosen)
-        kept_below += len(set(chosen) - {3, 4, 5})
-        weights = policy.weights(None)
-        assert weights.tolist() == [2.0, 2.0, 2.0, 1.0, 1.0, 1.0]
-    assert 15 < kept_below < 45  # about half of the 60 below-mean draws survive
-    chosen = policy.choose(candidates(loss=losses, progress=0.9), 2)  # annealing: the full batch, unweighted
-    assert sorted(chosen.tolist()) == list(range(6)) and policy.weights(None).tolist() == [1.0] * 6
+    assert sorted(policy.plan_epoch(0, 8, rows)) == list(range(rows))  # nothing scored yet: a whole epoch
+    policy.record_training_losses(torch.arange(rows), torch.arange(rows, dtype=torch.float))  # mean 19.5
+    kept = policy.plan_epoch(1, 8, rows, multiple=4)
+    assert policy.plan_epoch(1, 8, rows, multiple=4) == kept  # a resumed epoch replays its plan
+    below_kept = set(kept) - set(range(20, 40))
+    assert set(range(20, 40)) <= set(kept) and len(kept) == len(set(kept)) and len(kept) % 4 == 0
+    assert 4 <= len(below_kept) <= 16  # about half of the 20 below-mean rows survive
+    policy.choose(candidates(loss=[0.0] * rows), rows)
+    weights = policy.weights(None)
+    assert all(weights[i] == (2.0 if i in below_kept else 1.0) for i in kept)
+    policy.record_training_losses(torch.tensor(kept), torch.zeros(len(kept)))
+    assert sorted(policy.plan_epoch(7, 8, rows, multiple=4)) == list(range(rows))  # annealing: all, weight 1
+    policy.choose(candidates(loss=[0.0] * rows), rows)
+    assert policy.weights(None).tolist() == [1.0] * rows
 
 
-def test_row_weights_scale_each_rows_share_of_the_training_loss(tmp_path, shared_data):
+def test_infobatch_scores_rows_with_their_training_forwards_loss_and_runs_no_other(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 8)
+    trainer, dataset = selective_trainer(tmp_path, examples, get_policy("infobatch"), 0.5, learning_rate=0.0)
+    trainer.train()  # the model does not move: each row's training loss is its loss under the initial model
+    expected = score_losses(trainer.model, [Collator(0)([dataset[i] for i in range(len(dataset))])])[0]
+    assert torch.allclose(trainer.policy.state_dict()["fresh"].float(), expected, atol=1e-5)
+    assert trainer.candidates_scored == 0
+
+
+def test_row_weights_give_the_gradient_of_the_weighted_loss_through_the_parents_own_loss(tmp_path,
+                                                                                          shared_data):
     examples = gsm8k_examples(shared_data, 2)
     trainer, dataset = selective_trainer(tmp_path, examples, get_policy("infobatch"), 0.5)
     batch = Collator(0)([dataset[0], dataset[1]])
-    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
     model = trainer.model
-    own = trainer.compute_loss(model, dict(batch))
-    per_row = score_losses(model, [batch])[0] * tokens  # summed token losses of each row
-    unit = trainer.compute_loss(model, {**batch, "loss_weight": torch.tensor([1.0, 1.0])})
-    weighted = trainer.compute_loss(model, {**batch, "loss_weight": torch.tensor([1.0, 2.0])})
-    assert float(unit) == pytest.approx(float(own), rel=1e-5)
-    assert float(weighted) == pytest.approx(float((per_row[0] + 2 * per_row[1]) / tokens.sum()), rel=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test skips
+
+    def gradient(step):
+        model.zero_grad()
+        step()
+        return torch.cat([p.grad.flatten() for p in trainable])
+
+    def weighted_by_hand():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        token = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        ((token.sum(1) * torch.tensor([1.0, 2.0])).sum() / tokens).backward()
+
+    weighted = gradient(lambda: trainer.training_step(model, {**batch, "loss_weight": torch.tensor([1.0, 2.0])}))
+    unweighted = gradient(lambda: trainer.training_step(model, dict(batch)))
+    assert torch.allclose(weighted, gradient(weighted_by_hand), atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(weighted, unweighted, rtol=1e-2)
 
 
-def test_infobatch_trains_the_rows_it_keeps_with_their_weights(tmp_path, shared_data):
+def test_infobatch_trains_pruned_epochs_in_full_batches_and_the_last_epoch_whole(tmp_path, shared_data):
     examples = gsm8k_examples(shared_data, 16)
-    trainer, _ = selective_trainer(tmp_path, examples, get_policy("infobatch", seed=1), 0.25)
+    trainer, _ = selective_trainer(tmp_path, examples, get_policy("infobatch", seed=1), 0.25, num_train_epochs=8)
     trainer.train()
-    log = read_selection_log(tmp_path / "run")
-    assert trainer.examples_trained == sum(len(step["chosen"]) for step in log) > 4
-    assert {w for step in log for w in step["weights"]} == {1.0, 2.0}
+    epochs: dict[int, list] = {}
+    for step in read_selection_log(tmp_path / "run"):
+        assert len(step["chosen"]) == 4  # full batches: pruning removes steps, not rows of a batch
+        epochs.setdefault(step["policy"]["epoch"], []).append(step)
+    rows = {epoch: [i for step in steps for i in step["chosen"]] for epoch, steps in epochs.items()}
+    weights = {epoch: {w for step in steps for w in step["weights"]} for epoch, steps in epochs.items()}
+    assert sorted(epochs) == list(range(8))
+    assert sorted(rows[0]) == sorted(rows[7]) == list(range(16)) and weights[0] == weights[7] == {1.0}
+    pruning = range(1, 7)
+    assert all(len(rows[e]) == len(set(rows[e])) and weights[e] <= {1.0, 2.0} for e in pruning)
+    assert sum(len(rows[e]) for e in pruning) < 6 * 16 and all(2.0 in weights[e] for e in pruning)
+    assert trainer.examples_trained == sum(map(len, rows.values())) and trainer.candidates_scored == 0
 
 
 def test_nuclear_norm_from_the_gram_matrix_equals_the_svd():
@@ -229,18 +358,34 @@ def test_uds_prefers_a_new_example_to_a_duplicate_of_a_remembered_one():
     assert policy.scores(batch)[1] > policy.scores(batch)[0]
 
 
-def test_uds_masks_padding_unless_asked_for_the_authors_raw_variant():
+def test_uds_scores_response_logits_unless_asked_for_the_authors_whole_row_variant():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 30)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    logits[0, 3:] = 100.0  # huge logits on padding: must not count
-    batch = candidates(logits=logits, attention_mask=mask)
-    masked = UDSPolicy(max_length=8, vocab_dim=16)
+    logits = torch.randn(2, 7, 30)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    labels = torch.full((2, 7), IGNORE_INDEX)
+    labels[0, 3:5] = 1  # row 0: prompt 0-2, response 3-4, padding 5-6
+    labels[1, 5:] = 1  # row 1: prompt 0-4, response 5-6
+    logits[0, 5:] = 100.0  # huge logits on padding and on the prompt: neither gets a gradient, neither counts
+    logits[1, :3] = 100.0
+    batch = candidates(logits=logits, attention_mask=mask, labels=labels)
+    masked = UDSPolicy(max_length=8, vocab_dim=16, alpha=0.0)
     raw = UDSPolicy(max_length=8, vocab_dim=16, unmasked_raw=True, alpha=0.0)
     masked.choose(batch, 1)
     raw.choose(batch, 1)
-    assert masked.scores(batch)[0] < masked.scores(batch)[1]
+    response = [logits[0, 2:4], logits[1, 4:6]]  # logits at t predict the token at t + 1
+    expected = torch.stack([torch.linalg.svdvals(part).sum() for part in response])
+    assert torch.allclose(masked.scores(batch), (expected - expected.mean()) / expected.std(unbiased=False),
+                          atol=1e-4)
     assert raw.scores(batch)[0] == pytest.approx(float(torch.linalg.svdvals(logits[0]).sum()), rel=1e-4)
+
+
+def test_uds_takes_trainings_max_length_so_rows_past_512_tokens_train(tmp_path, shared_data):
+    long = [make_example([{"role": "user", "content": " ".join(["word"] * 600) + f" {i}"},
+                          {"role": "assistant", "content": "answer " * 5}], task="t") for i in range(4)]
+    result = train_online(long, "uds", keep=0.5, model="tiny",
+                          settings=settings(tmp_path, "long", max_length=700, batch_size=2))
+    assert result.examples_seen == 2
+    assert json.loads((tmp_path / "long" / "selection_summary.json").read_text())["params"]["max_length"] == 700
 
 
 def test_uds_from_logit_factors_scores_as_uds_from_the_logits(tiny, shared_data):
@@ -257,7 +402,7 @@ def test_uds_from_logit_factors_scores_as_uds_from_the_logits(tiny, shared_data)
     full = CandidateBatch(**common, logits=signals["logits"])
     factored = CandidateBatch(**common, hidden=signals["hidden"],
                               extras={"head": model.get_output_embeddings().weight})
-    a, b = UDSPolicy(seed=1), UDSPolicy(seed=1)
+    a, b = UDSPolicy(seed=1, max_length=160), UDSPolicy(seed=1, max_length=160)
     for batch_a, batch_b in ((full, factored), (full, factored)):  # the second time with a memory
         assert a.choose(batch_a, 2).tolist() == b.choose(batch_b, 2).tolist()
         assert torch.allclose(a.scores(None), b.scores(None), atol=1e-3)

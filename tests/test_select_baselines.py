@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import private_cache
 
 from slimtune.data.example import make_example
 from slimtune.features.embeddings import cosine_kernel, knn, load_minilm, minilm_embeddings, model_embeddings
@@ -21,6 +22,12 @@ from slimtune.select.kcenter import KCenterSelector, farthest_point_order
 def qa(question: str, answer: str, id: str | None = None, **metadata):
     return make_example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
                         id=id, **metadata)
+
+
+@pytest.fixture(autouse=True)
+def fresh_feature_store(tmp_path, monkeypatch):
+    """Losses and embeddings are stored under the slimtune cache: each test starts from none."""
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(private_cache(tmp_path / "cache")))
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +44,7 @@ def pool():
 def patch_losses(monkeypatch, tokenizer, *vectors):
     """Make the shared loss pass return ``vectors`` in turn (conditioned first for IFD), without a model."""
     calls = iter(vectors)
-    monkeypatch.setattr(_ResponseLossSelector, "_load", lambda self: (None, tokenizer))
+    monkeypatch.setattr(_ResponseLossSelector, "_load", lambda self: (torch.nn.Linear(1, 1), tokenizer))
     monkeypatch.setattr(_ResponseLossSelector, "_score_rows",
                         lambda self, model, tok, rows, cost: np.array(next(calls), dtype=float))
 
@@ -108,7 +115,7 @@ def test_loss_keeps_highest_or_lowest_and_puts_unscorable_rows_last(monkeypatch,
     assert high.kept == [1, 4]
     np.testing.assert_array_equal(high.scores, losses)  # the manifest shows the losses themselves
     patch_losses(monkeypatch, tokenizer, losses)
-    low = LossSelector(model="tiny", keep="lowest").select(pool, len(pool))
+    low = LossSelector(model="tiny", keep="lowest").select(pool, len(pool), allow_unscored=True)
     assert low.kept[:2] == [3, 0]
     assert low.kept[-1] == 2
     patch_losses(monkeypatch, tokenizer, losses)
@@ -135,17 +142,15 @@ def test_loss_of_a_dialogue_scores_only_its_last_response(tiny):
     assert selection.scores[0] == pytest.approx(hand_loss(model, tokenizer, turns), rel=1e-5)
 
 
-def test_rows_with_no_response_left_within_max_length_get_no_score(pool):
+def test_rows_longer_than_max_length_lose_the_prompt_start_and_are_still_scored(pool):
     long_prompt = qa("word " * 400, "the answer", id="long")
-    # the final answer is cut off; the first one survives but is context, not the response
+    # the final answer survives; the first one is cut away with the start of the prompt
     long_dialogue = make_example([{"role": "user", "content": "Hi"},
                                   {"role": "assistant", "content": "Hello!"},
                                   {"role": "user", "content": "word " * 400},
                                   {"role": "assistant", "content": "the answer"}], id="dialogue")
     selection = LossSelector(model="tiny", max_length=64).select([*pool[:3], long_prompt, long_dialogue], 5)
-    assert np.isnan(selection.scores[3:]).all()
-    assert selection.kept[-2:] == [3, 4]
-    assert selection.manifest()["examples"][3]["score"] is None
+    assert np.isfinite(selection.scores).all() and not selection.cost.unscored
 
 
 # ---- IFD ---------------------------------------------------------------------------------------------------
@@ -161,28 +166,32 @@ def test_ifd_is_the_conditioned_over_the_unconditioned_response_loss(tiny, pool)
     assert selection.kept == np.argsort(-selection.scores, kind="stable")[:3].tolist()
 
 
-def test_ifd_compares_the_same_response_tokens_when_max_length_cuts_the_response(tiny):
+def test_ifd_scores_the_whole_response_when_max_length_cuts_the_prompt(tiny):
     model, tokenizer = tiny
-    row = qa("Describe the sea.", "The sea is wide, deep and blue, and it moves with the wind and the moon.")
+    row = qa("Describe the sea. " * 20, "The sea is wide, deep and blue.")
     messages = list(row.messages)
-    prompt_tokens = len(render_ids(tokenizer, messages[:-1], add_generation_prompt=True))
-    kept_tokens = 4
-    selection = IFDSelector(model="tiny", max_length=prompt_tokens + kept_tokens).select([row], 1)
+    ids = render_ids(tokenizer, messages)
+    start = len(render_ids(tokenizer, messages[:-1], add_generation_prompt=True))
+    max_length = len(ids) - start + 5  # the response and the last five prompt tokens
+    selection = IFDSelector(model="tiny", max_length=max_length, drop_above_one=False).select([row], 1)
+    window = ids[-max_length:]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([window])).logits[0]
+    with_x = F.cross_entropy(logits[4:-1], torch.tensor(window[5:])).item()
     alone = [{"role": "user", "content": ""}, messages[-1]]
-    expected = (hand_loss(model, tokenizer, messages, kept_tokens)
-                / hand_loss(model, tokenizer, alone, kept_tokens))
-    assert selection.scores[0] == pytest.approx(expected, rel=1e-5)
+    assert selection.scores[0] == pytest.approx(with_x / hand_loss(model, tokenizer, alone), rel=1e-5)
 
 
 def test_ifd_ranks_rows_above_one_after_all_others_when_filtering(monkeypatch, tokenizer, pool):
     rows = pool[:5]
     with_x, without_x = [0.5, 1.5, 0.9, 1.2, np.nan], [1.0] * 5
     patch_losses(monkeypatch, tokenizer, with_x, without_x)
-    filtered = IFDSelector(model="tiny").select(rows, 5)
+    filtered = IFDSelector(model="tiny").select(rows, 5, allow_unscored=True)
     assert filtered.kept == [2, 0, 3, 1, 4]  # misaligned pairs (IFD > 1) only fill a budget the rest cannot
     assert filtered.cost.details["ifd_above_one"] == 2
     patch_losses(monkeypatch, tokenizer, with_x, without_x)
-    assert IFDSelector(model="tiny", drop_above_one=False).select(rows, 5).kept == [1, 3, 2, 0, 4]
+    assert IFDSelector(model="tiny", drop_above_one=False).select(rows, 5, allow_unscored=True).kept == \
+        [1, 3, 2, 0, 4]
 
 
 # ---- k-center ----------------------------------------------------------------------------------------------
@@ -318,3 +327,60 @@ def test_saved_selection_writes_the_subset_and_a_manifest_of_every_pool_row(tmp_
     assert manifest["cost"]["forward_tokens"] == selection.cost.forward_tokens
     assert manifest["cost"]["seconds"] == pytest.approx(selection.cost.seconds)
     assert manifest["params"]["seed"] == 0
+
+
+# ---- neighbours for sparse kernels -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [3, 12])
+def test_faiss_and_the_exact_torch_search_give_the_same_neighbours_with_ties_to_the_lower_index(k):
+    from slimtune.features.neighbours import nearest_neighbours
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(200, 16, generator=g)
+    # groups of identical rows wider than k plus the margin: float32 rounding alone cannot order them
+    rows = torch.cat([rows, *[rows[:30]] * 20])
+    unit = F.normalize(rows, dim=1).double()
+    cosines = unit @ unit.T
+    columns = np.broadcast_to(np.arange(len(rows)), cosines.shape)
+    expected = torch.from_numpy(np.lexsort((columns, -cosines.numpy()), axis=1)[:, :k])
+    found = {engine: nearest_neighbours(rows, rows, k, cache=False, engine=engine, shard_rows=97)
+             for engine in ("faiss", "torch")}
+    for sims, indices in found.values():
+        assert torch.equal(indices, expected)
+        torch.testing.assert_close(sims, cosines.gather(1, expected).float())
+    assert torch.equal(found["faiss"][0], found["torch"][0])
+
+
+def test_above_the_exact_limit_faiss_finds_nearly_every_neighbour_and_the_same_ones_each_time(monkeypatch):
+    from slimtune.features import neighbours
+
+    points, _ = clusters(20, 100)
+    exact = neighbours.nearest_neighbours(points, points, 10, cache=False, engine="torch")[1]
+    monkeypatch.setattr(neighbours, "EXACT_LIMIT", 500)
+    first, again = (neighbours.nearest_neighbours(points, points, 10, cache=False, engine="faiss")[1]
+                    for _ in range(2))
+    assert torch.equal(first, again), "every process builds the same index"
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(first, exact)])
+    assert recall > 0.95
+
+
+def test_delift_se_goes_sparse_by_itself_above_its_stated_size():
+    from slimtune.features.neighbours import AUTO_SPARSE_K, DENSE_LIMIT, sparse_width
+    from slimtune.select.base import Cost
+    from slimtune.select.delift import DeliftSESelector
+
+    assert sparse_width(DENSE_LIMIT, None) is None and sparse_width(DENSE_LIMIT + 1, None) == AUTO_SPARSE_K
+    assert sparse_width(DENSE_LIMIT + 1, 8) == 8 and sparse_width(5, 8) is None
+    n = DENSE_LIMIT + 1
+    embeddings = F.normalize(torch.randn(n, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    kernel = DeliftSESelector()._kernel([None] * n, [None] * n, embeddings, embeddings, Cost(), "pool")
+    assert kernel.sparse and kernel.columns.shape == (n, AUTO_SPARSE_K)
+    assert (kernel.columns[:, 0] == np.arange(n)).all(), "each row is its own nearest neighbour"
+
+
+def test_a_dense_kernel_that_cannot_fit_is_refused_before_it_starts_with_the_size_it_needs():
+    from slimtune.features.neighbours import require_dense_fits
+
+    with pytest.raises(MemoryError, match=r"100,000 x 100,000 kernel needs about 111.8 GiB.*sparse_k"):
+        require_dense_fits(100_000, 100_000, 12, available=8 << 30)
+    require_dense_fits(1_000, 1_000, 12, available=8 << 30)

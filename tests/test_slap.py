@@ -17,7 +17,8 @@ from slimtune.online.policies.slap import (
     RowFeatures,
     SLAPPolicy,
     allocate,
-    gradient_sketch,
+    head_signals,
+    sketch_maps,
 )
 
 V, H, T = 40, 8, 10
@@ -99,7 +100,7 @@ def test_slap_pairs_orthogonal_rows_instead_of_near_duplicates():
     a, b = torch.eye(6)[0], torch.eye(6)[1]
     jitter = 1e-3 * torch.eye(6)[5]
     sketch = torch.stack([a, a + jitter, b, b - jitter])
-    feats = RowFeatures(torch.ones(4), ["t"] * 4, sketch, None)
+    feats = RowFeatures(torch.ones(4), ["t"] * 4, sketch, None, curvature=torch.eye(6))
     kept = SLAPPolicy(stratify=False, diversity=False).prune(feats, 2).tolist()
     assert sorted(i // 2 for i in kept) == [0, 1]  # one row of each pair
     flat = SLAPPolicy(stratify=False, diversity=False, curvature=False).prune(feats, 2).tolist()
@@ -166,8 +167,9 @@ def test_gradient_sketch_is_the_projected_lm_head_gradient():
     labels[:, :5] = -100
     labels[1, 5:8] = -100
     p_out, p_in = RademacherProjector(5, seed=0), RademacherProjector(3, seed=1)
-    sketch = gradient_sketch(hidden, labels, p_out, p_in, head=weight.detach())
-    full = gradient_sketch(hidden, labels, p_out, p_in, logits=hidden @ weight.detach().T)
+    maps = sketch_maps(p_out, p_in, V, H, "cpu", curvature=False, chunk=7)  # chunks across the matrices
+    sketch = head_signals(hidden, labels, maps, head=weight.detach()).sketch
+    full = head_signals(hidden, labels, maps, logits=hidden @ weight.detach().T).sketch
     torch.testing.assert_close(sketch, full)
     out_matrix, in_matrix = p_out.project(torch.eye(V)).T, p_in.project(torch.eye(H)).T
     for i in range(b):
@@ -179,11 +181,47 @@ def test_gradient_sketch_is_the_projected_lm_head_gradient():
         torch.testing.assert_close(sketch[i], expected, atol=1e-5, rtol=1e-4)
 
 
+def test_curvature_is_the_lm_heads_exact_gauss_newton_block_in_the_sketch_space():
+    """For a linear softmax head the Gauss-Newton matrix is the Hessian of the loss in the head's weights:
+    autograd's Hessian of the candidates' mean loss (V x H = 320 weights), pushed through the sketch
+    S = P_out kron P_in, is what SLAP's features carry, from the logits or from the head alike."""
+    gen = torch.Generator().manual_seed(0)
+    b = 3
+    weight = torch.randn(V, H, generator=gen) / 2
+    batch = make_batch(torch.ones(b), seed=4)
+    batch.labels[1, 4:7] = -100  # rows of different lengths: each row's mean, then the mean over rows
+    hidden, labels = batch.hidden, batch.labels
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        per_row = []
+        for i in range(b):
+            mask = labels[i, 1:] != -100
+            per_row.append(torch.nn.functional.cross_entropy((hidden[i, :-1] @ w.T)[mask], labels[i, 1:][mask]))
+        return torch.stack(per_row).mean()
+
+    hessian = torch.autograd.functional.hessian(loss, weight).reshape(V * H, V * H)
+    policy = SLAPPolicy(sketch_out=5, sketch_in=3, diversity=False)
+    p_out, p_in = policy._projectors
+    sketch_matrix = torch.kron(p_out.project(torch.eye(V)).T, p_in.project(torch.eye(H)).T)
+    expected = sketch_matrix @ hessian @ sketch_matrix.T
+    batch.logits = hidden @ weight.T
+    from_logits = policy.features(batch).curvature
+    batch.logits, batch.extras = None, {"head": weight}
+    from_head = policy.features(batch).curvature
+    assert from_logits.shape == (15, 15)
+    torch.testing.assert_close(from_logits, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(from_head, expected, atol=1e-5, rtol=1e-4)
+    # a pool scored in parts carries the mean over all its rows
+    halves = [policy.features(make_batch(torch.ones(n), seed=s)) for n, s in ((2, 5), (4, 6))]
+    joined = RowFeatures.cat(halves).curvature
+    torch.testing.assert_close(joined, (2 * halves[0].curvature + 4 * halves[1].curvature) / 6)
+
+
 def test_pruning_keeps_the_requested_share_and_every_stratum():
     gen = torch.Generator().manual_seed(0)
     n = 203
     feats = RowFeatures(torch.rand(n, generator=gen) ** 3 * 4, [("qa", "mt")[i % 2] for i in range(n)],
-                        torch.randn(n, 32, generator=gen), torch.randn(n, 16, generator=gen))
+                        torch.randn(n, 32, generator=gen), torch.randn(n, 16, generator=gen), torch.eye(32))
     for policy in (SLAPPolicy(strata=5), SLAPPolicy(strata=3, by_task=True, block=50)):
         kept = policy.prune(feats, 0.7)
         assert len(kept) == round(0.7 * n) == len(set(kept.tolist()))

@@ -189,6 +189,46 @@ def test_sparse_kernels_select_like_their_dense_equivalent(name, weight, n, seed
         assert greedy_maximize(objective, k, method="naive") == (order, gains)
 
 
+@pytest.mark.parametrize(("name", "weight"), OBJECTIVES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_sparse_kernel_with_a_background_selects_like_the_dense_kernel_filled_with_it(name, weight, seed):
+    """Missing entries standing for b (DELIFT's "no effect"), stored entries on both sides of b (helpful and
+    harmful pairs), some rows storing nothing, sparse aux kernels with their own background: every greedy
+    method and every subset's value are those of the dense kernels with b written into the gaps."""
+    n, k, b, aux_b = 40, 4, 0.45, 0.3
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(n)])
+    values = torch.rand(n, k, generator=gen)
+    values[:5] = 0.0  # rows 0-4 store only zeros: far below the background
+    rows = torch.arange(n).repeat_interleave(k)
+    sparse = torch.sparse_coo_tensor(torch.stack([rows, indices.reshape(-1)]), values.reshape(-1), (n, n),
+                                     check_invariants=True)
+    sparse = sparse.coalesce()
+    dense = torch.full((n, n), b).index_put_((rows, indices.reshape(-1)), values.reshape(-1))
+    aux_dense = torch.rand(n, 3, generator=gen)
+    aux_sparse = knn_sparsify(aux_dense, 2)
+    aux_filled = torch.where(aux_sparse.to_dense() > 0, aux_sparse.to_dense(), torch.tensor(aux_b))
+
+    def objective(S, aux, background, aux_background):
+        if name == "fl":
+            return FacilityLocation(S, background=background)
+        if name == "flmi":
+            return FLMutualInformation(S, aux, eta=weight, background=background, query_background=aux_background)
+        return FLConditionalGain(S, aux, nu=weight, background=background, existing_background=aux_background)
+
+    expected = objective(dense, aux_filled, 0.0, 0.0)
+    for S in (sparse, (indices, values)):
+        got = objective(S, aux_sparse, b, aux_b)
+        for method in ("naive", "lazy"):
+            order, gains = greedy_maximize(got, 12, method=method)
+            reference = greedy_maximize(expected, 12, method=method)
+            assert order == reference[0]
+            assert gains == pytest.approx(reference[1], rel=1e-5, abs=1e-6)
+            assert got.value == pytest.approx(expected.value, rel=1e-5)
+        for subset in ([3], [0, 1, 2, 3, 4], order[:5], list(range(0, n, 3))):
+            assert got.evaluate(subset) == pytest.approx(expected.evaluate(subset), rel=1e-6)
+
+
 def test_a_knn_kernel_keeps_a_repeated_neighbour_once_at_its_largest_similarity():
     indices = torch.tensor([[0, 1, 1], [1, 2, 2], [2, 0, 0]])
     values = torch.tensor([[1.0, 0.3, 0.6], [1.0, 0.2, 0.4], [1.0, 0.1, 0.5]])

@@ -32,15 +32,34 @@ def test_system_turn_is_never_learnt(tokenizer):
     assert learnt_text(tokenizer, encode_example(ex, tokenizer)) == "Hello<|im_end|>\n"
 
 
-def test_truncation_counts_cut_rows_and_drops_rows_left_without_a_response(tokenizer):
+def test_long_prompts_lose_their_start_and_keep_the_whole_response_counted_in_tokens_cut(tokenizer):
     short = chat("Hi", "Hello")
-    long_answer = chat("Count", " ".join(["one"] * 200))
-    long_prompt = chat(" ".join(["word"] * 300), "ok")
-    data = TokenizedDataset([short, long_answer, long_prompt], tokenizer, max_length=64)
-    assert data.stats.total == 3 and data.stats.truncated == 2 and data.stats.dropped == 1
-    assert data.stats.dropped_ids == [long_prompt.id]
-    assert [ex.id for ex in data.examples] == [short.id, long_answer.id]
-    assert all(len(r["input_ids"]) <= 64 for r in data.rows)
+    long_prompt = chat("Start " + " ".join(["word"] * 300) + " END", "The answer is ok")
+    data = TokenizedDataset([short, long_prompt], tokenizer, max_length=64)
+    full = encode_example(long_prompt, tokenizer)
+    assert data.stats.total == 2 and data.stats.truncated == 1 and data.stats.dropped == 0
+    assert data.stats.tokens_cut == len(full["input_ids"]) - 64
+    row = data.rows[1]
+    assert len(row["input_ids"]) == 64
+    assert learnt_text(tokenizer, row) == "The answer is ok<|im_end|>\n"
+    assert row["input_ids"] == full["input_ids"][-64:]
+    text = tokenizer.decode(row["input_ids"])
+    assert "END" in text and "Start" not in text
+
+
+def test_a_response_longer_than_the_limit_keeps_its_start_and_every_kept_response_token_is_predicted(tokenizer):
+    long_answer = chat("Count", " ".join(str(i) for i in range(300)))
+    row = encode_example(long_answer, tokenizer, max_length=32)
+    labelled = [t for t, label in enumerate(row["labels"]) if label != IGNORE_INDEX]
+    assert len(row["input_ids"]) == 32
+    assert labelled == list(range(1, 32))  # one header token before the response, then its first 31 tokens
+    assert learnt_text(tokenizer, row).startswith("0 1 2 3")
+
+
+def test_multi_turn_rows_keep_the_last_turn_when_cut(tokenizer):
+    dialogue = chat(" ".join(["long"] * 200), "First reply " * 20, "And now?", "Last reply")
+    row = encode_example(dialogue, tokenizer, max_length=40)
+    assert learnt_text(tokenizer, row).endswith("Last reply<|im_end|>\n")
 
 
 def test_collator_pads_right_for_training_and_left_for_generation(tokenizer):

@@ -1,7 +1,9 @@
 import json
 
+import pytest
 import torch
 from helpers import gsm8k_examples
+from transformers import TrainerCallback
 
 from slimtune.data.tokenize import Collator, TokenizedDataset
 from slimtune.features.losses import score_losses
@@ -62,3 +64,77 @@ def test_warmup_is_the_ratio_of_the_run_rounded_down():
     assert warmup_steps(TrainSettings(batch_size=8, grad_accum=2, epochs=2, warmup_ratio=0.1), rows=80) == 1
     assert warmup_steps(TrainSettings(max_steps=200, warmup_ratio=0.03), rows=8) == 6
     assert warmup_steps(TrainSettings(warmup_ratio=5), rows=8) == 5
+
+
+def test_the_users_training_arguments_win_and_slimtune_fills_the_rest(tmp_path):
+    from transformers import TrainingArguments
+
+    from slimtune.train import training_arguments
+
+    ours = settings(tmp_path, "ours", learning_rate=3e-2, batch_size=4)
+    from_dict = training_arguments(ours, user={"learning_rate": 1e-3, "report_to": ["tensorboard"]})
+    assert from_dict.learning_rate == 1e-3 and from_dict.report_to == ["tensorboard"]
+    assert from_dict.per_device_train_batch_size == 4 and from_dict.output_dir == ours.output_dir
+    theirs = TrainingArguments(output_dir=str(tmp_path / "theirs"), max_grad_norm=0.5, logging_steps=7)
+    from_object = training_arguments(ours, user=theirs)
+    assert from_object.output_dir == str(tmp_path / "theirs") and from_object.max_grad_norm == 0.5
+    assert from_object.logging_steps == 7 and from_object.learning_rate == 3e-2  # left at default: ours
+    assert training_arguments(ours).report_to == []  # quiet and offline unless the user asks for a logger
+
+
+def test_an_unknown_training_argument_is_named():
+    from slimtune.train import parse_training_args, training_arguments
+
+    with pytest.raises(ValueError, match="'warmup_ratios'"):
+        training_arguments(TrainSettings(), user={"warmup_ratios": 0.1})
+    with pytest.raises(ValueError, match="'not_a_field' is not a TrainingArguments field"):
+        parse_training_args(["not_a_field=1"])
+    with pytest.raises(ValueError, match=r"max_grad_norm.*invalid float value: 'abc'"):
+        parse_training_args(["max_grad_norm=abc"])
+    assert parse_training_args(["logging-steps=3", "bf16=false", "lr_scheduler_type=cosine"]) == \
+        {"logging_steps": 3.0, "bf16": False, "lr_scheduler_type": "cosine"}
+
+
+def test_tensorboard_gets_the_runs_metrics_under_the_run_folder(tmp_path, shared_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    result = train(gsm8k_examples(shared_data, 8), model="tiny", settings=settings(tmp_path, "tb", epochs=1),
+                   training_args={"report_to": ["tensorboard"]}, callbacks=[Recorder()])
+    events = list(result.output_dir.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file under the run folder"
+    scalars = set()
+    for event in events:
+        accumulator = EventAccumulator(str(event))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    assert "train/loss" in scalars
+    assert any("loss" in logs for logs in seen)  # the user's callback saw the Trainer's logs
+    saved = json.loads((result.output_dir / "slimtune_train.json").read_text())
+    assert saved["training_args"] == {"report_to": ["tensorboard"]}
+
+
+def test_wandb_offline_writes_its_run_files_and_the_selection_stats(tmp_path, shared_data, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from slimtune.online.trainer import train_online
+
+    run = settings(tmp_path, "run", epochs=1, batch_size=4)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written to disk for `wandb sync`
+    monkeypatch.setenv("WANDB_DIR", run.output_dir)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = train_online(gsm8k_examples(shared_data, 8), "big-loss", keep=0.5, model="tiny", settings=run,
+                          training_args={"report_to": ["wandb"], "run_name": "slimtune-test"})
+    wandb.finish()  # the Trainer leaves the user's run open
+    wandb.teardown()  # the run file is written by wandb's service process: wait for it to exit
+    [run_file] = (result.output_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    recorded = run_file.read_bytes()  # protobuf records: the logged keys appear verbatim
+    assert all(f"train/selection/{key}".encode() in recorded for key in ("kept_share", "scoring_seconds", "chosen"))
+    logged = [row for row in result.log_history if "loss" in row]
+    # 8 rows in candidate batches of 4, keeping 2 of each: half of what streamed was trained
+    assert logged[-1]["selection/chosen"] == 4 and logged[-1]["selection/kept_share"] == 0.5
+    assert logged[-1]["selection/scoring_seconds"] > 0

@@ -11,17 +11,24 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import TrainerCallback
 
+from slimtune.data import as_examples
 from slimtune.data.example import Example, pool_hash
 from slimtune.data.tokenize import Collator, TokenizedDataset
 from slimtune.models import LoraSettings, apply_lora, choose_device, load_model
+from slimtune.progress import compact_log_line, show_log_line, stage
 from slimtune.utils import seed_everything, write_json
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 
 @dataclass
@@ -60,9 +67,16 @@ class TrainResult:
     encode_summary: str
 
 
-def training_arguments(settings: TrainSettings, rows: int | None = None, **overrides: Any):
+def training_arguments(settings: TrainSettings, rows: int | None = None, *,
+                       user: TrainingArguments | Mapping[str, Any] | None = None, **overrides: Any):
     """The Trainer's arguments for ``settings``. Give ``rows`` (the training set's length) for whole warm-up steps
-    (:func:`warmup_steps`); without it the Trainer rounds ``warmup_ratio`` of the run up itself."""
+    (:func:`warmup_steps`); without it the Trainer rounds ``warmup_ratio`` of the run up itself.
+
+    Precedence, highest first: ``overrides`` (slimtune's own callers), the user's ``user`` arguments (a
+    ``TrainingArguments``, or a subclass such as TRL's ``SFTConfig``, or a dict of its fields), ``settings``,
+    the Trainer's defaults. Of a ``TrainingArguments`` object only the fields that differ from a default-built
+    one of its class count as set, so slimtune fills the rest (``report_to`` included: ``"none"`` by default).
+    """
     from transformers import TrainingArguments
 
     device = choose_device(settings.device)
@@ -75,16 +89,76 @@ def training_arguments(settings: TrainSettings, rows: int | None = None, **overr
         lr_scheduler_type=settings.lr_scheduler, weight_decay=settings.weight_decay, seed=settings.seed,
         data_seed=settings.seed, logging_steps=settings.logging_steps,
         save_strategy="epoch" if settings.save_checkpoints else "no", save_only_model=False,
-        report_to=[], remove_unused_columns=False, use_cpu=device.type == "cpu", bf16=use_bf16,
+        report_to="none", remove_unused_columns=False, use_cpu=device.type == "cpu", bf16=use_bf16,
         disable_tqdm=not settings.progress, dataloader_pin_memory=device.type == "cuda",
     )
     if settings.gradient_checkpointing:  # the argument is being renamed; pass it only when asked for
         kwargs["gradient_checkpointing"] = True
-    kwargs.update(overrides)
-    args = TrainingArguments(**kwargs)
+    given = user_set_fields(user)
+    if isinstance(user, TrainingArguments):
+        args = dataclasses.replace(user, **{k: v for k, v in {**kwargs, **overrides}.items()
+                                            if k not in given or k in overrides})
+    else:
+        args = TrainingArguments(**{**kwargs, **given, **overrides})
     if rows is not None and "warmup_steps" not in overrides:
-        args.warmup_steps = warmup_steps(settings, rows, args.world_size)  # the world size is known only now
+        whole_warmup(args, settings, rows, given)
     return args
+
+
+def whole_warmup(args: TrainingArguments, settings: TrainSettings, rows: int, given: Mapping[str, Any]) -> None:
+    """Set ``args.warmup_steps`` to :func:`warmup_steps` of the run the arguments describe (the world size is
+    known only once they are built, and the user's may change the batch or the run's length), unless the user
+    gave ``warmup_steps`` themselves."""
+    if "warmup_steps" in given:
+        return
+    run = dataclasses.replace(settings, batch_size=args.per_device_train_batch_size,
+                              grad_accum=args.gradient_accumulation_steps, epochs=args.num_train_epochs,
+                              max_steps=args.max_steps)
+    args.warmup_steps = warmup_steps(run, rows, args.world_size)
+
+
+def user_set_fields(user: TrainingArguments | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields the user chose: every key of a dict (an unknown one is a ValueError naming it), and the fields
+    of a ``TrainingArguments`` object that differ from a default-built object of the same class."""
+    from transformers import TrainingArguments
+
+    if user is None:
+        return {}
+    if isinstance(user, TrainingArguments):
+        default = type(user)()
+        return {f.name: getattr(user, f.name) for f in dataclasses.fields(user)
+                if f.init and getattr(user, f.name) != getattr(default, f.name)}
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    unknown = sorted(set(user) - known)
+    if unknown:
+        raise ValueError(f"training_args: TrainingArguments has no field {', '.join(map(repr, unknown))}")
+    return dict(user)
+
+
+def parse_training_args(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` as TrainingArguments fields, each value parsed by its field's type (``true``/
+    ``false`` for flags, the enum's names for choices); an unknown key or a bad value is a ValueError naming it.
+    """
+    import argparse
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser(TrainingArguments, exit_on_error=False)
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ValueError(f"'{pair}' is not key=value")
+        if key not in known:
+            raise ValueError(f"'{key}' is not a TrainingArguments field (see `transformers.TrainingArguments`)")
+        try:
+            namespace, _ = parser.parse_known_args([f"--{key}", value])
+        except argparse.ArgumentError as err:
+            raise ValueError(f"training argument '{key}': {err.message}") from None
+        parsed[key] = getattr(namespace, key)
+    return parsed
 
 
 def warmup_steps(settings: TrainSettings, rows: int, world_size: int = 1) -> int:
@@ -103,37 +177,91 @@ def warmup_steps(settings: TrainSettings, rows: int, world_size: int = 1) -> int
     return math.floor(settings.warmup_ratio * total)
 
 
-def prepare_model(model_name: str | None, settings: TrainSettings):
-    """Load the model in fp32 master weights (the Trainer's mixed precision casts on the fly) and wrap LoRA."""
+def prepare_model(model_name: str | None, settings: TrainSettings, device: str | torch.device | None = None):
+    """Load the model in fp32 master weights (the Trainer's mixed precision casts on the fly) and wrap LoRA.
+
+    ``device``: where to load it, by default ``settings.device`` (auto when unset). Training passes the
+    Trainer's ``args.device``: under ``accelerate launch``/``torchrun`` that is each rank's own GPU.
+    """
     dtype = "fp32" if settings.dtype is None else settings.dtype
-    model, tokenizer = load_model(model_name, device=settings.device, dtype=dtype)
+    model, tokenizer = load_model(model_name, device=settings.device if device is None else str(device),
+                                  dtype=dtype)
     if settings.lora is not None:
         model = apply_lora(model, settings.lora)
     model.train()
     return model, tokenizer
 
 
+class _ProgressCallback(TrainerCallback):
+    """The Trainer's progress in slimtune's vocabulary (:mod:`slimtune.progress`): a step bar and one compact
+    line per log (``live``), or only the closing summary line."""
+
+    def __init__(self, label: str, live: bool):
+        self.label, self.live = label, live
+        self._stack = ExitStack()
+        self._stage = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._stage = self._stack.enter_context(stage(self.label, total=state.max_steps, unit="steps",
+                                                      live=self.live))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._stage is not None:
+            self._stage.advance(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.live and logs and state.is_world_process_zero:
+            show_log_line(compact_log_line(logs, state.global_step, state.max_steps))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._stack.close()
+
+
+def show_progress(trainer, label: str, *, live: bool = True) -> None:
+    """Replace the Trainer's own printing (a tqdm bar and raw log dicts) with slimtune's progress lines."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_ProgressCallback(label, live))
+
+
 def train(examples: Sequence[Example], *, model: str | None = None, settings: TrainSettings | None = None,
-          trainer_class: type | None = None, trainer_kwargs: dict[str, Any] | None = None) -> TrainResult:
+          training_args: TrainingArguments | Mapping[str, Any] | None = None,
+          callbacks: Sequence[Any] | None = None, trainer_class: type | None = None,
+          trainer_kwargs: dict[str, Any] | None = None) -> TrainResult:
     """Fine-tune ``model`` (id, path, ``"smollm2"`` or ``"tiny"``) on ``examples``; save adapter, config, log.
 
+    ``training_args``: the user's own ``TrainingArguments`` (or a dict of its fields). What the user set there
+    wins over ``settings``, and ``settings`` fill only the rest (see :func:`training_arguments`): e.g.
+    ``training_args={"report_to": ["tensorboard"], "deepspeed": "ds.json"}`` on top of slimtune's learning rate
+    and batch size. ``callbacks``: ``TrainerCallback``s (or their classes) handed to the Trainer as they are.
     ``trainer_class``/``trainer_kwargs`` let online selection swap in its Trainer subclass.
+
+    The arguments are built before the model loads: under ``accelerate launch``/``torchrun`` building them
+    sets up the process group and each rank's device, and the model loads straight onto ``args.device``.
     """
     from transformers import Trainer
 
     settings = settings or TrainSettings()
-    seed_everything(settings.seed)
-    out = Path(settings.output_dir)
+    given = user_set_fields(training_args)
+    args = training_arguments(settings, user=training_args)
+    seed_everything(args.seed)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lm, tokenizer = prepare_model(model, settings)
-    dataset = TokenizedDataset(examples, tokenizer, settings.max_length)
+    lm, tokenizer = prepare_model(model, settings, device=args.device)
+    dataset = TokenizedDataset(as_examples(examples), tokenizer, settings.max_length)
     if len(dataset) == 0:
         raise ValueError(f"nothing to train on: {dataset.stats.summary()}")
+    whole_warmup(args, settings, len(dataset), given)
     cls = trainer_class or Trainer
     keep_index = cls is not Trainer
-    trainer = cls(model=lm, args=training_arguments(settings, rows=len(dataset)), train_dataset=dataset,
-                  data_collator=Collator(tokenizer.pad_token_id, keep_index=keep_index),
-                  **(trainer_kwargs or {}))
+    extra = dict(trainer_kwargs or {})
+    if callbacks:
+        extra["callbacks"] = [*(extra.get("callbacks") or []), *callbacks]
+    trainer = cls(model=lm, args=args, train_dataset=dataset,
+                  data_collator=Collator(tokenizer.pad_token_id, keep_index=keep_index), **extra)
+    show_progress(trainer, f"training {model or 'smollm2'} on {len(dataset)} rows", live=settings.progress)
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
@@ -144,19 +272,21 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
     history = trainer.state.log_history
     with open(out / "train_log.jsonl", "w") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in history)
-    steps_per_epoch = max(1, len(dataset) // (settings.batch_size * settings.grad_accum))
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = max(1, len(dataset) // batch)
     # Online selection counts what it backpropagated; plain training sees every row once per epoch.
     examples_seen = getattr(trainer, "examples_trained", None)
     if examples_seen is None:
-        examples_seen = (int(round(len(dataset) * settings.epochs)) if settings.max_steps < 0
-                         else result.global_step * settings.batch_size * settings.grad_accum)
+        examples_seen = (int(round(len(dataset) * args.num_train_epochs)) if args.max_steps < 0
+                         else result.global_step * batch)
     tokens_seen = getattr(trainer, "tokens_trained", None)
     if tokens_seen is None:
         tokens_seen = int(dataset.num_tokens() * examples_seen / len(dataset))
     losses = [row["loss"] for row in history if "loss" in row] or [result.training_loss]
     write_json(out / "slimtune_train.json", {
-        "model": model, "settings": dataclasses.asdict(settings), "examples": len(examples),
-        "trained_rows": len(dataset), "pool_hash": pool_hash(list(examples)),
+        "model": model, "settings": dataclasses.asdict(settings),
+        "training_args": {key: value for key, value in args.to_dict().items() if key in given},
+        "examples": len(examples), "trained_rows": len(dataset), "pool_hash": pool_hash(list(examples)),
         "encode": dataclasses.asdict(dataset.stats), "seconds": seconds, "global_steps": result.global_step,
         "steps_per_epoch": steps_per_epoch, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
         "final_loss": losses[-1], "pid": os.getpid(),

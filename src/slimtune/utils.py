@@ -50,11 +50,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_registered(registry: dict[str, str], name: str, kind: str) -> Any:
-    """The object a ``name -> "module:attr"`` registry names, imported only now (heavy imports stay lazy)."""
+def load_registered(registry: dict[str, str], name: str, kind: str, base: type | None = None) -> Any:
+    """The object a ``name -> "module:attr"`` registry names, imported only now (heavy imports stay lazy).
+
+    A name that is not registered but reads ``pkg.module:Class`` loads a method that lives outside slimtune;
+    with ``base``, whatever loads must be a dataclass subclass of it (the registries' methods all are).
+    """
+    import dataclasses
     import importlib
 
-    if name not in registry:
-        raise ValueError(f"unknown {kind} '{name}'; known: {', '.join(sorted(registry))}")
-    module, attr = registry[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    target = registry.get(name) or (name if ":" in name else None)
+    if target is None:
+        raise ValueError(f"unknown {kind} '{name}'; known: {', '.join(sorted(registry))}, or "
+                         "'pkg.module:Class' for one of your own")
+    module, _, attr = target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{kind} '{name}': cannot load {attr!r} from module {module!r}: {err}") from None
+    if base is not None and not (isinstance(found, type) and issubclass(found, base)
+                                 and dataclasses.is_dataclass(found)):
+        raise ValueError(f"{kind} '{name}' is not a dataclass subclass of {base.__module__}.{base.__name__}")
+    return found

@@ -17,6 +17,14 @@ methods:
   - {name: uds, online: true, label: UDS, params: {alpha: 2.0e-3}}
 ```
 Random at every budget and seed, the untrained model and full data are always part of the grid.
+
+The pool and the eval sets may be the user's own instead of the built-in recipes: any DATA that
+:func:`slimtune.data.load_examples` reads (a file, a folder, a Hub id), with ``split`` and ``subset``:
+
+```yaml
+pool: {data: my_pool.jsonl, size: 400, max_length: 256, seed: 0}   # size: a seeded draw (default: all rows)
+eval: {support: {data: acme/support-chats, split: test, n: 32}}     # targets come from the rows after n
+```
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 import yaml
 
 from slimtune import __version__
+from slimtune.data.recipes import RECIPES, is_recipe
 from slimtune.online import POLICIES
 from slimtune.select import SELECTORS
 
@@ -52,13 +61,29 @@ class MethodSpec:
         return _digest({"name": self.name, "online": self.online, "params": self.params})
 
 
+#: Keys that name the user's own data; left out of fingerprints when unset, so that cells cached before they
+#: existed are still found.
+DATA_KEYS = ("data", "size", "split", "subset")
+
+
 @dataclass
 class PoolSpec:
-    sizes: dict[str, int]
+    """Rows per recipe (``sizes``), or the user's own pool (``data``, ``size`` rows drawn, all by default)."""
+
+    sizes: dict[str, int] = field(default_factory=dict)
     max_length: int = 256
     corrupt_share: float = 0.0
     corrupt_kinds: tuple[str, ...] = ("swap", "truncate")
     seed: int = 0
+    data: str | None = None
+    size: int | None = None
+    split: str | None = None
+    subset: str | None = None
+
+    def describe(self) -> str:
+        if self.data:
+            return f"{self.data}{f' split {self.split}' if self.split else ''}"
+        return ", ".join(f"{source} {size}" for source, size in self.sizes.items())
 
 
 @dataclass
@@ -73,6 +98,10 @@ class EvalSpec:
     #: is measured, and the most options such a row may list (option scoring costs a forward pass per option).
     options: int = 0
     max_options: int | None = None
+    #: The user's own eval set (a file, folder or Hub id) instead of the recipe named ``task``.
+    data: str | None = None
+    split: str | None = None
+    subset: str | None = None
 
 
 @dataclass
@@ -105,9 +134,9 @@ class GridConfig:
     def fingerprint(self, *parts: str) -> str:
         """Hash of what a cell's result depends on besides its method: model, pool, training, evaluation, and
         the slimtune version, so cached cells from a release with different training or scoring are not reused."""
-        return _digest({"slimtune": __version__, "model": self.model, "pool": dataclasses.asdict(self.pool),
+        return _digest({"slimtune": __version__, "model": self.model, "pool": _fields(self.pool),
                         "train": dataclasses.asdict(self.train),
-                        "evals": [dataclasses.asdict(e) for e in self.evals],
+                        "evals": [_fields(e) for e in self.evals],
                         "target_per_task": self.target_per_task, "parts": parts})
 
 
@@ -128,16 +157,8 @@ def load_config(path: str | Path) -> GridConfig:
             raise ValueError(f"{path}: missing key '{key}'")
         return raw[key]
 
-    pool_raw = dict(need("pool"))
-    corrupt = pool_raw.pop("corrupt", None) or {}
-    pool = PoolSpec(sizes={str(k): int(v) for k, v in pool_raw.pop("sizes").items()},
-                    corrupt_share=float(corrupt.get("share", 0.0)),
-                    corrupt_kinds=tuple(corrupt.get("kinds", ("swap", "truncate"))), **pool_raw)
-    evals = [EvalSpec(task=task, n=int(spec.get("n", 16)),
-                      generate=tuple(spec["generate"]) if spec.get("generate") is not None else None,
-                      max_new_tokens=spec.get("max_new_tokens"), options=int(spec.get("options", 0)),
-                      max_options=spec.get("max_options"))
-             for task, spec in (need("eval") or {}).items()]
+    pool = _pool(path, need("pool"))
+    evals = [_eval(path, str(task), spec) for task, spec in (need("eval") or {}).items()]
     for ev in evals:
         if not 0 <= ev.options <= ev.n:
             raise ValueError(f"{path}: eval: {ev.task}: options must be between 0 and n ({ev.n}), got {ev.options}")
@@ -178,6 +199,76 @@ def load_config(path: str | Path) -> GridConfig:
                       full_seeds=None if full_seeds is None else [int(s) for s in full_seeds],
                       out_dir=raw.get("out_dir"),
                       source=str(path))
+
+
+_POOL_KEYS = {"sizes", "max_length", "corrupt", "seed", *DATA_KEYS}
+_EVAL_KEYS = {"n", "generate", "max_new_tokens", "options", "max_options", "data", "split", "subset"}
+
+
+def _pool(path: Path, raw: Any) -> PoolSpec:
+    """The pool: ``sizes`` per recipe or the user's ``data``, exactly one of them; errors name the key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: pool: expected a mapping with sizes (rows per recipe) or data (your pool)")
+    unknown = sorted(set(raw) - _POOL_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: pool: unknown keys {unknown}; known: {sorted(_POOL_KEYS)}")
+    if ("sizes" in raw) == ("data" in raw):
+        raise ValueError(f"{path}: pool: give exactly one of sizes (rows per built-in recipe, e.g. "
+                         "{gsm8k: 40}) or data (your pool: a file, folder or Hub id)")
+    if "sizes" in raw:
+        sizes = raw["sizes"]
+        if not isinstance(sizes, dict) or not sizes:
+            raise ValueError(f"{path}: pool: sizes: expected rows per recipe, e.g. {{gsm8k: 40}}, got {sizes!r}")
+        bad = [str(source) for source in sizes if not is_recipe(str(source))]
+        if bad:
+            raise ValueError(f"{path}: pool: sizes: {bad} are not recipes ({', '.join(RECIPES)}); a pool of your "
+                             "own goes under pool: data")
+    for key in DATA_KEYS:
+        if key in raw and key != "size" and (not isinstance(raw[key], str) or not raw[key].strip()):
+            raise ValueError(f"{path}: pool: {key}: expected a non-empty string, got {raw[key]!r}")
+    if "size" in raw and "data" not in raw:
+        raise ValueError(f"{path}: pool: size: applies to pool: data; recipes take sizes")
+    size = raw.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"{path}: pool: size: expected a positive number of rows, got {size!r}")
+    corrupt = raw.get("corrupt") or {}
+    return PoolSpec(sizes={str(k): int(v) for k, v in (raw.get("sizes") or {}).items()},
+                    max_length=int(raw.get("max_length", 256)), seed=int(raw.get("seed", 0)),
+                    corrupt_share=float(corrupt.get("share", 0.0)),
+                    corrupt_kinds=tuple(corrupt.get("kinds", ("swap", "truncate"))),
+                    **{key: raw[key] for key in DATA_KEYS if key in raw})
+
+
+def _eval(path: Path, task: str, spec: Any) -> EvalSpec:
+    """One eval set: the held-out split of the recipe named ``task``, or the user's ``data`` under that name."""
+    where = f"{path}: eval: {task}"
+    spec = spec or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: expected a mapping such as {{n: 16}}, got {spec!r}")
+    unknown = sorted(set(spec) - _EVAL_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(_EVAL_KEYS)}")
+    for key in ("data", "split", "subset"):
+        if key in spec and (not isinstance(spec[key], str) or not spec[key].strip()):
+            raise ValueError(f"{where}: {key}: expected a non-empty string, got {spec[key]!r}")
+    if "data" not in spec:
+        if not is_recipe(task):
+            raise ValueError(f"{where}: not a recipe ({', '.join(RECIPES)}); an eval set of your own needs data: "
+                             "(a file, folder or Hub id)")
+        if "split" in spec or "subset" in spec:
+            raise ValueError(f"{where}: split and subset apply to data:; a recipe's eval rows are its test split")
+    n = spec.get("n", 16)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{where}: n: expected a positive number of rows, got {n!r}")
+    return EvalSpec(task=task, n=n, generate=tuple(spec["generate"]) if spec.get("generate") is not None else None,
+                    max_new_tokens=spec.get("max_new_tokens"), options=int(spec.get("options", 0)),
+                    max_options=spec.get("max_options"), data=spec.get("data"), split=spec.get("split"),
+                    subset=spec.get("subset"))
+
+
+def _fields(spec: PoolSpec | EvalSpec) -> dict[str, Any]:
+    return {key: value for key, value in dataclasses.asdict(spec).items()
+            if key not in DATA_KEYS or value is not None}
 
 
 def _digest(obj: Any) -> str:

@@ -127,6 +127,16 @@ def _steps_figure(rows: KeptRows):
     return fig
 
 
+#: Every file :func:`write_kept_report` may write.
+REPORT_FILES = ("report.html", "scores.png", "tasks.png", "lengths.png", "steps.png")
+
+
+def clear_kept_report(out_dir: str | os.PathLike) -> None:
+    """Remove an earlier report, so a run stopped before it drew its own never shows another run's pictures."""
+    for name in REPORT_FILES:
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
 def write_kept_report(out_dir: str | os.PathLike, rows: KeptRows) -> Path:
     """``report.html`` with every figure embedded, and each figure as a PNG beside it; returns the HTML path."""
     out = Path(out_dir)

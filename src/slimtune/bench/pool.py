@@ -1,5 +1,6 @@
-"""The standard benchmark data: a "mix" pool from the shared real data, held-out evaluation rows per task,
-a few target examples per task for targeted methods, and optional corruption of a fixed share of the pool.
+"""The benchmark data: a "mix" pool from the shared real data (or the user's own pool), held-out evaluation rows
+per task (or the user's own eval sets), a few target examples per task for targeted methods, and optional
+corruption of a fixed share of the pool.
 
 Corruption is how a benchmark asks whether a method filters noise: a corrupted row keeps its prompt but gets
 a wrong response, either another corrupted row's response (``swap``) or its own cut to the first third
@@ -13,8 +14,10 @@ import random
 from dataclasses import dataclass, replace
 
 from slimtune.bench.config import EvalSpec, GridConfig
+from slimtune.data import load_examples
 from slimtune.data.example import Example
-from slimtune.data.readers import seeded_sample
+from slimtune.data.recipes import load_recipe
+from slimtune.data.report import seeded_sample
 
 
 @dataclass
@@ -57,20 +60,26 @@ def corrupt(pool: list[Example], share: float, kinds: tuple[str, ...], seed: int
 def build_bench_data(config: GridConfig) -> BenchData:
     """Pool rows come from each source's training split, evaluation and target rows from its held-out split,
     so no evaluation row is ever in the pool."""
-    from slimtune.data.recipes import load_recipe
-
     spec = config.pool
     pool: list[Example] = []
+    if spec.data:
+        pool = load_examples(spec.data, split=spec.split, subset=spec.subset, limit=spec.size,
+                             seed=spec.seed).examples
     for source, size in spec.sizes.items():
         pool += load_recipe(source, split="train", limit=size, seed=spec.seed)
     pool, corrupted = corrupt(pool, spec.corrupt_share, spec.corrupt_kinds, spec.seed)
     evals, targets = {}, []
     for ev in config.evals:
         wanted = ev.n + config.target_per_task
+        rows = (load_examples(ev.data, split=ev.split, subset=ev.subset).examples if ev.data
+                else load_recipe(ev.task, split="test"))
         if ev.options:
-            held_out = _options_first(load_recipe(ev.task, split="test"), ev, spec.seed)[:wanted]
+            held_out = _options_first(rows, ev, spec.seed)[:wanted]
         else:
-            held_out = load_recipe(ev.task, split="test", limit=wanted, seed=spec.seed)
+            held_out = seeded_sample(rows, wanted, spec.seed)
+        if ev.data and len(held_out) < wanted:
+            raise ValueError(f"eval: {ev.task}: {ev.data} has {len(held_out)} usable rows; n ({ev.n}) and "
+                             f"target_per_task ({config.target_per_task}) need {wanted}")
         evals[ev.task] = held_out[: ev.n]
         targets += held_out[ev.n:]
     return BenchData(pool=pool, evals=evals, targets=targets, corrupted_ids=corrupted)

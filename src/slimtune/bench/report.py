@@ -197,7 +197,7 @@ def write_report(config: GridConfig, rows: list[dict[str, Any]], out: Path) -> P
 
     md = [f"# slimtune bench: {config.name}", "",
           f"Model `{config.model}`; pool of {int(table['pool_size'].iloc[0])} rows "
-          f"({', '.join(f'{k} {v}' for k, v in config.pool.sizes.items())}); budgets {config.budgets}; "
+          f"({config.pool.describe()}); budgets {config.budgets}; "
           f"seeds {config.seeds}; config `{config.source}`.", "", "## Summary", "",
           *[f"- {line}" for line in lines], "", "## Quality and cost (mean over seeds)", "",
           _markdown_table(cost), ""]

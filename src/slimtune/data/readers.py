@@ -1,9 +1,12 @@
-"""Loading examples from JSONL (optionally gzipped), JSON, CSV, Parquet, saved datasets folders and recipes.
+"""Reading examples from files (JSONL, optionally gzipped, JSON, CSV, Parquet) and from anything Hugging Face
+``datasets`` reads: a saved datasets folder, a folder of data files, a Hub id (``org/name``, from the local cache
+when offline), any other data file, or a ``Dataset``/``IterableDataset`` object.
 
-One entry point, :func:`load_examples`, returns the examples and a :class:`LoadReport` of what was read,
-kept and skipped. Each example keeps its untouched record and, in ``metadata``, where it came from (``file``,
-``line``) and the file's ``format``, which is how :func:`slimtune.data.writers.write_examples` writes a subset
-back in the user's own format.
+:func:`read_examples` returns the examples and a :class:`LoadReport` of what was read, kept and skipped. Each
+example keeps its untouched record and, in ``metadata``, where it came from (``file``, ``line`` for files,
+``row``: its position in the source, which ``Dataset.select`` takes) and the source's ``format``, which is how
+:mod:`slimtune.data.writers` writes a subset back in the user's own format. Recipes and the choice between a
+recipe and a path live above this module, in :mod:`slimtune.data.loading`.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ import gzip
 import io
 import json
 import os
-import random
-from collections import Counter
+import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slimtune.data.errors import DataError
 from slimtune.data.example import Example, make_example
+from slimtune.data.report import LoadReport, LoadResult, seeded_sample
 from slimtune.data.shapes import Shape, get_shape, record_messages, type_name
 
 #: Record fields that name a task when ``task_field`` is not given, in order of preference.
@@ -31,95 +34,67 @@ _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv
                    ".parquet": "parquet"}
 _DATASETS_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 #: Metadata that describes where a record was read from; a re-read file describes itself afresh.
-_PROVENANCE = ("file", "line", "format", "json_key", "json_ascii")
+_PROVENANCE = ("file", "line", "row", "format", "json_key", "json_ascii")
+#: The format of every source read through ``datasets``; its subsets are written as JSONL.
+DATASETS_FORMAT = "hf"
 
-#: ``(line, record or the error that stopped it being one, metadata the writer needs)``
+#: ``(line, or row for a dataset; record or the error that stopped it being one; metadata the writer needs)``
 Row = tuple[int, dict[str, Any] | DataError, dict[str, Any]]
 
 
 @dataclass
-class LoadReport:
-    """What loading found. ``read`` counts records read (bad ones included), ``kept`` the examples returned,
-    ``problems`` holds one located :class:`DataError` per skipped record; ``notes`` says what else happened
-    (a recipe fell back to the bundled sample, dropped trailing turns, ...)."""
+class _Rows:
+    """An open source: its label in messages, its format, its stem (the default source name), its rows, and
+    whether they are counted as dataset rows from 0 rather than file lines from 1."""
 
-    source: str
+    label: str
     format: str
-    read: int = 0
-    kept: int = 0
-    problems: list[DataError] = field(default_factory=list)
-    shapes: Counter[str] = field(default_factory=Counter)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def skipped(self) -> int:
-        return len(self.problems)
-
-    @property
-    def shape(self) -> str:
-        """The shape of the records, or ``mixed (alpaca 90, messages 10)``."""
-        if len(self.shapes) == 1:
-            return next(iter(self.shapes))
-        if not self.shapes:
-            return "none"
-        return "mixed (" + ", ".join(f"{name} {count}" for name, count in self.shapes.most_common()) + ")"
+    stem: str
+    rows: Iterator[Row]
+    by_row: bool = False
 
 
-@dataclass
-class LoadResult:
-    examples: list[Example]
-    report: LoadReport
-
-
-def load_examples(path: str | os.PathLike, *, shape: str | None = None, skip_bad: bool = False,
-                  source: str | None = None, task_field: str | None = None, id_field: str | None = None,
-                  limit: int | None = None, seed: int | None = None) -> LoadResult:
-    """Examples from a file, a saved Hugging Face datasets folder, or a recipe (``gsm8k:test``, ``p3``,
-    ``tatoeba:fra-eng``; see :func:`slimtune.data.recipes.describe_recipes`).
+def read_examples(data: Any, *, shape: str | None = None, skip_bad: bool = False, source: str | None = None,
+                  task_field: str | None = None, id_field: str | None = None, limit: int | None = None,
+                  seed: int | None = None, split: str | None = None, subset: str | None = None) -> LoadResult:
+    """Examples from a file, a folder, a Hub id or a ``datasets`` object (see the module's description).
 
     Shapes are recognised per record unless ``shape`` names one. A bad record raises a :class:`DataError`
-    naming file, line and field; with ``skip_bad`` it is counted in the report instead. ``source`` names
-    the data (default: the file's stem), ``task_field`` the field holding each record's task (default: the
-    first of ``task``, ``category``, ``source``), ``id_field`` the field holding its id (default ``id``;
-    without one the id is a hash of the content). ``limit`` keeps the first examples, or a random sample
-    when ``seed`` is given. Recipes always sample (seed 0 unless given) and skip bad rows, counting them.
+    naming file, line and field (``dataset org/name split train row 12`` for a dataset); with ``skip_bad`` it
+    is counted in the report instead. ``source`` names the data (default: the file's stem), ``task_field``
+    the field holding each record's task (default: the first of ``task``, ``category``, ``source``),
+    ``id_field`` the field holding its id (default ``id``; without one the id is a hash of the content).
+    ``limit`` keeps the first examples, or a random sample when ``seed`` is given. ``split`` and ``subset``
+    (a configuration name) choose within a dataset that has several.
     """
-    location = Path(path)
-    # A folder that merely shares a recipe's name (shared/data/gsm8k) holds nothing slimtune reads as is.
-    if not location.exists() or (location.is_dir() and not _is_datasets_folder(location)):
-        from slimtune.data.recipes import RECIPES, is_recipe, run_recipe
-
-        if is_recipe(str(path)):
-            if shape or source or task_field or id_field:
-                raise ValueError("shape, source, task_field and id_field apply to files; a recipe sets its "
-                                 "own")
-            return run_recipe(str(path), limit=limit, seed=seed or 0)
-        if not location.exists():
-            raise FileNotFoundError(f"{path}: no such file or folder, and not a recipe (known recipes: "
-                                    f"{', '.join(RECIPES)})")
-
-    label, stem = str(path), _stem(location)
     forced = get_shape(shape) if shape else None
-    examples: list[Example] = []
-    first_line_of: dict[str, int] = {}
-    report = LoadReport(source=label, format="")
     try:
-        report.format, rows = _open_rows(location)
-        for line, value, hints in rows:
+        opened = _open_source(data, split=split, subset=subset)
+    except DataError as err:  # a file that cannot be read at all (a broken JSON document, ...)
+        raise _locate(err, str(data), None) from None
+    label = opened.label
+    unit = "row" if opened.by_row else "line"
+    examples: list[Example] = []
+    first_of: dict[str, int] = {}
+    report = LoadReport(source=label, format=opened.format)
+    try:
+        for number, value, hints in opened.rows:
+            position = report.read
             report.read += 1
+            where = {"file": label, "row": position, "format": opened.format, **hints}
+            if not opened.by_row:
+                where["line"] = number
             try:
                 if isinstance(value, DataError):
                     raise value
                 example, found, id_key = _example(value, forced, id_field=id_field, task_field=task_field,
-                                                  source=source, stem=stem,
-                                                  where={"file": label, "line": line, "format": report.format,
-                                                         **hints})
-                first = first_line_of.setdefault(example.id, line)
-                if first != line:
-                    raise (DataError(f"duplicate id {example.id!r} (first on line {first})", field=id_key)
-                           if id_key else DataError(f"duplicate record: same content as line {first}"))
+                                                  source=source, stem=opened.stem, where=where)
+                first = first_of.setdefault(example.id, number)
+                if first != number:
+                    raise (DataError(f"duplicate id {example.id!r} (first on {unit} {first})", field=id_key)
+                           if id_key else DataError(f"duplicate record: same content as {unit} {first}"))
             except DataError as err:
-                located = _locate(err, label, line)
+                located = _locate(err, label, number, by_row=opened.by_row)
                 if not skip_bad:
                     raise located from None
                 report.problems.append(located)
@@ -134,13 +109,6 @@ def load_examples(path: str | os.PathLike, *, shape: str | None = None, skip_bad
         examples = seeded_sample(examples, limit, seed)
     report.kept = len(examples)
     return LoadResult(examples, report)
-
-
-def seeded_sample(examples: list[Example], limit: int, seed: int) -> list[Example]:
-    """``limit`` examples drawn at random with ``seed``; a smaller limit draws a prefix of a larger one."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return [examples[i] for i in order[:limit]]
 
 
 def _example(record: dict[str, Any], shape: Shape | None, *, id_field: str | None, task_field: str | None,
@@ -183,41 +151,136 @@ def _label(record: dict[str, Any], key: str) -> str:
     return str(value)
 
 
+def _locate(err: DataError, label: str, number: int | None, *, by_row: bool = False) -> DataError:
+    if err.file is not None:
+        return err
+    if by_row and number is not None:
+        return DataError(err.problem, file=f"{label} row {number}", field=err.field)
+    return DataError(err.problem, file=label, line=err.line if err.line is not None else number, field=err.field)
+
+
+def _open_source(data: Any, *, split: str | None, subset: str | None) -> _Rows:
+    """The rows of a path, a Hub id or a ``datasets`` object, with their label and format."""
+    if not isinstance(data, (str, os.PathLike)):
+        # Imported only here and for datasets sources: importing datasets costs seconds a JSONL file need not pay.
+        from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+
+        if not isinstance(data, (Dataset, IterableDataset, DatasetDict, IterableDatasetDict)):
+            raise TypeError(f"expected a path, a Hub id or a datasets.Dataset, got {type(data).__name__}")
+        name = data.info.dataset_name if isinstance(data, (Dataset, IterableDataset)) else None
+        return _dataset_rows(data, f"dataset {name}" if name else "dataset", name or "dataset", split)
+    path = Path(data)
+    if path.is_file() and _file_format(path) is not None:
+        if split or subset:
+            raise ValueError(f"{path}: split and subset choose within a dataset; a file is read whole")
+        fmt, rows = _open_rows(path)
+        return _Rows(str(data), fmt, _stem(path), rows)
+    if path.suffix == ".py":
+        raise ValueError(f"{path}: datasets no longer runs loading scripts (since datasets 4.0); point at the "
+                         "data files the script reads, or at a folder holding them")
+    if path.is_dir() and is_datasets_folder(path):
+        from datasets import load_from_disk
+
+        return _dataset_rows(load_from_disk(str(path)), f"dataset {data}", path.name, split)
+    if path.exists():
+        # A folder of data files (as a Hub repository lays them out) or a file type only datasets knows.
+        folder, files = (path, None) if path.is_dir() else (path.parent, path.name)
+        return _dataset_rows(_load_dataset(f"dataset {data}", str(folder), subset, data_files=files),
+                             f"dataset {data}", _stem(path), split)
+    if looks_like_hub_id(str(data)):
+        return _dataset_rows(_hub_dataset(str(data), subset), f"dataset {data}", str(data).split("/")[-1],
+                             split)
+    raise FileNotFoundError(f"{data}: no such file or folder, and not a Hugging Face Hub id (org/name)")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith(".")
+
+
+def _load_dataset(label: str, path: str, subset: str | None, **kwargs: Any) -> Any:
+    """``load_dataset``, with what it raises for an unknown subset or an unreadable file (said in datasets'
+    own words) prefixed by the source, so that the command line reports it as bad input."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return load_dataset(path, subset, **kwargs)
+    except (ValueError, DatasetGenerationError) as err:
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        raise ValueError(f"{label}: {err}{cause}") from None
+
+
+def _hub_dataset(repo_id: str, subset: str | None) -> Any:
+    """A Hub dataset: from the Hub, else (offline or unreachable) from what ``load_dataset`` prepared
+    before, else from a copy that ``huggingface-cli download --repo-type dataset`` left in the Hub cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return _load_dataset(f"dataset {repo_id}", repo_id, subset)
+    except ConnectionError as err:
+        try:
+            folder = snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise FileNotFoundError(
+                f"dataset {repo_id}: no such file or folder, and as a Hub id not in the local Hugging Face cache "
+                f"while the Hub cannot be reached ({err}); download it once online (huggingface-cli download "
+                f"--repo-type dataset {repo_id}) or unset HF_HUB_OFFLINE") from None
+    return _load_dataset(f"dataset {repo_id}", folder, subset)
+
+
+def _dataset_rows(data: Any, label: str, stem: str, split: str | None) -> _Rows:
+    """Rows of one split: the one named, else the only one there is."""
+    from datasets import DatasetDict, IterableDatasetDict
+
+    if isinstance(data, (DatasetDict, IterableDatasetDict)):
+        if split is None and len(data) != 1:
+            raise ValueError(f"{label} holds the splits {', '.join(data)}: choose one (--split, or split= in "
+                             "Python)")
+        split = split or next(iter(data))
+        if split not in data:
+            raise ValueError(f"{label} has no split '{split}'; it has {', '.join(data)}")
+        data = data[split]
+    elif split is not None and data.split is not None and str(data.split) != split:
+        raise ValueError(f"{label} is the split '{data.split}', not '{split}'")
+    split = split or (str(data.split) if data.split is not None else None)
+    if split:
+        label = f"{label} split {split}"
+    # Arrow has no missing keys: a column absent from a row reads as None there, which would make a dataset
+    # mixing shapes (prompt/completion rows beside question/answer rows) look like one shape with holes.
+    rows = ((row, {key: value for key, value in record.items() if value is not None}, {})
+            for row, record in enumerate(data))
+    return _Rows(label, DATASETS_FORMAT, stem, rows, by_row=True)
+
+
 def _stem(path: Path) -> str:
     name = path.name.removesuffix(".gz") if path.is_file() else path.name
     return Path(name).stem
 
 
-def _locate(err: DataError, file: str, line: int | None) -> DataError:
-    if err.file is not None:
-        return err
-    return DataError(err.problem, file=file, line=err.line if err.line is not None else line, field=err.field)
+def _file_format(path: Path) -> str | None:
+    """The format slimtune reads a file in itself, or None to leave the file to ``datasets``."""
+    name = path.name.lower()
+    kind = _SUFFIX_FORMATS.get(Path(name.removesuffix(".gz")).suffix)
+    if kind is None or (name.endswith(".gz") and kind == "parquet"):
+        return None
+    return kind
 
 
 def _open_rows(path: Path) -> tuple[str, Iterator[Row]]:
-    """The file's format (``jsonl``, ``jsonl.gz``, ``json``, ``csv``, ``parquet``, ``hf``) and its rows."""
-    if path.is_dir():
-        if not _is_datasets_folder(path):
-            raise ValueError(f"{path} is a folder but not a saved Hugging Face datasets folder (it has none "
-                             f"of {', '.join(_DATASETS_MARKERS)})")
-        return "hf", _datasets_rows(path)
-    name = path.name.lower()
-    compressed = name.endswith(".gz")
-    kind = _SUFFIX_FORMATS.get(Path(name.removesuffix(".gz")).suffix)
-    if kind is None or (compressed and kind == "parquet"):
-        raise ValueError(f"{path}: unsupported file type; slimtune reads .jsonl, .json and .csv files (each "
-                         "optionally .gz), .parquet files and saved Hugging Face datasets folders")
-    gz = ".gz" if compressed else ""
+    """The file's format (``jsonl``, ``jsonl.gz``, ``json``, ``csv``, ``parquet``) and its rows."""
+    kind = _file_format(path)
+    gz = ".gz" if path.name.lower().endswith(".gz") else ""
     if kind == "json":
-        with _open_binary(path) as fh:
-            kind, rows = _json_rows(fh.read())
+        kind, rows = _json_rows(_read_all(path))
         return kind + gz, rows
     if kind == "parquet":
         return kind, _parquet_rows(path)
     return kind + gz, (_jsonl_rows if kind == "jsonl" else _csv_rows)(_binary_lines(path))
 
 
-def _is_datasets_folder(path: Path) -> bool:
+def is_datasets_folder(path: Path) -> bool:
     return any((path / marker).exists() for marker in _DATASETS_MARKERS)
 
 
@@ -225,9 +288,33 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+def _gzip_error(err: Exception, line: int | None = None) -> DataError:
+    after = f" after line {line}" if line else ""
+    return DataError(f"truncated or corrupt gzip file{after} ({err or type(err).__name__}); recompress it or "
+                     "download it again")
+
+
+#: What reading a damaged gzip stream raises; EOFError would otherwise reach click, which prints "Aborted.".
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _read_all(path: Path) -> bytes:
+    with _open_binary(path) as fh:
+        try:
+            return fh.read()
+        except _GZIP_ERRORS as err:
+            raise _gzip_error(err) from None
+
+
 def _binary_lines(path: Path) -> Iterator[bytes]:
     with _open_binary(path) as fh:
-        yield from fh
+        lines_read = 0
+        try:
+            for raw in fh:
+                yield raw
+                lines_read += 1
+        except _GZIP_ERRORS as err:
+            raise _gzip_error(err, lines_read) from None
 
 
 def _utf8_error(raw: bytes, start: int, line: int | None = None) -> DataError:
@@ -347,16 +434,3 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
         for record in batch.to_pylist():
             number += 1
             yield number, record, {}
-
-
-def _datasets_rows(path: Path) -> Iterator[Row]:
-    from datasets import DatasetDict, load_from_disk
-
-    data = load_from_disk(str(path))
-    if isinstance(data, DatasetDict):
-        if len(data) != 1:
-            raise ValueError(f"{path} holds the splits {', '.join(data)}: give one split's folder, e.g. "
-                             f"{path / next(iter(data))}")
-        data = next(iter(data.values()))
-    for number, record in enumerate(data, 1):
-        yield number, record, {}

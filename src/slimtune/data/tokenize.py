@@ -6,6 +6,11 @@ turn with the template's generation prompt and comparing it with the render that
 works for any template whose renders of a conversation's prefixes are string prefixes of the whole, which
 holds for ChatML, Llama, Mistral, Gemma and Phi templates. Tokens are then mapped to characters through the
 fast tokenizer's offsets, so the ids are exactly those of tokenising the whole conversation at once.
+
+Rows longer than the length limit lose tokens from the left (the start of the prompt), never from the last
+assistant turn: a prompt that fills the window would otherwise leave no response to learn or score. A
+response longer than the limit on its own keeps its start. Every stage (training, loss/IFD, LESS, scoring)
+encodes through :func:`encode_example`, so they all see the same tokens.
 """
 
 from __future__ import annotations
@@ -57,20 +62,24 @@ def assistant_spans(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[str,
 
 @dataclass
 class EncodeStats:
-    """What truncation did to a data set: rows cut short, and rows dropped because no response survived."""
+    """What truncation did to a data set: rows cut short (and the tokens cut from them), and rows dropped
+    because no response token survived."""
 
     total: int = 0
     truncated: int = 0
+    tokens_cut: int = 0
     dropped: int = 0
     dropped_ids: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.total} examples, {self.truncated} truncated, {self.dropped} dropped "
-                f"(no response token left within the length limit)")
+        return (f"{self.total} examples, {self.truncated} truncated from the left ({self.tokens_cut} tokens "
+                f"cut), {self.dropped} dropped (no response token left within the length limit)")
 
 
-def encode_example(example: Example, tokenizer, max_length: int | None = None) -> dict[str, list[int]]:
-    """Token ids and labels (-100 outside assistant turns), truncated on the right to ``max_length``."""
+def encode_example(example: Example, tokenizer, max_length: int | None = None,
+                   stats: EncodeStats | None = None) -> dict[str, list[int]]:
+    """Token ids and labels (-100 outside assistant turns), cut to ``max_length`` by :func:`truncate_left`;
+    ``stats`` (when given) counts the row and what was cut from it."""
     text, spans = assistant_spans(tokenizer, example.messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -82,35 +91,61 @@ def encode_example(example: Example, tokenizer, max_length: int | None = None) -
             span = next(span_iter, None)
         if span is not None and end > span[0] and start < span[1]:
             labels[t] = ids[t]
-    if max_length is not None and len(ids) > max_length:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    row = truncate_left({"input_ids": ids, "labels": labels}, max_length)
+    if stats is not None:
+        stats.total += 1
+        cut = len(ids) - len(row["input_ids"])
+        stats.truncated += cut > 0
+        stats.tokens_cut += cut
+    return row
 
 
-def last_turn_only(labels: list[int]) -> list[int]:
-    """Labels with every assistant turn but the last masked: the y of single-response methods and metrics.
+def truncate_left(row: dict[str, list[int]], max_length: int | None) -> dict[str, list[int]]:
+    """``row`` cut to at most ``max_length`` tokens, keeping the last assistant turn whole where it fits.
+
+    The window ends where the last response ends and starts as far left as the limit allows, so the prompt
+    loses its start. A response longer than the limit keeps its start, with the one token before it, so that
+    every response token in the window is predicted (a causal LM's first position has no target). Tokens
+    after the last response (unlabelled template tail) go first. A row with no label keeps its end.
+    """
+    ids, labels = row["input_ids"], row["labels"]
+    if max_length is None or len(ids) <= max_length:
+        return row
+    start, end = last_turn_span(labels)
+    if end < 0:
+        start, end = len(ids), len(ids) - 1
+    first = max(0, min(end + 1 - max_length, start - 1))
+    window = slice(first, first + max_length)
+    return {"input_ids": ids[window], "labels": labels[window]}
+
+
+def last_turn_span(labels: list[int]) -> tuple[int, int]:
+    """First and last position of the last assistant turn's labels; ``(-1, -1)`` when nothing is labelled.
     Turns are told apart by the unlabelled template header between them."""
     end = max((t for t, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
     start = end
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
+    return start, end
+
+
+def last_turn_only(labels: list[int]) -> list[int]:
+    """Labels with every assistant turn but the last masked: the y of single-response methods and metrics."""
+    start, end = last_turn_span(labels)
     return [label if start <= t <= end else IGNORE_INDEX for t, label in enumerate(labels)]
 
 
 class TokenizedDataset(Dataset):
-    """Examples tokenised once; rows with no response token left after truncation are dropped and counted."""
+    """Examples tokenised once (cut from the left, :func:`truncate_left`); rows with no response token left
+    are dropped and counted."""
 
     def __init__(self, examples: Sequence[Example], tokenizer, max_length: int | None = 512):
         ensure_chat_template(tokenizer)
-        self.stats = EncodeStats(total=len(examples))
+        self.stats = EncodeStats()
         self.examples: list[Example] = []
         self.rows: list[dict[str, list[int]]] = []
         for ex in examples:
-            full = encode_example(ex, tokenizer, None)
-            row = full
-            if max_length is not None and len(full["input_ids"]) > max_length:
-                self.stats.truncated += 1
-                row = {k: v[:max_length] for k, v in full.items()}
+            row = encode_example(ex, tokenizer, max_length, self.stats)
             if all(label == IGNORE_INDEX for label in row["labels"]):
                 self.stats.dropped += 1
                 self.stats.dropped_ids.append(ex.id)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from slimtune.data.example import Example
-from slimtune.data.tokenize import IGNORE_INDEX, Collator, encode_example
+from slimtune.data.tokenize import IGNORE_INDEX, Collator, EncodeStats, encode_example
 from slimtune.data.tokenize import last_turn_only as last_turn_only_labels
 from slimtune.evaluate.metrics import perplexity, token_weighted_loss
 from slimtune.features.losses import accepts_logits_to_keep, example_losses, score_rows
@@ -22,17 +22,11 @@ from slimtune.features.losses import accepts_logits_to_keep, example_losses, sco
 def _rows(examples: Sequence[Example], tokenizer, max_length: int | None, *,
           last_turn_only: bool) -> tuple[list[dict[str, list[int]]], int]:
     """Tokenised rows with response labels, and how many were cut to ``max_length``."""
-    rows, truncated = [], 0
-    for example in examples:
-        row = encode_example(example, tokenizer)
-        ids, labels = row["input_ids"], row["labels"]
-        if last_turn_only:
-            labels = last_turn_only_labels(labels)
-        if max_length is not None and len(ids) > max_length:
-            ids, labels = ids[-max_length:], labels[-max_length:]
-            truncated += 1
-        rows.append({"input_ids": ids, "labels": labels})
-    return rows, truncated
+    stats = EncodeStats()
+    rows = [encode_example(example, tokenizer, max_length, stats) for example in examples]
+    if last_turn_only:
+        rows = [{"input_ids": row["input_ids"], "labels": last_turn_only_labels(row["labels"])} for row in rows]
+    return rows, stats.truncated
 
 
 @dataclass

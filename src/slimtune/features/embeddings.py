@@ -18,14 +18,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slimtune.data.example import Example
+from slimtune.data.example import Example, pool_hash
+from slimtune.features.store import FeatureStore
 from slimtune.models import choose_device
 
 MINILM_DIM = 384
@@ -114,6 +117,29 @@ def model_embeddings(model, tokenizer, examples: Sequence[Example], *, prompt_on
         out[rows] = ((hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)).cpu()
     model.train(was_training)
     return F.normalize(out, dim=1)[inverse], sum(len(row) for row in ids)
+
+
+def stored_embeddings(examples: Sequence[Example], embed: Callable[[Sequence[Example]], Tensor],
+                      encoder: Mapping[str, Any], *, shard_rows: int = 4096) -> Tensor:
+    """``embed(examples[lo:hi])`` for every shard of ``shard_rows`` rows, through a feature store keyed by the
+    examples and ``encoder`` (what names the encoder and its settings): under ``accelerate launch`` /
+    ``torchrun`` each process embeds its share and all read every row; a rerun reuses the stored rows.
+    Shard boundaries do not depend on the number of processes, so neither do the vectors."""
+    if not examples:
+        return embed(examples)
+    key = {"kind": "embeddings", "version": 1, "rows": pool_hash(list(examples)), "encoder": dict(encoder),
+           "shard_rows": shard_rows}
+    store = FeatureStore.keyed(key)
+    store.fill(["embeddings"], len(examples), shard_rows, lambda lo, hi: {"embeddings": embed(examples[lo:hi])})
+    return torch.from_numpy(np.asarray(store.open("embeddings", len(examples))))
+
+
+def stored_minilm_embeddings(examples: Sequence[Example], *, prompt_only: bool = False, device: str | None = None,
+                             shard_rows: int = 4096) -> Tensor:
+    """:func:`minilm_embeddings` through :func:`stored_embeddings`: each process of a launch embeds its share."""
+    return stored_embeddings(
+        examples, lambda part: minilm_embeddings(part, prompt_only=prompt_only, device=device),
+        {"model": "all-MiniLM-L6-v2", "prompt_only": prompt_only}, shard_rows=shard_rows)
 
 
 def cosine_kernel(a: Tensor, b: Tensor, *, chunk_size: int | None = None,

@@ -53,6 +53,7 @@ import socket
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from slimtune.progress import stage
 from slimtune.utils import atomic_write_bytes, write_json
 
 log = logging.getLogger("slimtune.store")
@@ -296,26 +298,30 @@ class FeatureStore:
         progress = _ProgressLog(self.path, tuple(names), n_rows, n_rows - sum(hi - lo for lo, hi in pending),
                                 enabled=rank == 0)
         computed, last_progress = 0, time.monotonic()
-        while pending:
-            left, busy = [], None
-            for lo, hi in pending:
-                outcome = self._settle(names, lo, hi, compute, rank, timeout)
-                if isinstance(outcome, dict):  # another live process is computing it
-                    left.append((lo, hi))
-                    busy = busy or ((lo, hi), outcome)
-                    continue
-                computed += outcome
-                progress.done(hi - lo)
-                last_progress = time.monotonic()
-            if left and len(left) == len(pending):  # nothing moved in this pass: wait for the claimants
-                if time.monotonic() - last_progress > timeout:
-                    (lo, hi), claim = busy
-                    raise TimeoutError(
-                        f"rank {rank} waited {timeout:.0f} s for shard {names[0]}[{lo}:{hi}] of {self.path}, "
-                        f"claimed by {_describe(claim)}; if that process is gone, delete "
-                        f"{self._claim_path(names, lo, hi)}, or raise SLIMTUNE_STORE_TIMEOUT")
-                time.sleep(_POLL)
-            pending = left
+        label = f"{self.key.get('kind', self.path.name)} ({'+'.join(names)})"
+        with stage(label, total=sum(hi - lo for lo, hi in pending), unit="rows") if pending else nullcontext() \
+                as shown:
+            while pending:
+                left, busy = [], None
+                for lo, hi in pending:
+                    outcome = self._settle(names, lo, hi, compute, rank, timeout)
+                    if isinstance(outcome, dict):  # another live process is computing it
+                        left.append((lo, hi))
+                        busy = busy or ((lo, hi), outcome)
+                        continue
+                    computed += outcome
+                    progress.done(hi - lo)
+                    shown.advance(hi - lo)
+                    last_progress = time.monotonic()
+                if left and len(left) == len(pending):  # nothing moved in this pass: wait for the claimants
+                    if time.monotonic() - last_progress > timeout:
+                        (lo, hi), claim = busy
+                        raise TimeoutError(
+                            f"rank {rank} waited {timeout:.0f} s for shard {names[0]}[{lo}:{hi}] of {self.path}, "
+                            f"claimed by {_describe(claim)}; if that process is gone, delete "
+                            f"{self._claim_path(names, lo, hi)}, or raise SLIMTUNE_STORE_TIMEOUT")
+                    time.sleep(_POLL)
+                pending = left
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # no rank reads the store while another may still discard a bad shard it found
             torch.distributed.barrier()

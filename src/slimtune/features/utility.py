@@ -43,9 +43,18 @@ feature store (:mod:`slimtune.features.store`) under a key made of the two examp
 model's identity and the settings: a killed run resumes at the first missing block, and under ``torchrun``
 each rank computes its share of the blocks.
 
-Scaling: the authors min-max scale the whole kernel to [0, 1]. In sparse mode only computed pairs enter the
-minimum and maximum; pairs never computed stay at 0, i.e. they count as no more useful than the least useful
-computed pair, which is what a sparse facility-location kernel means by a missing entry.
+Scaling: the authors min-max scale the whole kernel to [0, 1] (:meth:`UtilityMatrix.scaled`). Two rules of
+ours, both so that a scaled entry still means what its utility means:
+- a pair never computed (sparse mode) means "no effect": utility 0, the value it would have in the dense
+  kernel if the example did nothing for the target. It scales like every other 0 and enters the range,
+  so a harmful neighbour (negative utility) scales *below* a pair never computed, and facility location is
+  not rewarded for covering a target through it. The scaled kernel of a sparse matrix is exactly the scaled
+  kernel of its dense form with zeros in the gaps; the scaled value of a missing entry is carried as
+  ``background`` (what :mod:`slimtune.select.submodular` reads for a sparse kernel's missing entries).
+- self-pairs (the target shown as its own example: the same prompt and response, usually the diagonal)
+  are left out of the minimum and maximum and clipped to 1. Copying the answer verbatim makes their
+  utility several times that of any real pair; in the range, it would squeeze every real pair into a
+  narrow band near the scaled 0. Clipped to 1, a row is still represented best by itself.
 """
 
 from __future__ import annotations
@@ -99,36 +108,55 @@ class UtilityMatrix:
     """UF for ``n_targets`` rows and ``n_columns`` candidates.
 
     Dense: ``values`` is (n_targets, n_columns) and ``columns`` is None. Sparse: ``values`` and ``columns``
-    are (n_targets, k); row i holds UF[i, columns[i, m]] = values[i, m], every other entry is 0.
+    are (n_targets, k); row i holds UF[i, columns[i, m]] = values[i, m], every other entry is ``background``
+    (0, "no effect", before scaling). ``self_pairs`` (the shape of ``values``) marks the stored entries whose
+    context is the target itself, which scaling leaves out of its range (module docstring).
     """
 
     values: np.ndarray
     columns: np.ndarray | None
     n_columns: int
     stats: dict[str, Any] = field(default_factory=dict)
+    self_pairs: np.ndarray | None = None
+    background: float = 0.0
 
     @property
     def sparse(self) -> bool:
         return self.columns is not None
 
+    def _has_missing(self) -> bool:
+        """Whether some row of a sparse matrix does not store every column."""
+        if self.columns is None:
+            return False
+        distinct = (np.diff(np.sort(self.columns, axis=1), axis=1) != 0).sum(1) + (self.columns.shape[1] > 0)
+        return bool((distinct < self.n_columns).any())
+
     def scaled(self) -> UtilityMatrix:
-        """Min-max scaled to [0, 1] over the computed entries (see the module docstring for the zeros)."""
-        lo, hi = float(self.values.min()), float(self.values.max())
+        """Min-max scaled to [0, 1], the range taken over every entry of the dense form (missing ones are
+        ``background``) except the self-pairs, which are clipped into [0, 1] (module docstring)."""
+        ranged = self.values if self.self_pairs is None else self.values[~self.self_pairs]
+        missing = self._has_missing()
+        if missing:
+            ranged = np.append(ranged, self.background)
+        lo, hi = (float(ranged.min()), float(ranged.max())) if ranged.size else (0.0, 0.0)
         if hi > lo:
-            values = (self.values - lo) / (hi - lo)
-        else:  # no spread: every computed pair is equally useful, uncomputed ones still count as less
-            values = np.ones_like(self.values)
-        return UtilityMatrix(values.astype(np.float32), self.columns, self.n_columns, dict(self.stats))
+            values = np.clip((self.values - lo) / (hi - lo), 0.0, 1.0)
+            background = (self.background - lo) / (hi - lo) if missing else 0.0  # 0: nothing is missing
+        else:  # no spread: every pair is equally useful
+            values, background = np.ones_like(self.values), 1.0 if missing else 0.0
+        return UtilityMatrix(values.astype(np.float32), self.columns, self.n_columns, dict(self.stats),
+                             self.self_pairs, float(background))
 
     def to_dense(self) -> np.ndarray:
         if self.columns is None:
             return self.values
-        dense = np.zeros((self.values.shape[0], self.n_columns), dtype=self.values.dtype)
+        dense = np.full((self.values.shape[0], self.n_columns), self.background, dtype=self.values.dtype)
         np.put_along_axis(dense, self.columns, self.values, axis=1)
         return dense
 
     def to_torch(self) -> torch.Tensor:
-        """A dense tensor, or a sparse COO tensor holding the k stored entries of each row."""
+        """A dense tensor, or a sparse COO tensor holding the k stored entries of each row (the others are
+        ``background``, which the tensor does not carry)."""
         if self.columns is None:
             return torch.from_numpy(np.ascontiguousarray(self.values))
         n, k = self.columns.shape
@@ -274,7 +302,7 @@ class InContextUtility:
         # context when shared, else inside every sequence
         alone_prefixes = -(-n_t // self.block_pairs) if self.prefix_reuse else n_t
         if neighbours is not None or width == n_c:
-            _, pair_context, _ = _pair_order(n_t, n_c, neighbours)
+            pair_context = _Pairs(n_t, n_c, neighbours).block(0, pairs)[1]
             if self.prefix_reuse:
                 pair_context = np.unique(np.arange(pairs) // self.block_pairs * n_c + pair_context) % n_c
             prefix_runs, prefix_tokens, exact = len(pair_context), int(as_context[pair_context].sum()), True
@@ -425,14 +453,10 @@ class InContextUtility:
         return (total.index_add_(0, owner, -logp) / counts).cpu().numpy()
 
     def fingerprint(self) -> str:
-        """The model's identity for cache keys: its name, dtype and a checksum of a few weights, so a model
-        changed in memory (fine-tuned, merged adapter) never reads another's blocks."""
-        h = hashlib.sha256(str(getattr(self.model, "name_or_path", type(self.model).__name__)).encode())
-        params = list(self.model.parameters())
-        h.update(str((len(params), sum(p.numel() for p in params), params[0].dtype)).encode())
-        for p in (params[0], params[len(params) // 2], params[-1]):
-            h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """The model's identity for cache keys (:func:`slimtune.models.weights_fingerprint`)."""
+        from slimtune.models import weights_fingerprint
+
+        return weights_fingerprint(self.model)
 
     # ---- the kernel ---------------------------------------------------------------------------------
     def kernel(self, targets: Sequence[Example], contexts: Sequence[Example] | None = None, *,
@@ -448,7 +472,7 @@ class InContextUtility:
             neighbours = np.asarray(neighbours, dtype=np.int64)
             if neighbours.ndim != 2 or neighbours.shape[0] != len(targets):
                 raise ValueError("neighbours must have one row of column indices per target")
-        pair_target, pair_context, order = _pair_order(len(targets), len(contexts), neighbours)
+        pairs = _Pairs(len(targets), len(contexts), neighbours)
         stats = dict.fromkeys(
             ("pairs_scored", "forward_sequences", "prefixes", "model_tokens", "padded_tokens"), 0)
 
@@ -466,24 +490,27 @@ class InContextUtility:
 
         def paired(lo: int, hi: int) -> dict[str, np.ndarray]:
             groups = []
-            for j in np.unique(pair_context[lo:hi]):  # sorted, and pairs are sorted by context: same order
+            pair_target, pair_context = pairs.block(lo, hi)
+            for j in np.unique(pair_context):  # sorted, and pairs are sorted by context: same order
                 groups.append(_group([self._sequence(targets[i], contexts[j])
-                                      for i in pair_target[lo:hi][pair_context[lo:hi] == j]]))
+                                      for i in pair_target[pair_context == j]]))
             stats["pairs_scored"] += hi - lo
             return run("with", lo, hi, groups)
 
         start = time.perf_counter()
         with self._store(targets, contexts, neighbours) as store:
             done = [store.fill(["alone"], len(targets), self.block_pairs, alone),
-                    store.fill(["with"], len(order), self.block_pairs, paired)]
+                    store.fill(["with"], pairs.n, self.block_pairs, paired)]
             d_alone = np.asarray(store.open("alone", len(targets)))[:, 0]
-            d_with = np.asarray(store.open("with", len(order)))[:, 0]
-        values = np.empty(len(order))
-        values[order] = d_alone[pair_target] - d_with
+            d_with = np.asarray(store.open("with", pairs.n))[:, 0]
+        values = pairs.kernel(d_alone, d_with)
+        target_key, context_key = _content_keys(targets, contexts)
+        self_pairs = target_key[:, None] == (context_key[None, :] if neighbours is None
+                                             else context_key[neighbours])
         stats |= {"seconds": time.perf_counter() - start, "blocks": sum(sum(d.values()) for d in done),
                   "blocks_from_cache": sum(d["reused"] for d in done),
                   "head_on_response_only": self._head_only, "prefix_reuse": self._reuse}
-        return UtilityMatrix(values.reshape(len(targets), -1), neighbours, len(contexts), stats)
+        return UtilityMatrix(values, neighbours, len(contexts), stats, self_pairs)
 
     @contextlib.contextmanager
     def _store(self, targets, contexts, neighbours) -> Iterator[FeatureStore]:
@@ -501,16 +528,43 @@ class InContextUtility:
         yield FeatureStore.keyed(key, None if self.cache is True else self.cache)
 
 
-def _pair_order(n_t: int, n_c: int, neighbours: np.ndarray | None,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(target, context) of every pair, context by context so that each context's pairs share a prefix, and
-    the order that took them there from the kernel's row-major layout (``values[order] = pair values``)."""
-    if neighbours is None:
-        target, context = np.repeat(np.arange(n_t), n_c), np.tile(np.arange(n_c), n_t)
-    else:
-        target, context = np.repeat(np.arange(n_t), neighbours.shape[1]), neighbours.reshape(-1)
-    order = np.lexsort((target, context))
-    return target[order], context[order], order
+class _Pairs:
+    """The (target, context) pairs of a kernel, context by context so that each context's pairs share a
+    prefix. Dense pairs are derived block by block from their position (pair p is context p // n_t, target
+    p % n_t), never listed all at once: n^2 of them would fill memory before the first block ran."""
+
+    def __init__(self, n_t: int, n_c: int, neighbours: np.ndarray | None):
+        self.n_t = n_t
+        self.order: np.ndarray | None = None
+        if neighbours is None:
+            self.n = n_t * n_c
+        else:
+            target, context = np.repeat(np.arange(n_t), neighbours.shape[1]), neighbours.reshape(-1)
+            self.order = np.lexsort((target, context))  # from the kernel's row-major layout to this one
+            self.target, self.context = target[self.order], context[self.order]
+            self.n = len(self.order)
+
+    def block(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(targets, contexts) of pairs lo..hi."""
+        if self.order is None:
+            position = np.arange(lo, hi)
+            return position % self.n_t, position // self.n_t
+        return self.target[lo:hi], self.context[lo:hi]
+
+    def kernel(self, d_alone: np.ndarray, d_with: np.ndarray) -> np.ndarray:
+        """UF in the kernel's row-major layout, from the per-target and per-pair distances."""
+        if self.order is None:
+            return np.subtract(d_alone[:, None], d_with.reshape(-1, self.n_t).T, order="C")
+        values = np.empty(self.n)
+        values[self.order] = d_alone[self.target] - d_with
+        return values.reshape(self.n_t, -1)
+
+
+def _content_keys(targets: Sequence[Example], contexts: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
+    """One integer per distinct (prompt, response) over both lists, so that equal keys mark a self-pair."""
+    ids: dict[tuple[str, str], int] = {}
+    keys = [ids.setdefault((ex.prompt_text, ex.response), len(ids)) for ex in [*targets, *contexts]]
+    return np.array(keys[: len(targets)]), np.array(keys[len(targets):])
 
 
 def _group(sequences: list[tuple[list[int], list[int], int]]) -> _Group:

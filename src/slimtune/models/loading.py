@@ -15,6 +15,7 @@ named in a warning, discarded and built again (seconds for ``tiny``, half a minu
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -197,10 +198,24 @@ def _embedded_tokenizer():
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
+def device_for_rank(local_rank: int, gpus: int) -> torch.device:
+    """The device of the process with index ``local_rank`` on its machine: its own GPU, ``cuda:{local_rank}``
+    (wrapping round when processes outnumber GPUs), or the CPU on a machine without one."""
+    return torch.device("cuda", local_rank % gpus) if gpus > 0 else torch.device("cpu")
+
+
 def choose_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else this process's own device under ``accelerate launch`` / ``torchrun`` (one
+    process: GPU 0 or the CPU). Creating accelerate's ``PartialState`` here also sets up the process group,
+    so every later collective and every rank's model sees the same distributed state."""
     if device:
         return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # without cpu=True accelerate leaves a GPU-less process out of its torchrun launch (no gloo group)
+    cpu = torch.cuda.device_count() == 0 or parse_flag_from_env("ACCELERATE_USE_CPU")
+    return device_for_rank(PartialState(cpu=cpu).local_process_index, 0 if cpu else torch.cuda.device_count())
 
 
 def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
@@ -226,15 +241,35 @@ def load_tokenizer(name: str | os.PathLike | None = None):
 
 
 def load_model(name: str | os.PathLike | None = None, *, device: str | None = None,
-               dtype: str | torch.dtype | None = None):
-    """``(model, tokenizer)`` for a hub id, a local path, ``"smollm2"`` or ``"tiny"``; eval mode, on device."""
+               dtype: str | torch.dtype | None = None, device_map: str | None = None):
+    """``(model, tokenizer)`` for a hub id, a local path, ``"smollm2"`` or ``"tiny"``, in eval mode.
+
+    The weights load straight onto ``device`` (default: this process's own, :func:`choose_device`), never
+    first onto another one. ``device_map="auto"`` instead spreads a model too large for one GPU over every
+    GPU this process sees (accelerate's big-model placement): then run one process per machine.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
+    if device_map not in (None, "auto"):
+        raise ValueError(f"device_map must be 'auto' or None (one device per process); got {device_map!r}")
     torch_device = choose_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=choose_dtype(torch_device, dtype))
-    model.to(torch_device).eval()
+    placement = device_map or str(torch_device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=choose_dtype(torch_device, dtype),
+                                                 device_map=placement)
+    model.eval()
     tokenizer = load_tokenizer(path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def weights_fingerprint(model) -> str:
+    """A model's identity for cache keys: its name, dtype and a checksum of a few weights, so a model changed
+    in memory (fine-tuned, merged adapter) never reads another's cached results."""
+    h = hashlib.sha256(str(getattr(model, "name_or_path", type(model).__name__)).encode())
+    params = list(model.parameters())
+    h.update(str((len(params), sum(p.numel() for p in params), params[0].dtype)).encode())
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

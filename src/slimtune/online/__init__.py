@@ -13,6 +13,7 @@ POLICIES: dict[str, str] = {
     "big-loss": "slimtune.online.policies.baselines:BigLossPolicy",
     "grad-norm": "slimtune.online.policies.baselines:GradNormPolicy",
     "rho-loss": "slimtune.online.policies.baselines:RhoLossPolicy",
+    "loss-minus-init": "slimtune.online.policies.baselines:LossMinusInitPolicy",
     "infobatch": "slimtune.online.policies.infobatch:InfoBatchPolicy",
     "uds": "slimtune.online.policies.uds:UDSPolicy",
     "slap": "slimtune.online.policies.slap:SLAPPolicy",
@@ -20,7 +21,8 @@ POLICIES: dict[str, str] = {
 
 
 def policy_class(name: str) -> type[Policy]:
-    return load_registered(POLICIES, name, "online method")
+    """The method registered as ``name``, or a third-party :class:`Policy` dataclass named ``pkg.module:Class``."""
+    return load_registered(POLICIES, name, "online method", base=Policy)
 
 
 def get_policy(name: str, **params: Any) -> Policy:

@@ -106,6 +106,18 @@ class Policy(ABC):
         """Called with the chosen rows right after ``choose``, before the next candidate batch is scored
         (their backward follows; weights do not change inside an accumulation window): memories go here."""
 
+    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor] | None:
+        """Per-row summaries, (B, ...) each, from which ``choose_pooled`` can choose: what global selection
+        gathers across micro-batches and ranks. None (the default): the policy chooses per candidate batch."""
+        return None
+
+    def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
+        """Indices of the K rows to train among the pooled candidates (``row_features`` of every micro-batch
+        of the step on every rank, concatenated in rank then micro-batch order), most wanted first. Called on
+        every rank with the same features: it must choose the same rows and update memories the same way (it
+        is the whole step: there is no separate ``observe``)."""
+        raise NotImplementedError(f"policy '{self.name}' does not choose among pooled candidates")
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly (memories, running statistics)."""
         return {}
@@ -124,3 +136,10 @@ class TopKPolicy(Policy):
     def choose(self, batch: CandidateBatch, k: int) -> Tensor:
         self._last_scores = self.score(batch)
         return torch.topk(self._last_scores, min(k, len(batch))).indices
+
+    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor]:
+        return {"score": self.score(batch)}
+
+    def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
+        self._last_scores = features["score"]
+        return torch.topk(self._last_scores, min(k, len(self._last_scores))).indices

@@ -41,10 +41,10 @@ from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch
 from slimtune.online.policies.slap import RowFeatures, SLAPPolicy
 from slimtune.online.trainer import accepts_logits_to_keep, forward_signals, keep_count, logits_are_linear
+from slimtune.train import TrainResult, TrainSettings, train
 
 if TYPE_CHECKING:
     from slimtune.data.example import Example
-    from slimtune.train import TrainResult, TrainSettings
 
 LOG_NAME = "pruning_log.jsonl"
 
@@ -191,14 +191,15 @@ class PrunedTrainer(PruningMixin, Trainer):
 def train_pruned(examples: Sequence[Example], policy: SLAPPolicy | str = "slap", keep: float = 0.7, *,
                  model: str | None = None, settings: TrainSettings | None = None,
                  trainer_class: type[PruningMixin] = PrunedTrainer,
-                 trainer_kwargs: dict[str, Any] | None = None) -> TrainResult:
+                 trainer_kwargs: dict[str, Any] | None = None, training_args: Any = None,
+                 callbacks: Sequence[Any] | None = None) -> TrainResult:
     """Fine-tune as :func:`slimtune.train.train` does, every epoch on the ``keep`` share of ``examples`` that
     ``policy`` keeps when it scores the pool with the model as it is at that epoch's start.
 
     ``trainer_class``/``trainer_kwargs``: e.g. ``class X(PruningMixin, SelectiveTrainer)`` with
-    ``{"policy": "slap", "keep": 0.5}`` to select per step from the pruned epoch as well.
+    ``{"policy": "slap", "keep": 0.5}`` to select per step from the pruned epoch as well;
+    ``training_args``, ``callbacks``: the user's, as :func:`slimtune.train.train` takes them.
     """
-    from slimtune.train import train  # the training floor sits above online/; it is reached only from here
-
-    return train(examples, model=model, settings=settings, trainer_class=trainer_class,
+    return train(examples, model=model, settings=settings, training_args=training_args, callbacks=callbacks,
+                 trainer_class=trainer_class,
                  trainer_kwargs={"prune_policy": policy, "prune_keep": keep, **(trainer_kwargs or {})})

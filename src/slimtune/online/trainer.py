@@ -8,7 +8,7 @@ Per micro-batch (UDS, Zou et al. 2025, Algorithm 1, and every online baseline):
     chosen     <- policy.choose(candidates, K);  policy.observe(candidates[chosen])
     the Trainer's usual forward + backward on the chosen rows only
 
-K is ``keep`` x B when ``keep`` < 1 (rounded, at least 1) and ``keep`` rows when ``keep`` >= 1. The loss on
+K is ``keep`` x B when ``keep`` < 1 (rounded half up, at least 1) and ``keep`` rows when ``keep`` >= 1. The loss on
 the chosen rows is the Trainer's own loss on a batch of those rows: their response tokens' mean, exactly as
 for a plain batch of K, so learning rates tuned for batches of K carry over.
 
@@ -17,20 +17,37 @@ derives from a batch sees exactly the rows that are trained: the token count tha
 gradient accumulation, ``num_input_tokens_seen``, FLOPs and the logged loss. With gradient accumulation every
 micro-batch selects its own K independently (the weights do not change inside an accumulation window, so
 this is the same as selecting just before each micro-batch's backward); under DDP each rank selects from its
-own candidates, with no extra communication. The first ``warmup_steps`` optimiser steps train on whole
-candidate batches.
+own candidates, with no extra communication. With ``global_selection=True`` the K of an optimiser step are
+chosen once among the candidates of all its micro-batches on all ranks (from per-row features every rank
+gathers, so the choice and the policy's memory are the same everywhere) and re-collated from the training
+set into full micro-batches; one process with 16 candidates and two with 8 each choose the same rows. A
+failure in one rank's scoring step raises on every rank. The first ``warmup_steps`` optimiser steps train
+on whole candidate batches.
 
-Every candidate batch appends one JSON line to ``output_dir/selection_log.jsonl``
-(``selection_log.rank{r}.jsonl`` under DDP), flushed as it goes: the step, every candidate's index, id, loss
-and score, the chosen rows and their loss weights. The trainer counts ``examples_trained``,
-``tokens_trained`` (non-padding tokens of backpropagated rows), ``candidates_scored``, ``scoring_tokens`` and
-``scoring_seconds`` (scoring forward + policy), and writes them, summed over ranks, to
-``selection_summary.json``. Policy memories are saved with each checkpoint and restored on resume.
+Every candidate batch (every step, written by rank 0, under global selection) appends one JSON line to
+``output_dir/selection_log.jsonl`` (``selection_log.rank{r}.jsonl`` under DDP), flushed as it goes: the
+step, every candidate's index, id, loss and score, the chosen rows and their loss weights. The trainer
+counts ``examples_trained``, ``tokens_trained`` (non-padding tokens of backpropagated rows),
+``candidates_scored``, ``scoring_tokens`` and ``scoring_seconds`` (scoring forward + policy), and writes
+them, summed over ranks, to ``selection_summary.json``. Every training log line (``Trainer.log``, so whatever
+``report_to`` names sees it) carries this rank's ``selection/kept_share``, ``selection/scoring_seconds`` and
+``selection/chosen`` so far. Policy memories are saved with each checkpoint and restored on resume.
 
-With TRL: ``class SelectiveSFTTrainer(SelectionMixin, SFTTrainer): pass`` (the mixin first). Rows are
-identified by an ``example_index`` column when the collator keeps one (slimtune's
-``Collator(keep_index=True)`` does), otherwise by their position in the stream, which RHO-loss's reference
-table cannot use. Packed or padding-free batches cannot be selected from: selection needs a row per example.
+With TRL: ``class SelectiveSFTTrainer(SelectionMixin, SFTTrainer): pass`` (the mixin first). The mixin
+overrides no loss: the chosen rows reach the parent's ``training_step`` and ``compute_loss`` (TRL's metrics,
+``use_cache=False``, ``compute_loss_func`` and collectives included) as an ordinary, smaller batch. Per-row
+loss weights (InfoBatch's rescaling) ride on the batch and are applied by :func:`row_weighted_gradients` to
+each row's gradient at the model's last hidden state, which is the gradient of the weighted loss for every
+parameter below the output layer, whatever loss the parent computes (the logged loss stays unweighted). Rows
+are identified by their index in the training set: the mixin adds an ``example_index`` column where the data
+set lacks one and puts it back into batches whose collator drops unknown keys (TRL's); logged ids are the
+data set's ``id`` column (or its Examples' ids), else the index.
+
+Packed and padding-free batches are refused, not handled: selection scores and keeps whole rows, and a row
+that holds several examples (position ids restarting inside it, ``cu_seq_lens``) cannot be chosen alone. The
+trainer raises before the first step (TRL's ``packing``/``padding_free`` already at construction). A batch
+without an attention mask trains without one: the trainer never adds a mask, which would make the model
+attend across whatever the row holds; the scoring forward treats every token of such a row as real.
 """
 
 from __future__ import annotations
@@ -39,11 +56,13 @@ import dataclasses
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,14 +74,14 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from slimtune.data.tokenize import IGNORE_INDEX
-from slimtune.features.losses import score_losses, token_losses
+from slimtune.features.losses import score_losses
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch, Policy
+from slimtune.train import TrainResult, TrainSettings, train
 from slimtune.utils import atomic_write_bytes, write_json
 
 if TYPE_CHECKING:
     from slimtune.data.example import Example
-    from slimtune.train import TrainResult, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +92,140 @@ LOG_STEM = "selection_log"
 
 
 def keep_count(keep: float, candidates: int) -> int:
-    """K of a candidate batch of B: ``keep`` x B (rounded, at least 1) if ``keep`` < 1, else ``keep`` rows."""
+    """K of a candidate batch of B: ``keep`` x B (rounded half up, at least 1) if ``keep`` < 1, else ``keep``
+    rows. Half up, not Python's half-to-even: keep 0.25 of 10 keeps 3, as a user reading "a quarter" expects."""
     if keep <= 0:
         raise ValueError(f"keep must be a positive share (< 1) or count (>= 1), got {keep}")
-    k = round(keep * candidates) if keep < 1 else int(keep)
+    k = math.floor(keep * candidates + 0.5) if keep < 1 else int(keep)
     return min(candidates, max(1, k))
+
+
+PACKING_FLAGS = ("packing", "padding_free")
+
+
+def packing_refusal(batch: dict[str, Any]) -> str | None:
+    """Why ``batch`` is packed (several examples in one row), or None for one example per row."""
+    lengths = sorted(key for key in batch if key.startswith("cu_seq"))
+    if lengths:
+        return f"it carries {lengths}"
+    positions = batch.get("position_ids")
+    if positions is not None and positions.shape[1] > 1:
+        mask = batch.get("attention_mask")
+        restarts = positions[:, 1:] <= positions[:, :-1]
+        if mask is not None:
+            restarts &= mask[:, 1:].bool().to(restarts.device)
+        if restarts.any():
+            return "its position_ids restart inside a row"
+    return None
+
+
+def refuse_packing(reason: str) -> None:
+    raise ValueError(f"online selection chooses whole rows, one example each, but the training batch is packed "
+                     f"({reason}): a row holding several examples cannot be scored or chosen alone. Turn packing "
+                     "and padding-free batching off (TRL: SFTConfig(packing=False, padding_free=False)); "
+                     "slimtune's Collator pads one example per row.")
+
+
+ROW_WEIGHTS = "loss_weight"
+
+
+@contextmanager
+def row_weighted_gradients(model: torch.nn.Module, weights: Tensor | None) -> Iterator[None]:
+    """Within the block, each forward's row i passes back w_i times its gradient at the model's last hidden
+    state: the gradient of sum_i w_i loss_i for every parameter below the output layer, composed with any loss
+    the caller computes (rows do not interact in a causal LM's forward). An output layer that trains itself
+    would keep its unweighted gradient, so it is refused."""
+    if weights is None:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is not None and head.weight.requires_grad:
+        raise ValueError("per-row loss weights (InfoBatch's rescaling) are applied at the last hidden state, "
+                         "which leaves a trainable output layer's own gradient unweighted: freeze the LM head "
+                         "(LoRA does) or use a policy without row weights")
+
+    def weigh(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: grad * weights.to(grad).view(-1, *[1] * (grad.dim() - 1)))
+
+    handle = base.get_decoder().register_forward_hook(weigh)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def training_row_losses(model: torch.nn.Module, receive: Any | None) -> Iterator[None]:
+    """Within the block, each grad-enabled forward of ``model`` hands ``receive`` its rows' mean response
+    losses, read off the forward's own output (the logits, or the per-token log-probabilities of TRL's fused
+    head): the signal InfoBatch keeps, at no extra forward."""
+    if receive is None:
+        yield
+        return
+
+    def read(module, args, kwargs, output):
+        labels = kwargs.get("labels")
+        if not torch.is_grad_enabled() or labels is None:
+            return
+        logits = getattr(output, "logits", None)
+        if logits is not None:
+            receive(response_losses(logits.detach(), labels[:, labels.shape[1] - logits.shape[1]:]))
+        elif getattr(output, "log_probs", None) is not None:
+            mask = output.label_mask
+            receive(-(output.log_probs.detach() * mask).sum(1) / mask.sum(1).clamp_min(1))
+        else:
+            raise ValueError("the policy learns from the training forward's per-row losses, but the model's "
+                             "output has neither logits nor per-token log-probabilities")
+
+    handle = model.register_forward_hook(read, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class IndexKeepingCollator:
+    """A collator that puts each row's ``example_index`` back into the batch where the wrapped one drops
+    columns it does not know (TRL's ``DataCollatorForLanguageModeling`` does)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(rows)
+        if "example_index" not in batch and rows and "example_index" in rows[0]:
+            batch["example_index"] = torch.tensor([int(row["example_index"]) for row in rows])
+        return batch
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """A map-style data set whose rows also carry their position as ``example_index``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "example_index": i}
+
+
+def with_example_index(dataset):
+    """``dataset`` with an ``example_index`` column (a Hugging Face Dataset) or field (a map-style one)."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        if "example_index" in dataset.column_names:
+            return dataset
+        return dataset.add_column("example_index", list(range(len(dataset))))
+    if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0 \
+            or "example_index" in dataset[0]:
+        return dataset
+    return IndexedRows(dataset)
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -168,13 +316,30 @@ class SelectionMixin:
 
     ``policy``: a :class:`~slimtune.online.base.Policy` or a registered name (``get_policy``);
     ``keep``: a share of each candidate batch (< 1) or a count of rows (>= 1); the candidate batch is the
-    Trainer's ``per_device_train_batch_size``; ``warmup_steps``: optimiser steps of plain training first.
+    Trainer's ``per_device_train_batch_size``; ``warmup_steps``: optimiser steps of plain training first;
+    ``max_length``: training's token limit, for policies whose ``max_length`` is left unset (UDS's sketch); by
+    default TRL's ``args.max_length``, else the longest training row.
     """
 
     def __init__(self, *args: Any, policy: Policy | str, keep: float = 0.25, warmup_steps: int = 0,
-                 **kwargs: Any):
+                 max_length: int | None = None, global_selection: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.train_dataset = with_example_index(self.train_dataset)
+        self.data_collator = IndexKeepingCollator(self.data_collator)
+        column_names = getattr(self.train_dataset, "column_names", None) or ()
+        self._row_ids = list(self.train_dataset["id"]) if "id" in column_names else None
+        if getattr(self.policy, "requires_reference", False) and self.policy.reference_model is None:
+            raise ValueError(f"policy '{self.policy.name}' needs an irreducible-loss model trained on held-out "
+                             "rows the run never trains on: pass reference_model=..., or let train_online carve "
+                             "the held-out split and train it. The score against the model before training is "
+                             "policy 'loss-minus-init'.")
+        packing = [flag for flag in PACKING_FLAGS if getattr(self.args, flag, False)]
+        if packing:
+            refuse_packing(f"the arguments set {packing}")
+        if getattr(self.policy, "max_length", 0) is None:
+            self.policy.max_length = max_length or getattr(self.args, "max_length", None) or max(
+                len(self.train_dataset[i]["input_ids"]) for i in range(len(self.train_dataset)))
         unsupported = self.policy.needs() - COMPUTED_SIGNALS
         if unsupported:
             raise ValueError(f"policy '{self.policy.name}' needs {sorted(unsupported)}, which the scoring "
@@ -182,6 +347,12 @@ class SelectionMixin:
         keep_count(keep, 1)
         self.keep = keep
         self.warmup_steps = warmup_steps
+        self.global_selection = global_selection
+        if global_selection and (type(self.policy).row_features is Policy.row_features
+                                 or self.policy.sets_own_budget):
+            raise ValueError(f"policy '{self.policy.name}' chooses per candidate batch; global selection needs a "
+                             "policy with row_features and choose_pooled (uniform, big-loss, grad-norm, rho-loss, "
+                             "loss-minus-init, uds)")
         self.examples_trained = self.tokens_trained = self.candidates_scored = self.scoring_tokens = 0
         self.scoring_seconds = 0.0
         self._rows_streamed = 0
@@ -192,7 +363,75 @@ class SelectionMixin:
 
     # ---- the selection step -------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.global_selection and self.state.global_step >= self.warmup_steps:
+            batches = list(itertools.islice(epoch_iterator, num_batches))
+            return super().get_batch_samples(iter(self._select_globally(batches) if batches else []),
+                                             num_batches, device)
         return super().get_batch_samples(map(self._select, epoch_iterator), num_batches, device)
+
+    def _select_globally(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Global selection: the K rows of one optimiser step chosen among the candidates of all its
+        micro-batches on all ranks, the same on every rank, re-collated from the training set into full
+        micro-batches (K / (ranks x micro-batches) rows each, chosen rows in pooled order)."""
+        started = time.perf_counter()
+        local: list[tuple[Tensor, dict[str, Tensor], Tensor]] = []
+        failure = None
+        try:
+            for batch in batches:
+                batch = dict(batch)
+                if "example_index" not in batch:
+                    raise ValueError("global selection re-collates the chosen rows from the training set: the "
+                                     "batches must carry `example_index` (a map-style training set)")
+                index = batch.pop("example_index").cpu()
+                reason = packing_refusal(batch)
+                if reason:
+                    refuse_packing(reason)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+                ids, tasks = self._describe(index, True)
+                candidates = self._candidates({**batch, "attention_mask": mask}, index, ids, tasks, True)
+                features = self.policy.row_features(candidates)
+                local.append((index, {name: value.detach().cpu() for name, value in features.items()},
+                              candidates.loss.detach().float().cpu()))
+        except Exception as error:  # re-raised below, on every rank
+            failure = error
+        self._raise_on_every_rank(failure)
+        mine = (torch.cat([part[0] for part in local]),
+                {name: torch.cat([part[1][name] for part in local]) for name in local[0][1]},
+                torch.cat([part[2] for part in local]))
+        pooled = [mine]
+        if self.args.world_size > 1:
+            pooled = [None] * self.args.world_size
+            torch.distributed.all_gather_object(pooled, mine)
+        index = torch.cat([part[0] for part in pooled])
+        features = {name: torch.cat([part[1][name] for part in pooled]) for name in mine[1]}
+        parts = self.args.world_size * len(batches)
+        k = min(len(index), keep_count(self.keep, len(index)) if self.keep < 1 else int(self.keep) * parts)
+        if k < parts:
+            raise ValueError(f"global selection trains K={k} rows as {parts} micro-batches (ranks x gradient "
+                             "accumulation) of at least one row: raise keep")
+        chosen = self.policy.choose_pooled(features, k).cpu()
+        if len(set(chosen.tolist())) != len(chosen):
+            raise ValueError(f"policy '{self.policy.name}' chose a row twice: {chosen.tolist()}")
+        rows = index[chosen.sort().values]
+        self.scoring_seconds += time.perf_counter() - started
+        if self.args.process_index == 0:
+            ids = self._describe(index, True)[0]
+            scores = getattr(self.policy, "_last_scores", None)
+            self._write({"step": self.state.global_step, "index": index.tolist(), "ids": ids,
+                         "phase": "select-global", "loss": _floats(torch.cat([part[2] for part in pooled])),
+                         "scores": None if scores is None else _floats(scores), "chosen": rows.tolist(),
+                         "chosen_ids": self._describe(rows, True)[0]})
+        shares = torch.tensor_split(rows, parts)[self.args.process_index * len(batches):][:len(batches)]
+        # Rows by example_index, an index into the pool: a view over the pool (a pruned epoch's PrunedView, a
+        # torch Subset) holds pool rows at other positions, so read the pool under it.
+        pool = getattr(self.train_dataset, "dataset", self.train_dataset)
+        out = [self.data_collator([pool[i] for i in share.tolist()]) for share in shares]
+        for batch in out:
+            self.examples_trained += len(batch["input_ids"])
+            mask = batch.get("attention_mask")
+            self.tokens_trained += int(batch["input_ids"].numel() if mask is None else mask.sum())
+        return out
 
     def _select(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The chosen rows of one candidate batch, as a batch the Trainer trains on; logs and counts."""
@@ -202,7 +441,12 @@ class SelectionMixin:
         index = batch.pop("example_index").cpu() if from_dataset else \
             torch.arange(self._rows_streamed, self._rows_streamed + size)
         self._rows_streamed += size
-        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+        reason = packing_refusal(batch)
+        if reason:
+            refuse_packing(reason)
+        mask = batch.get("attention_mask")
+        if mask is None:  # every token is real; the batch itself stays without a mask (see the module's doc)
+            mask = torch.ones_like(batch["input_ids"])
         ids, tasks = self._describe(index, from_dataset)
         record: dict[str, Any] = {"step": self.state.global_step, "index": index.tolist(), "ids": ids}
         weights = None
@@ -211,14 +455,19 @@ class SelectionMixin:
             record["phase"] = "warmup"
         else:
             started = time.perf_counter()
-            candidates = self._candidates(batch, index, ids, tasks, from_dataset)
-            chosen = self.policy.choose(candidates, keep_count(self.keep, size)).cpu()
-            if len(chosen) == 0 or len(set(chosen.tolist())) != len(chosen):
-                raise ValueError(f"policy '{self.policy.name}' chose {chosen.tolist()}: "
-                                 "it must choose at least one row, each at most once")
-            weights = self.policy.weights(candidates)
-            scores = self.policy.scores(candidates)
-            self.policy.observe(candidates.subset(chosen))
+            failure = None
+            try:
+                candidates = self._candidates({**batch, "attention_mask": mask}, index, ids, tasks, from_dataset)
+                chosen = self.policy.choose(candidates, keep_count(self.keep, size)).cpu()
+                if len(chosen) == 0 or len(set(chosen.tolist())) != len(chosen):
+                    raise ValueError(f"policy '{self.policy.name}' chose {chosen.tolist()}: "
+                                     "it must choose at least one row, each at most once")
+                weights = self.policy.weights(candidates)
+                scores = self.policy.scores(candidates)
+                self.policy.observe(candidates.subset(chosen))
+            except Exception as error:  # re-raised below, on every rank
+                failure = error
+            self._raise_on_every_rank(failure)
             self.scoring_seconds += time.perf_counter() - started
             record.update(phase="select", loss=_floats(candidates.loss),
                           scores=None if scores is None else _floats(scores))
@@ -231,8 +480,29 @@ class SelectionMixin:
             record["weights"] = _floats(weights)
         self._write(record)
         self.examples_trained += len(rows)
-        self.tokens_trained += int(batch["attention_mask"][rows.to(batch["attention_mask"].device)].sum())
-        return self._rows(batch, rows, weights)
+        self.tokens_trained += int(mask[rows.to(mask.device)].sum())
+        out = self._rows(batch, mask, rows, weights)
+        if from_dataset:  # for a policy fed the training forward's losses (InfoBatch); the model never sees it
+            out["example_index"] = index[rows]
+        return out
+
+    def _raise_on_every_rank(self, failure: Exception | None) -> None:
+        """Raise ``failure`` here and an error naming it on every other rank: a rank left alone would wait
+        for the failed one in the backward's collective until the process group times out. One all-reduce of
+        a flag per step; the messages travel only when something failed."""
+        if self.args.world_size > 1:
+            flag = torch.tensor([float(failure is not None)], device=self.args.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+                messages: list[str | None] = [None] * self.args.world_size
+                torch.distributed.all_gather_object(
+                    messages, None if failure is None else f"{type(failure).__name__}: {failure}")
+                if failure is None:
+                    failed = "; ".join(f"rank {rank}: {message}" for rank, message in enumerate(messages)
+                                       if message is not None)
+                    raise RuntimeError(f"online selection failed on another rank, so this one stops too "
+                                       f"({failed})")
+        if failure is not None:
+            raise failure
 
     def _describe(self, index: Tensor, from_dataset: bool) -> tuple[list[str], list[str]]:
         """Ids and tasks of the rows: from the dataset's Examples (TokenizedDataset), else the indices."""
@@ -240,6 +510,8 @@ class SelectionMixin:
         if from_dataset and examples is not None:
             rows = [examples[i] for i in index.tolist()]
             return [ex.id for ex in rows], [ex.task for ex in rows]
+        if from_dataset and self._row_ids is not None:
+            return [str(self._row_ids[i]) for i in index.tolist()], ["default"] * len(index)
         return [str(i) for i in index.tolist()], ["default"] * len(index)
 
     def _candidates(self, batch: dict[str, Tensor], index: Tensor, ids: list[str], tasks: list[str],
@@ -289,10 +561,10 @@ class SelectionMixin:
         return model.get_output_embeddings().weight if self._head_is_linear else None
 
     @staticmethod
-    def _rows(batch: dict[str, Any], rows: Tensor, weights: Tensor | None) -> dict[str, Any]:
-        """The batch cut to ``rows`` (kept in data-loader order) and to the columns where they have tokens."""
+    def _rows(batch: dict[str, Any], mask: Tensor, rows: Tensor, weights: Tensor | None) -> dict[str, Any]:
+        """The batch cut to ``rows`` (kept in data-loader order) and to the columns where they have tokens
+        (``mask``: the real tokens)."""
         size, width = batch["input_ids"].shape
-        mask = batch["attention_mask"]
         picked = rows.to(mask.device)
         columns = mask[picked].any(0).nonzero().squeeze(1)
         span = slice(int(columns[0]), int(columns[-1]) + 1)
@@ -304,26 +576,35 @@ class SelectionMixin:
                     value = value[:, span]
             out[key] = value
         if weights is not None and not torch.all(weights == 1):
-            out["loss_weight"] = weights.to(mask.device)
+            out[ROW_WEIGHTS] = weights.to(mask.device)
         return out
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        weight = inputs.pop("loss_weight", None)
-        if weight is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        # Per-row weights (InfoBatch's rescaling) on the Trainer's token-sum loss, normalised as it does.
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        losses, mask = token_losses(outputs.logits, labels)
-        total = (losses.sum(1) * weight.to(losses.dtype)).sum()
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-            loss = total / num_items_in_batch
-            if self.args.average_tokens_across_devices:  # the token count was summed over ranks
-                loss = loss * self.accelerator.num_processes
-        else:
-            loss = total / mask.sum()
-        return (loss, outputs) if return_outputs else loss
+    def training_step(self, model, inputs, *args, **kwargs):
+        weights = inputs.pop(ROW_WEIGHTS, None)
+        index = inputs.pop("example_index", None)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        record = getattr(self.policy, "record_training_losses", None)
+        with row_weighted_gradients(unwrapped, weights), \
+                training_row_losses(unwrapped, None if record is None or index is None
+                                    else lambda losses: record(index, losses)):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # A policy that prunes whole epochs (InfoBatch) decides which rows the Trainer's data loader draws.
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not hasattr(self.policy, "sampler"):
+            return super()._get_train_sampler(train_dataset)
+        rows_per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps \
+            * self.args.world_size
+        epochs = math.ceil(self.args.num_train_epochs) if self.args.max_steps <= 0 else \
+            math.ceil(self.args.max_steps / math.ceil(len(dataset) / rows_per_step))
+        return self.policy.sampler(len(dataset), epochs, rows_per_step, self.args.device)
+
+    def _set_signature_columns_if_needed(self):
+        # The Trainer drops a Hugging Face Dataset's columns its model does not take; the index must stay.
+        super()._set_signature_columns_if_needed()
+        if "example_index" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "example_index"]
 
     def _prepare_inputs(self, inputs):
         # Evaluation batches from an index-keeping collator reach the model directly.
@@ -348,6 +629,17 @@ class SelectionMixin:
             write_json(Path(self.args.output_dir) / "selection_summary.json",
                        self.selection_summary(result.metrics.get("train_runtime")))
         return result
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Training log lines carry selection so far, so the user's loggers (TensorBoard, W&B, ...) plot it too.
+        if not any(key.startswith("eval_") for key in logs):
+            logs.update(self.selection_stats())
+        super().log(logs, *args, **kwargs)
+
+    def selection_stats(self) -> dict[str, float]:
+        """This rank's selection so far: the share of streamed rows kept, scoring seconds, rows chosen."""
+        return {"selection/kept_share": self.examples_trained / max(1, self._rows_streamed),
+                "selection/scoring_seconds": self.scoring_seconds, "selection/chosen": self.examples_trained}
 
     def selection_summary(self, train_seconds: float | None = None) -> dict[str, Any]:
         """The policy, its parameters and what the run cost: rows and tokens trained and scored."""
@@ -395,7 +687,7 @@ class SelectionMixin:
         """Restore the policy's memories and the counters; returns the checkpoint's step."""
         path = Path(checkpoint) / self._rank_name("selection_state", "pt")
         if path.exists():
-            state = torch.load(path)
+            state = torch.load(path, weights_only=True)  # plain tensors and numbers: no code unpickled
             self.policy.load_state_dict(state.pop("policy"))
             self._rows_streamed = state.pop("rows_streamed")
             for name, value in state.items():
@@ -418,6 +710,11 @@ class SelectionMixin:
         dataset = self.train_dataset
         reference = getattr(self.policy, "reference_model", None)
         digest = hashlib.sha256(json.dumps(reference).encode())
+        if reference is not None and Path(reference).exists():  # a folder retrained in place is another model
+            for file in sorted(Path(reference).rglob("*")):
+                if file.is_file():
+                    digest.update(f"{file.relative_to(reference)}:{file.stat().st_size}:"
+                                  f"{file.stat().st_mtime_ns}".encode())
         for i in range(len(dataset)):
             row = dataset[i]
             for name in ("input_ids", "labels"):
@@ -426,7 +723,7 @@ class SelectionMixin:
         path = Path(self.args.output_dir) / "ref_losses.pt"
         with self.args.main_process_first(desc="reference losses"):
             if path.exists():
-                cached = torch.load(path)
+                cached = torch.load(path, weights_only=True)
                 if cached["key"] == key:
                     return cached["loss"]
             # None: the model being trained, before training (train() calls this before any checkpoint loads)
@@ -449,13 +746,65 @@ class SelectiveTrainer(SelectionMixin, Trainer):
 
 def train_online(examples: Sequence[Example], policy: Policy | str, keep: float = 0.25, *,
                  model: str | None = None, settings: TrainSettings | None = None, warmup_steps: int = 0,
-                 trainer_class: type[SelectionMixin] = SelectiveTrainer) -> TrainResult:
+                 trainer_class: type[SelectionMixin] = SelectiveTrainer,
+                 holdout: Sequence[Example] | None = None, global_selection: bool = False,
+                 training_args: Any = None, callbacks: Sequence[Any] | None = None) -> TrainResult:
     """Fine-tune as :func:`slimtune.train.train` does, backpropagating the K = ``keep`` rows of every
     candidate batch of B = ``settings.batch_size`` that ``policy`` (a Policy or a registered name) chooses.
 
     ``trainer_class``: another :class:`SelectionMixin` trainer, e.g. one built on TRL's SFTTrainer.
+    ``holdout``: for RHO-loss without a ``reference_model``, the held-out rows its irreducible-loss model
+    trains on (none of them may be in ``examples``); by default the policy's ``holdout`` share of
+    ``examples``, drawn with the run's seed and removed from training. Their ids go to
+    ``output_dir/holdout_ids.json``. ``global_selection``: choose each optimiser step's K among the candidates
+    of all its micro-batches on all ranks (see :meth:`SelectionMixin._select_globally`).
+    ``training_args``, ``callbacks``: the user's, as :func:`slimtune.train.train` takes them.
     """
-    from slimtune.train import train  # the training floor sits above online/; it is reached only from here
+    settings = settings or TrainSettings()
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    if getattr(policy, "requires_reference", False) and policy.reference_model is None:
+        examples, held_out = split_holdout(examples, holdout, policy.holdout, settings.seed)
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(settings.output_dir) / "holdout_ids.json", [ex.id for ex in held_out])
+        policy = dataclasses.replace(policy, reference_model=str(irreducible_model(held_out, model, settings)))
+    return train(examples, model=model, settings=settings, training_args=training_args, callbacks=callbacks,
+                 trainer_class=trainer_class,
+                 trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps,
+                                 "max_length": settings.max_length, "global_selection": global_selection})
 
-    return train(examples, model=model, settings=settings, trainer_class=trainer_class,
-                 trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps})
+
+def split_holdout(examples: Sequence[Example], holdout: Sequence[Example] | None, share: float,
+                  seed: int) -> tuple[list[Example], list[Example]]:
+    """(rows to train on, held-out rows): ``holdout`` as given (refused if it shares an id with the pool), else
+    a seeded ``share`` of the pool."""
+    if holdout is not None:
+        shared = {ex.id for ex in holdout} & {ex.id for ex in examples}
+        if shared:
+            raise ValueError(f"{len(shared)} held-out rows are also in the training pool (e.g. "
+                             f"{sorted(shared)[:3]}): the irreducible-loss model must not see rows the run trains on")
+        return list(examples), list(holdout)
+    if not 0 < share < 1:
+        raise ValueError(f"holdout must be a share of the pool in (0, 1), got {share}")
+    count = max(1, math.floor(share * len(examples) + 0.5))
+    if count >= len(examples):
+        raise ValueError(f"a held-out share of {share} leaves nothing of {len(examples)} rows to train on")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:count])
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [ex for i, ex in enumerate(examples) if i in held])
+
+
+def irreducible_model(held_out: Sequence[Example], model: str | None, settings: TrainSettings) -> Path:
+    """RHO-LOSS's irreducible-loss model: ``model`` fine-tuned on the held-out rows with the run's settings, in
+    ``output_dir/irreducible``; reused when a previous run trained it on the same rows from the same model."""
+    from slimtune.data.example import pool_hash
+
+    folder = Path(settings.output_dir) / "irreducible"
+    own = dataclasses.replace(settings, output_dir=str(folder))
+    record = folder / "slimtune_train.json"
+    if (folder / "adapter").exists() and record.exists():
+        previous = json.loads(record.read_text())
+        if (previous["pool_hash"], previous["model"], previous["settings"]) == \
+                (pool_hash(list(held_out)), model, json.loads(json.dumps(dataclasses.asdict(own), default=str))):
+            return folder / "adapter"
+    return train(held_out, model=model, settings=own).adapter_dir

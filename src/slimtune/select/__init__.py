@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slimtune.select.base import Budget, Cost, Selection, Selector
+from slimtune.select.base import Budget, Cost, Selection, Selector, UnscoredRowsError
 from slimtune.utils import load_registered
 
 #: name -> "module:Class". Modules load lazily so a method's heavy imports cost nothing until it is used.
@@ -21,7 +21,8 @@ SELECTORS: dict[str, str] = {
 
 
 def selector_class(name: str) -> type[Selector]:
-    return load_registered(SELECTORS, name, "selection method")
+    """The method registered as ``name``, or a third-party :class:`Selector` dataclass named ``pkg.module:Class``."""
+    return load_registered(SELECTORS, name, "selection method", base=Selector)
 
 
 def get_selector(name: str, **params: Any) -> Selector:
@@ -30,4 +31,5 @@ def get_selector(name: str, **params: Any) -> Selector:
     return cls(**params)
 
 
-__all__ = ["SELECTORS", "Budget", "Cost", "Selection", "Selector", "get_selector", "selector_class"]
+__all__ = ["SELECTORS", "Budget", "Cost", "Selection", "Selector", "UnscoredRowsError", "get_selector",
+           "selector_class"]

@@ -25,10 +25,18 @@ with the target task itself. Each kernel is min-max scaled on its own, as the au
 
 Where we depart from the paper, and why:
 - sparse kernels (``sparse_k``, default 32 for DELIFT): each row gets a real utility only for its k nearest
-  candidates by sentence embedding, 0 elsewhere, so the kernel costs n * k forwards instead of n^2 (the
-  paper's dense kernel took 18.7 GPU-hours on MixInstruct). ``sparse_k=None`` is the paper's dense kernel,
-  and equals the sparse one when k >= n. DELIFT(SE) defaults to dense, as in the paper, since its dense
-  kernel is only a matrix product.
+  candidates by sentence embedding, so the kernel costs n * k forwards instead of n^2 (the paper's dense
+  kernel took 18.7 GPU-hours on MixInstruct). A pair never computed means "no effect" (utility 0, scaled
+  like any other 0, so a harmful neighbour counts for less than an unrelated row), and the objectives read
+  it as that value without densifying the kernel (:mod:`slimtune.features.utility`,
+  :mod:`slimtune.select.submodular`). ``sparse_k=None`` is the paper's dense kernel, and equals the sparse
+  one when k >= n. DELIFT(SE) defaults to dense, as in the paper, since its dense kernel is only a matrix
+  product, up to 5,000 columns (sparse above); its sparse form keeps each row's k most similar columns,
+  0 elsewhere. Neighbours are exact cosine neighbours, found once and stored for every process
+  (:mod:`slimtune.features.neighbours`).
+- self-pairs (an example shown as its own in-context example) are left out of the min-max range and
+  clipped to 1: their utility, the answer copied verbatim, would otherwise squeeze every real pair into a
+  narrow band (the authors' code scales the whole kernel, diagonal included).
 - budget: the authors keep 30% of the pool; slimtune's budget is the caller's, and 30% is the documented
   default for this method.
 
@@ -55,7 +63,8 @@ from slimtune.select.submodular import (
     FacilityLocation,
     FLConditionalGain,
     FLMutualInformation,
-    greedy_maximize,
+    GreedyToBudget,
+    greedy_scores,
 )
 
 OBJECTIVES = ("fl", "flmi", "flcg")
@@ -70,7 +79,7 @@ def _check(name: str, value, allowed: tuple) -> None:
 
 
 @dataclass
-class _FacilityLocationSelector(Selector):
+class _FacilityLocationSelector(GreedyToBudget, Selector):
     """What DELIFT and DELIFT(SE) share: the objectives, the greedy run and the scores; subclasses give
     the kernels (:meth:`_kernel`, rows x columns, unscaled)."""
 
@@ -92,10 +101,7 @@ class _FacilityLocationSelector(Selector):
     def select(self, pool: Sequence[Example], budget: Budget | float | int | str = DEFAULT_BUDGET, *,
                target: Sequence[Example] | None = None,
                existing: Sequence[Example] | None = None) -> Selection:
-        # Greedy runs to the budget, not the pool size: stochastic greedy's sample size depends on it, and the
-        # tail of a full greedy order (all gains zero) is the slowest part of lazy greedy.
-        self._picks = Budget.parse(budget).resolve(len(pool)) if pool else 0
-        return super().select(pool, budget, target=target, existing=existing)
+        return super().select(pool, budget, target=target, existing=existing)  # with the authors' default
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         others = {"fl": None, "flmi": target, "flcg": existing}[self.objective]
@@ -105,27 +111,27 @@ class _FacilityLocationSelector(Selector):
         pool = list(pool)
         embeddings = self._embed(pool + list(others or []), cost)
         pool_emb = None if embeddings is None else embeddings[:len(pool)]
-        S = self._kernel(pool, pool, pool_emb, pool_emb, cost, "pool").scaled().to_torch()
+        kernel = self._kernel(pool, pool, pool_emb, pool_emb, cost, "pool").scaled()
+        S, background = kernel.to_torch(), kernel.background
         if others is None:
-            objective = FacilityLocation(S)
+            objective = FacilityLocation(S, background=background)
         else:
-            aux = self._aux_kernel(pool, list(others), pool_emb,
-                                   None if embeddings is None else embeddings[len(pool):], cost)
-            objective = FLMutualInformation(S, aux, eta=self.eta) if self.objective == "flmi" \
-                else FLConditionalGain(S, aux, nu=self.nu)
+            aux, aux_background = self._aux_kernel(pool, list(others), pool_emb,
+                                                   None if embeddings is None else embeddings[len(pool):], cost)
+            objective = (FLMutualInformation(S, aux, eta=self.eta, background=background,
+                                             query_background=aux_background) if self.objective == "flmi"
+                         else FLConditionalGain(S, aux, nu=self.nu, background=background,
+                                                existing_background=aux_background))
         start = time.perf_counter()
-        order, gains = greedy_maximize(objective, getattr(self, "_picks", len(pool)), method=self.optimizer,
-                                       epsilon=self.epsilon, seed=self.seed)
-        scores = np.empty(len(pool))
-        scores[order] = gains
-        rest = np.setdiff1d(np.arange(len(pool)), order)
-        scores[rest] = objective.marginal_gains(torch.from_numpy(rest)).cpu().numpy()
+        scores, order = greedy_scores(objective, self.greedy_picks(len(pool)), method=self.optimizer,
+                                      epsilon=self.epsilon, seed=self.seed)
         cost.details["greedy_seconds"] = time.perf_counter() - start
         return scores, order
 
-    def _aux_kernel(self, pool, others, pool_emb, others_emb, cost: Cost) -> torch.Tensor:
-        """S_Q or S_P (pool x others), scaled."""
-        return self._kernel(pool, others, pool_emb, others_emb, cost, self.objective).scaled().to_torch()
+    def _aux_kernel(self, pool, others, pool_emb, others_emb, cost: Cost) -> tuple[torch.Tensor, float]:
+        """S_Q or S_P (pool x others), scaled, and the value of its missing entries."""
+        kernel = self._kernel(pool, others, pool_emb, others_emb, cost, self.objective).scaled()
+        return kernel.to_torch(), kernel.background
 
     @abstractmethod
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
@@ -160,6 +166,7 @@ class DeliftSelector(_FacilityLocationSelector):
     cache: bool = True
     cache_dir: str | None = None
     dtype: str | None = None
+    device_map: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -170,7 +177,8 @@ class DeliftSelector(_FacilityLocationSelector):
         if getattr(self, "_loaded", None) is None:
             from slimtune.models import load_model
 
-            model, tokenizer = load_model(self.model, device=self.device, dtype=self.dtype)
+            model, tokenizer = load_model(self.model, device=self.device, dtype=self.dtype,
+                                          device_map=self.device_map)
             self._loaded = InContextUtility(model, tokenizer, distance=self.distance,
                                             max_text_tokens=self.max_text_tokens,
                                             batch_tokens=self.batch_tokens, cache=self._store_root())
@@ -184,16 +192,18 @@ class DeliftSelector(_FacilityLocationSelector):
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
         if self.sparse_k is None:
             return None
-        from slimtune.features.embeddings import minilm_embeddings
+        from slimtune.features.embeddings import stored_minilm_embeddings
 
-        return minilm_embeddings(examples, device=self.device)
+        return stored_minilm_embeddings(examples, device=self.device)
 
     def _kernel(self, rows, cols, row_emb, col_emb, cost: Cost, name: str) -> UtilityMatrix:
-        from slimtune.features.embeddings import knn
+        from slimtune.features.neighbours import nearest_neighbours, require_dense_fits
 
         neighbours = None
         if self.sparse_k is not None and self.sparse_k < len(cols):
-            neighbours = knn(row_emb, col_emb, self.sparse_k, device=self.device)[1].numpy()
+            neighbours = nearest_neighbours(row_emb, col_emb, self.sparse_k, cache=self._store_root())[1].numpy()
+        else:  # float64 kernel values and two float64 temporaries while they are min-max scaled
+            require_dense_fits(len(rows), len(cols), bytes_per_entry=24)
         kernel = self._utility().kernel(rows, cols, neighbours=neighbours)
         cost.forward_tokens += kernel.stats["model_tokens"]
         for key in ("pairs_scored", "model_tokens", "padded_tokens", "seconds", "blocks_from_cache"):
@@ -202,10 +212,11 @@ class DeliftSelector(_FacilityLocationSelector):
             f"sparse-{neighbours.shape[1]}"
         return kernel
 
-    def _aux_kernel(self, pool, others, pool_emb, others_emb, cost: Cost) -> torch.Tensor:
+    def _aux_kernel(self, pool, others, pool_emb, others_emb, cost: Cost) -> tuple[torch.Tensor, float]:
         if self.query_direction == "query-in-context":
             return super()._aux_kernel(pool, others, pool_emb, others_emb, cost)
-        return self._kernel(others, pool, others_emb, pool_emb, cost, self.objective).scaled().to_torch().t()
+        kernel = self._kernel(others, pool, others_emb, pool_emb, cost, self.objective).scaled()
+        return kernel.to_torch().t(), kernel.background
 
     def count_tokens(self, pool: Sequence[Example], *, target: Sequence[Example] | None = None,
                      existing: Sequence[Example] | None = None) -> TokenCount:
@@ -228,26 +239,30 @@ class DeliftSelector(_FacilityLocationSelector):
 class DeliftSESelector(_FacilityLocationSelector):
     """DELIFT(SE): the same objectives over the sentence-embedding kernel (cos + 1) / 2 (all-MiniLM-L6-v2;
     the text is the prompt then the response, or the prompt alone with ``prompt_only``), min-max scaled like
-    every DELIFT kernel (the authors' selection code rescales whatever kernel it gets). Dense by default;
-    ``sparse_k`` keeps each row's k most similar columns, for pools whose n x n kernel would not fit."""
+    every DELIFT kernel (the authors' selection code rescales whatever kernel it gets). Dense by default up to
+    5,000 columns and sparse with 32 neighbours above (:func:`~slimtune.features.neighbours.sparse_width`);
+    ``sparse_k`` keeps each row's k most similar columns whatever the size."""
 
     name: ClassVar[str] = "delift-se"
     prompt_only: bool = False
 
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor:
-        from slimtune.features.embeddings import minilm_embeddings
+        from slimtune.features.embeddings import stored_minilm_embeddings
 
         start = time.perf_counter()
-        embeddings = minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device)
+        embeddings = stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device)
         cost.details["embedding_seconds"] = time.perf_counter() - start
         return embeddings
 
     def _kernel(self, rows, cols, row_emb, col_emb, cost: Cost, name: str) -> UtilityMatrix:
-        from slimtune.features.embeddings import cosine_kernel, knn
+        from slimtune.features.embeddings import cosine_kernel
+        from slimtune.features.neighbours import nearest_neighbours, require_dense_fits, sparse_width
 
-        if self.sparse_k is None or self.sparse_k >= len(cols):
+        k = sparse_width(len(cols), self.sparse_k)
+        if k is None:  # the kernel, and two float32 temporaries while it is min-max scaled
+            require_dense_fits(len(rows), len(cols), bytes_per_entry=12)
             return UtilityMatrix(cosine_kernel(row_emb, col_emb, device=self.device).numpy(), None, len(cols))
-        cosines, indices = knn(row_emb, col_emb, self.sparse_k, device=self.device)
+        cosines, indices = nearest_neighbours(row_emb, col_emb, k)
         return UtilityMatrix(((cosines + 1) / 2).numpy(), indices.numpy(), len(cols))
 
 

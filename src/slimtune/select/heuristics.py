@@ -1,8 +1,9 @@
 """Single-score baselines users compare every method against: random, length, loss / perplexity and IFD.
 
 Length, loss and IFD record the raw quantity (tokens, loss, IFD) as each example's manifest score and return
-their own keep order, so ``keep="shortest"`` or ``"lowest"`` needs no negated scores. Rows that cannot be
-scored (no response token left within ``max_length``) get no score and go last.
+their own keep order, so ``keep="shortest"`` or ``"lowest"`` needs no negated scores. Rows longer than
+``max_length`` lose the start of their prompt, as in training; a row that still cannot be scored gets no
+score and goes last (and :meth:`Selector.select` refuses to keep it unless told to).
 
 The response y is an example's last assistant turn and its prompt x is everything before it, as in the
 papers' (x, y) notation; earlier assistant turns of a dialogue are context, not scored.
@@ -10,6 +11,7 @@ papers' (x, y) notation; earlier assistant turns of a dialogue are context, not 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,8 +19,9 @@ from typing import ClassVar
 import numpy as np
 
 from slimtune.data.example import Example
-from slimtune.data.tokenize import IGNORE_INDEX, encode_example, last_turn_only
+from slimtune.data.tokenize import IGNORE_INDEX, EncodeStats, encode_example, last_turn_only
 from slimtune.features.losses import score_rows
+from slimtune.features.store import FeatureStore
 from slimtune.select.base import Cost, Selector
 
 
@@ -81,22 +84,31 @@ class LengthSelector(Selector):
 
 @dataclass
 class _ResponseLossSelector(Selector):
-    """What loss and IFD share: the model, and one batched pass scoring each row's mean response loss."""
+    """What loss and IFD share: the model, and one batched pass scoring each row's mean response loss.
+
+    Losses are computed ``shard_rows`` rows at a time through a keyed feature store (under the slimtune cache):
+    under ``accelerate launch`` / ``torchrun`` each process scores its share of the shards and every process
+    reads them all, and a repeated or interrupted run reuses the shards already stored.
+    """
 
     model: str = "smollm2"
     batch_size: int = 8
     max_length: int = 512
+    shard_rows: int = 1024
     device: str | None = None
+    device_map: str | None = None
 
     def _load(self):
         from slimtune.models import load_model
 
-        return load_model(self.model, device=self.device)
+        return load_model(self.model, device=self.device, device_map=self.device_map)
 
     def _score_rows(self, model, tokenizer, rows: list[dict[str, list[int]]], cost: Cost) -> np.ndarray:
         """Mean loss over each row's labelled tokens (NaN for rows with none)."""
         losses = np.full(len(rows), np.nan)
         scored = [i for i, r in enumerate(rows) if any(t != IGNORE_INDEX for t in r["labels"])]
+        for i in sorted(set(range(len(rows))) - set(scored)):
+            cost.unscored[i] = f"no response token within max_length={self.max_length}"
         if not scored:
             return losses
         loss, _ = score_rows(model, [rows[i] for i in scored], pad_token_id=tokenizer.pad_token_id,
@@ -105,15 +117,26 @@ class _ResponseLossSelector(Selector):
         cost.forward_tokens += sum(len(rows[i]["input_ids"]) for i in scored)
         return losses
 
-    def _conditioned_rows(self, pool: Sequence[Example], tokenizer) -> list[dict[str, list[int]]]:
-        """Each example as trained (chat template), labels on y only, cut to ``max_length`` tokens."""
-        rows = []
-        for ex in pool:
-            # y is located before cutting: once cut, the last labelled turn may be an earlier one
-            row = encode_example(ex, tokenizer)
-            labels = last_turn_only(row["labels"])
-            rows.append({"input_ids": row["input_ids"][:self.max_length], "labels": labels[:self.max_length]})
-        return rows
+    def _stored_losses(self, model, tokenizer, named_rows: dict[str, list[dict[str, list[int]]]],
+                       cost: Cost) -> dict[str, np.ndarray]:
+        """:meth:`_score_rows` of each list of rows (all of one length), shard by shard through the store."""
+        from slimtune.models import weights_fingerprint
+
+        n = len(next(iter(named_rows.values())))
+        key = {"kind": "response-losses", "version": 1, "model": weights_fingerprint(model),
+               "rows": _rows_digest(named_rows), "batch_size": self.batch_size, "shard_rows": self.shard_rows}
+        store = FeatureStore.keyed(key)
+        store.fill(list(named_rows), n, self.shard_rows, lambda lo, hi: {
+            name: self._score_rows(model, tokenizer, rows[lo:hi], cost)[:, None]
+            for name, rows in named_rows.items()})
+        return {name: np.asarray(store.open(name, n))[:, 0] for name in named_rows}
+
+    def _conditioned_rows(self, pool: Sequence[Example], tokenizer, cost: Cost) -> list[dict[str, list[int]]]:
+        """Each example as trained (chat template, cut from the left to ``max_length``), labels on y only."""
+        stats = EncodeStats()
+        rows = [encode_example(ex, tokenizer, self.max_length, stats) for ex in pool]
+        cost.details["encode"] = stats.summary()
+        return [{"input_ids": row["input_ids"], "labels": last_turn_only(row["labels"])} for row in rows]
 
 
 @dataclass
@@ -136,7 +159,8 @@ class LossSelector(_ResponseLossSelector):
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         model, tokenizer = self._load()
-        losses = self._score_rows(model, tokenizer, self._conditioned_rows(pool, tokenizer), cost)
+        losses = self._stored_losses(model, tokenizer, {"conditioned": self._conditioned_rows(pool, tokenizer, cost)},
+                                     cost)["conditioned"]
         values = np.exp(losses) if self.metric == "perplexity" else losses
         return values, _keep_order(values, self.keep)
 
@@ -168,15 +192,26 @@ class IFDSelector(_ResponseLossSelector):
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         model, tokenizer = self._load()
-        conditioned = self._conditioned_rows(pool, tokenizer)
+        conditioned = self._conditioned_rows(pool, tokenizer, cost)
         alone = [_response_alone(ex, tokenizer, sum(t != IGNORE_INDEX for t in row["labels"]))
                  for ex, row in zip(pool, conditioned)]
-        with_x = self._score_rows(model, tokenizer, conditioned, cost)
-        without_x = self._score_rows(model, tokenizer, alone, cost)
-        ifd = with_x / without_x
+        losses = self._stored_losses(model, tokenizer, {"conditioned": conditioned, "alone": alone}, cost)
+        ifd = losses["conditioned"] / losses["alone"]
         above = ifd > 1
         cost.details["ifd_above_one"] = int(above.sum())
         return ifd, _keep_order(ifd, self.keep, demoted=above if self.drop_above_one else None)
+
+
+def _rows_digest(named_rows: dict[str, list[dict[str, list[int]]]]) -> str:
+    """A hash of tokenised rows (names, ids and labels in order): the rows part of a loss store's key."""
+    h = hashlib.sha256()
+    for name, rows in named_rows.items():
+        h.update(name.encode())
+        for row in rows:
+            for field in ("input_ids", "labels"):
+                h.update(np.asarray(row[field], dtype=np.int64).tobytes())
+                h.update(b"|")
+    return h.hexdigest()[:20]
 
 
 def _response_alone(example: Example, tokenizer, n_tokens: int) -> dict[str, list[int]]:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from slimtune.data.example import Example
-from slimtune.features.embeddings import knn, minilm_embeddings, model_embeddings
+from slimtune.features.embeddings import knn, model_embeddings, stored_embeddings, stored_minilm_embeddings
 from slimtune.models import choose_device
 from slimtune.select.base import Budget, Cost, Selection, Selector
 
@@ -49,7 +49,8 @@ class KCenterSelector(Selector):
     The first pick is seeded; with ``existing`` examples, they are the initial centres instead (the core-set
     setting), so the picks fill what they leave uncovered. Scores are the pick order (higher = earlier); rows
     left out follow in order of their distance to the chosen set, farthest first, so the manifest ranks every
-    row by how much it would add next.
+    row by how much it would add next. Embeddings are stored and, under a launcher, computed a share per process
+    (:func:`~slimtune.features.embeddings.stored_embeddings`); every process then runs the same greedy.
     """
 
     name: ClassVar[str] = "kcenter"
@@ -59,7 +60,9 @@ class KCenterSelector(Selector):
     seed: int = 0
     batch_size: int = 8
     max_length: int = 512
+    shard_rows: int = 4096
     device: str | None = None
+    device_map: str | None = None
 
     def __post_init__(self):
         if self.embedding not in ("minilm", "model"):
@@ -91,11 +94,18 @@ class KCenterSelector(Selector):
 
     def _embed(self, examples: list[Example], cost: Cost) -> Tensor:
         if self.embedding == "minilm":
-            return minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device)
-        from slimtune.models import load_model
+            return stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device,
+                                            shard_rows=self.shard_rows)
+        from slimtune.models import load_model, weights_fingerprint
 
-        model, tokenizer = load_model(self.model, device=self.device)
-        embeddings, tokens = model_embeddings(model, tokenizer, examples, prompt_only=self.prompt_only,
-                                              batch_size=self.batch_size, max_length=self.max_length)
-        cost.forward_tokens += tokens
-        return embeddings
+        model, tokenizer = load_model(self.model, device=self.device, device_map=self.device_map)
+
+        def embed(part: Sequence[Example]) -> Tensor:
+            embeddings, tokens = model_embeddings(model, tokenizer, part, prompt_only=self.prompt_only,
+                                                  batch_size=self.batch_size, max_length=self.max_length)
+            cost.forward_tokens += tokens
+            return embeddings
+
+        return stored_embeddings(examples, embed, {
+            "model": weights_fingerprint(model), "prompt_only": self.prompt_only, "batch_size": self.batch_size,
+            "max_length": self.max_length}, shard_rows=self.shard_rows)

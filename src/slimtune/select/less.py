@@ -10,7 +10,8 @@ Algorithm (the paper's box, in slimtune's terms)::
            Gamma_c(z) = m'/sqrt(v' + eps),  m' = b1 m_c + (1 - b1) g,  v' = b2 v_c + (1 - b2) g^2
            f_c(z) = P Gamma_c(z) / ||P Gamma_c(z)||          (P: seeded random projection to d = 8192)
     3. for every checkpoint c and target example z':  f_c(z') = P g / ||P g||   (plain SGD gradient)
-    4. Inf(z, D_val^(j)) = sum_c w_c cos(f_c(z), f_c(D_val^(j))),   w_c = mean lr of epoch c / sum of them
+    4. Inf(z, D_val^(j)) = mean_{z' in D_val^(j)} sum_c w_c cos(f_c(z), f_c(z')),
+                                                          w_c = mean lr of epoch c / sum of them
        score(z) = max_j Inf(z, D_val^(j))
     5. keep the k highest scores (the paper keeps 5%; here whatever budget is asked)
 
@@ -20,12 +21,16 @@ example and checkpoint, here taken a batch at a time (:mod:`slimtune.features.gr
 
 Where the paper and the authors' code (princeton-nlp/LESS) differ, and what this module does:
 
-- subtask similarity. The paper takes the cosine with the subtask's gradient, the gradient of the subtask's
-  mean loss: P of the mean of the unnormalised target gradients. The code averages the per-example cosines
-  (``matching.py``: scores reshaped to (n, subtasks, examples), mean, then max). ``aggregate="mean-gradient"``
-  (default, the paper's intent) or ``"mean-cosine"`` (the code's). They differ when a subtask's target
-  gradients disagree: the mean gradient lets a strong shared direction dominate, mean cosine gives each
-  target example one vote.
+- subtask similarity. The code (``matching.py``, which produced the published numbers) takes, at every
+  checkpoint, the inner products of the normalised train features with each normalised target feature,
+  sums them over checkpoints weighted by w_c, averages over a subtask's target rows and takes the max over
+  subtasks: the mean of per-example cosines. The paper writes the cosine with the subtask's gradient, the
+  gradient of the subtask's mean loss: P of the mean of the unnormalised target gradients.
+  ``aggregate="mean-cosine"`` (default) is the code's; ``"mean-gradient"`` the paper's formula, kept as an
+  option. We default to the code because the mean gradient weights each target row by its gradient norm, so
+  one target example with a large per-token loss gradient (short, or badly predicted) sets the subtask's
+  direction alone, which is the length bias that normalising the features removes everywhere else; mean
+  cosine gives each target example one vote.
 - Adam moments. The code reads FSDP's name-keyed ``optimizer.bin`` and hard-codes betas (0.9, 0.999) and
   eps 1e-8; here a Trainer's integer-keyed ``optimizer.pt`` is mapped to names and betas/eps come from the
   checkpoint (the same numbers for the Trainer's default AdamW).
@@ -34,6 +39,20 @@ Where the paper and the authors' code (princeton-nlp/LESS) differ, and what this
 - projection. The paper's dense Rademacher matrix needs TRAK's CUDA kernel; ``projector="sparse"`` (default)
   is a sparse JL transform with the same mean and variance of every inner product at O(D) instead of
   O(D d) per example, which makes CPU runs possible. ``projector="rademacher"`` is the paper's (use a GPU).
+- beyond the paper, ``diverse=True`` (TSDS's argument, Liu et al. 2024: a targeted subset should also be
+  diverse, since top-k by relevance takes every near-duplicate of the best row): instead of step 5, greedy
+  facility-location mutual information (:mod:`slimtune.select.submodular`),
+
+       I(A; Q) = sum_{z in D} min( max_{z' in A} K(z, z'),  r(z) ),
+       K(z, z') = max(0, sum_c w_c cos(f_c(z), f_c(z')))     (the LESS cosine between two pool rows),
+       r(z)     = the subtask similarities of step 4, min-max scaled over the pool to [0, 1],
+
+  so a pick covers the pool rows its gradient resembles, each only up to that row's own relevance: once a
+  cluster of near-duplicates is represented, its other members add nothing and the next pick goes where
+  relevant rows are still uncovered. K keeps each pool row's ``diverse_k`` most similar rows (0 elsewhere,
+  read chunk by chunk from the feature stores: memory n * diverse_k, never n x n; time O(n^2 d) for the
+  similarities). r is scaled because the train-target cosines are small next to train-train ones, and a cap
+  far below K would let any pick cover any row. Scores in the manifest are then the greedy's marginal gains.
 - without warm-up (``warmup=False``, the paper's "pre-trained model" ablation) there are no Adam moments:
   training features are plain gradients too, taken w.r.t. a freshly initialised LoRA (whose zero B factor
   makes the A gradients zero, so the B gradients, a random sketch of the base weights' gradients, decide).
@@ -46,7 +65,7 @@ for long examples. Features are stored in float16, as the authors did.
 Warm-up runs and feature stores are cached under ``cache_dir`` (default ``slimtune.models.cache_dir()``) by
 a key of everything that determines them, so a repeated selection reuses both and a killed one resumes at
 the first missing shard. Under ``torchrun`` the warm-up runs as the Trainer's distributed training and each
-rank extracts its share of the feature shards.
+rank extracts and scores its share of the feature shards; the per-row similarities are merged for the top-k.
 """
 
 from __future__ import annotations
@@ -74,11 +93,20 @@ from slimtune.features.gradients import (
     load_adam_moments,
 )
 from slimtune.features.projection import make_projector
-from slimtune.features.store import FeatureStore, chunked_matmul, distributed_rank_world, key_digest
+from slimtune.features.store import (
+    FeatureStore,
+    chunked_matmul,
+    chunked_matmul_topk,
+    key_digest,
+)
 from slimtune.models import LoraSettings, apply_lora, cache_dir, load_model, load_tokenizer
 from slimtune.select.base import Cost, Selector
+from slimtune.select.submodular import FLMutualInformation, GreedyToBudget, greedy_scores
+from slimtune.train import TrainSettings, train
 
 AGGREGATES = ("mean-gradient", "mean-cosine")
+#: Feature values one side of a LESS-kernel block holds (64 MB of float32): rows = this / (checkpoints x d).
+_KERNEL_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -91,8 +119,10 @@ class Checkpoint:
 
 
 @dataclass
-class LessSelector(Selector):
-    """LESS (see the module docstring for the algorithm and every choice made)."""
+class LessSelector(GreedyToBudget, Selector):
+    """LESS (see the module docstring for the algorithm and every choice made). ``diverse``: pick by
+    facility-location mutual information over the LESS kernel (each row's ``diverse_k`` nearest rows)
+    instead of the top scores."""
 
     name: ClassVar[str] = "less"
     needs_target: ClassVar[bool] = True
@@ -114,25 +144,30 @@ class LessSelector(Selector):
     max_length: int = 512
     projector: str = "sparse"
     proj_dim: int = 8192
-    aggregate: str = "mean-gradient"
+    aggregate: str = "mean-cosine"
+    diverse: bool = False
+    diverse_k: int = 32
     grad_batch_size: int = 8
     shard_rows: int = 256
     chunk_rows: int = 8192
     feature_dtype: str = "float16"
     cache_dir: str | None = None
     device: str | None = None
+    device_map: str | None = None
     seed: int = 0
 
     def __post_init__(self):
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}; got {self.aggregate!r}")
+        if self.diverse_k < 1:
+            raise ValueError(f"diverse_k must be >= 1, got {self.diverse_k}")
         if not 0 < self.warmup_fraction <= 1:
             raise ValueError(f"warmup_fraction must be in (0, 1], got {self.warmup_fraction}")
         make_projector(self.projector, self.proj_dim, self.seed)  # fail early on an unknown projector
 
     # -- the algorithm -------------------------------------------------------------------------------------
     def score(self, pool: Sequence[Example], *, target: Sequence[Example] | None = None,
-              existing: Sequence[Example] | None = None, cost: Cost) -> np.ndarray:
+              existing: Sequence[Example] | None = None, cost: Cost) -> np.ndarray | tuple[np.ndarray, list[int]]:
         tokenizer = load_tokenizer(self.model)
         pool_data = TokenizedDataset(pool, tokenizer, self.max_length)
         target_data = TokenizedDataset(target, tokenizer, self.max_length)
@@ -143,15 +178,37 @@ class LessSelector(Selector):
         checkpoints = self._checkpoints(pool, cost, details)                          # step 1
         subtasks = _subtask_rows(target_data.examples)
         per_subtask = torch.zeros(len(pool_data), len(subtasks))
+        pool_stores = []
         for checkpoint in checkpoints:
             stores = self._features(checkpoint, pool_data, target_data, cost, details)  # steps 2-3
             per_subtask += checkpoint.weight * self._similarity(*stores, subtasks, len(pool_data),
                                                                 len(target_data))  # step 4
-        scores = np.full(len(pool), np.nan)
-        scores[_positions(pool, pool_data.examples)] = per_subtask.max(dim=1).values.numpy()
+            pool_stores.append(stores[0])
         cost.details["less"] = {**details, "subtasks": list(subtasks), "checkpoints": [
             {"path": str(c.path), "weight": c.weight} for c in checkpoints]}
-        return scores
+        positions = np.array(_positions(pool, pool_data.examples), dtype=np.int64)
+        scores = np.full(len(pool), np.nan)
+        if not self.diverse:
+            scores[positions] = per_subtask.max(dim=1).values.numpy()
+            return scores                                                                   # step 5
+        weights = [c.weight for c in checkpoints]
+        kept_scores, order = self._diverse(pool_stores, weights, per_subtask, len(pool_data))
+        scores[positions] = kept_scores
+        return scores, positions[order].tolist()
+
+    def _diverse(self, pool_stores: list[FeatureStore], weights: list[float], per_subtask: torch.Tensor,
+                 n_pool: int) -> tuple[np.ndarray, list[int]]:
+        """Greedy FLMI over the pool's LESS kernel, capped by each row's scaled relevance (module docstring)."""
+        features = _WeightedFeatures([s.open(FEATURES, n_pool) for s in pool_stores], weights)
+        rows = max(1, _KERNEL_CHUNK_ELEMENTS // features.width)  # both sides of a block are read in float32
+        neighbours = [chunked_matmul_topk(features, features[lo:lo + rows], self.diverse_k, chunk_rows=rows)
+                      for lo in range(0, n_pool, rows)]
+        similarity = torch.cat([values for values, _ in neighbours]).clamp_(min=0)
+        kernel = (torch.cat([indices for _, indices in neighbours]), similarity)
+        lo, hi = per_subtask.min(), per_subtask.max()
+        relevance = (per_subtask - lo) / (hi - lo) if hi > lo else torch.ones_like(per_subtask)
+        objective = FLMutualInformation(kernel, relevance)
+        return greedy_scores(objective, self.greedy_picks(n_pool))
 
     def _similarity(self, pool_store: FeatureStore, target_store: FeatureStore,
                     subtasks: dict[str, list[int]], n_pool: int, n_target: int) -> torch.Tensor:
@@ -162,12 +219,26 @@ class LessSelector(Selector):
             norms = torch.from_numpy(np.asarray(target_store.open(NORMS, n_target), dtype=np.float32))
             grads = targets * norms.unsqueeze(1)
             queries = F.normalize(torch.stack([grads[rows].mean(0) for rows in subtasks.values()]), dim=1)
-            return chunked_matmul(pool_store.open(FEATURES, n_pool), queries, chunk_rows=self.chunk_rows)
+            return self._pool_products(pool_store, n_pool, queries)
         means = torch.zeros(n_target, len(subtasks))  # column j averages the cosines with subtask j's rows
         for j, rows in enumerate(subtasks.values()):
             means[rows, j] = 1 / len(rows)
-        return chunked_matmul(pool_store.open(FEATURES, n_pool), targets, chunk_rows=self.chunk_rows,
-                              reduce=lambda block: block @ means)
+        return self._pool_products(pool_store, n_pool, targets, means)
+
+    def _pool_products(self, pool_store: FeatureStore, n_pool: int, queries: torch.Tensor,
+                       mix: torch.Tensor | None = None) -> torch.Tensor:
+        """(pool features @ queries.T) @ mix for every pool row. Each process multiplies its own shards of the
+        pool (those it extracted) and stores the few columns per row beside the features; every process
+        then reads those n small rows, never every feature shard."""
+        digest = hashlib.sha256(queries.numpy().tobytes())
+        if mix is not None:
+            digest.update(mix.numpy().tobytes())
+        name = f"products-{digest.hexdigest()[:20]}"
+        features = pool_store.open(FEATURES, n_pool)
+        reduce = None if mix is None else (lambda block: block @ mix)
+        pool_store.fill([name], n_pool, self.shard_rows, lambda lo, hi: {name: chunked_matmul(
+            features.rows(lo, hi), queries, reduce=reduce, chunk_rows=self.chunk_rows)})
+        return torch.from_numpy(np.asarray(pool_store.open(name, n_pool)))
 
     # -- step 1: warm-up -----------------------------------------------------------------------------------
     def _root(self) -> Path:
@@ -180,8 +251,6 @@ class LessSelector(Selector):
         return run_checkpoints(run)
 
     def _warmup_run(self, pool: Sequence[Example], cost: Cost, details: dict[str, Any]) -> Path:
-        from slimtune.train import TrainSettings, train
-
         rng = np.random.default_rng(self.seed)
         size = max(1, round(self.warmup_fraction * len(pool)))
         subset = [pool[i] for i in sorted(rng.choice(len(pool), size=size, replace=False))]
@@ -207,14 +276,8 @@ class LessSelector(Selector):
                             target_modules=self.target_modules)
 
     # -- steps 2-3: features -------------------------------------------------------------------------------
-    def _device(self) -> str | None:
-        _, world = distributed_rank_world()
-        if self.device is None and world > 1 and torch.cuda.is_available():
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        return self.device
-
     def _load(self, checkpoint: Checkpoint):
-        model, tokenizer = load_model(self.model, device=self._device())
+        model, tokenizer = load_model(self.model, device=self.device, device_map=self.device_map)
         if checkpoint.path is None:
             torch.manual_seed(self.seed)  # the fresh LoRA's A factors are random: seed them
             return apply_lora(model, self._lora()), tokenizer
@@ -252,6 +315,25 @@ class LessSelector(Selector):
                 done["shards"][k] += v
             stores.append(store)
         return stores[0], stores[1]
+
+
+class _WeightedFeatures:
+    """The checkpoints' feature arrays side by side, each scaled by sqrt(w_c), read a slice of rows at a time:
+    the inner product of two rows is sum_c w_c cos(f_c(z), f_c(z'))."""
+
+    def __init__(self, arrays: list, weights: list[float]):
+        self.arrays, self.scales = arrays, [float(np.sqrt(w)) for w in weights]
+
+    def __len__(self) -> int:
+        return len(self.arrays[0])
+
+    @property
+    def width(self) -> int:
+        return sum(a.shape[1] for a in self.arrays)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.concatenate([scale * np.asarray(a[rows], dtype=np.float32)
+                               for a, scale in zip(self.arrays, self.scales)], axis=1)
 
 
 def run_checkpoints(run: str | os.PathLike) -> list[Checkpoint]:

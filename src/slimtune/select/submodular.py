@@ -29,6 +29,17 @@ elsewhere (a square pool kernel). Sparse kernels are never densified: they are s
 so a block of candidates' gains is one gather over their stored entries; missing entries are 0 and gain
 nothing because ``best >= 0``.
 
+A sparse kernel may instead say what its missing entries stand for: ``background`` b > 0, the value of
+every entry it does not store (DELIFT's utility kernel, where an uncomputed pair means "no effect", which
+scales to a value above the harmful pairs'). The objective is then exactly the one over the dense kernel
+with b in those entries, still without densifying it. A pick raises every row it does not store to b, so
+with ``shortfall = sum_i max(b - best[i], 0)`` (kept over the few rows still below b) the gain of ``j`` is
+
+    shortfall + sum over j's stored entries (i, s) of  max(s - best[i], 0) - max(b - best[i], 0),
+
+one gather over ``j``'s column as before; a stored entry below b (a harmful pair) gains less than not
+being stored at all.
+
 :func:`greedy_maximize` runs naive, lazy (Minoux's accelerated greedy, identical picks to naive) or
 stochastic greedy (Mirzasoleiman et al., 2015) over any of the objectives and always returns ``k`` items;
 ties go to the lowest candidate index.
@@ -39,11 +50,14 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Iterable, Iterator, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from slimtune.select.base import Budget, Selection
 
 #: A dense or torch-sparse (ground x candidates) tensor, or a square kNN kernel ``(indices, values)``.
 Kernel = Tensor | tuple[Tensor, Tensor]
@@ -69,13 +83,16 @@ class _DenseColumns:
             return ()
         return candidates.split(max(1, _BLOCK_ELEMENTS // max(1, self.n_ground)))
 
-    def gains(self, best: Tensor, candidates: Tensor | None) -> Tensor:
+    def gains(self, best: Tensor, candidates: Tensor | None, low: Tensor | None) -> Tensor:
         if candidates is None:
             candidates = torch.arange(self.n_candidates, device=self.device)
         parts = [(self.by_candidate[b] - best).clamp_(min=0).sum(1) for b in self._blocks(candidates)]
         return torch.cat(parts) if parts else best.new_zeros(0)
 
-    def raise_best(self, best: Tensor, j: int) -> None:
+    def below_background(self, best: Tensor) -> None:
+        return None  # every entry is stored
+
+    def raise_best(self, best: Tensor, j: int, low: None) -> None:
         torch.maximum(best, self.by_candidate[j], out=best)
 
     def cover(self, best: Tensor, candidates: Tensor) -> None:
@@ -87,10 +104,13 @@ class _DenseColumns:
 
 
 class _SparseColumns:
-    """A sparse kernel in CSC form: candidate ``j`` covers ground rows ``rows[ptr[j]:ptr[j+1]]``."""
+    """A sparse kernel in CSC form: candidate ``j`` covers ground rows ``rows[ptr[j]:ptr[j+1]]``; every
+    other entry of row ``i`` is ``background[i]`` (None: 0 everywhere, the plain sparse kernel)."""
 
-    def __init__(self, ptr: Tensor, rows: Tensor, cols: Tensor, values: Tensor, n_ground: int):
+    def __init__(self, ptr: Tensor, rows: Tensor, cols: Tensor, values: Tensor, n_ground: int,
+                 background: Tensor | None = None):
         self.ptr, self.rows, self.cols, self.values = ptr, rows, cols, values
+        self.background = background
         self.n_ground, self.n_candidates = n_ground, len(ptr) - 1
         self.dtype, self.device = values.dtype, values.device
         # add() slices one column per pick; host-side offsets spare a device sync each time.
@@ -110,30 +130,62 @@ class _SparseColumns:
         entry = torch.arange(total, device=starts.device) + (starts - first)[segment]
         return segment, entry
 
-    def gains(self, best: Tensor, candidates: Tensor | None) -> Tensor:
-        if candidates is None:  # every entry, already grouped by column
-            gain_per_entry = (self.values - best[self.rows]).clamp_(min=0)
-            return best.new_zeros(self.n_candidates).index_add_(0, self.cols, gain_per_entry)
-        segment, entry = self._entries(candidates)
-        gain_per_entry = (self.values[entry] - best[self.rows[entry]]).clamp_(min=0)
-        return best.new_zeros(len(candidates)).index_add_(0, segment, gain_per_entry)
+    def _entry_gains(self, best: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+        gain = (values - best[rows]).clamp_(min=0)
+        if self.background is not None:  # the background this stored entry replaces
+            gain -= (self.background[rows] - best[rows]).clamp_(min=0)
+        return gain
 
-    def raise_best(self, best: Tensor, j: int) -> None:
+    def gains(self, best: Tensor, candidates: Tensor | None, low: Tensor | None) -> Tensor:
+        shortfall = 0.0 if low is None else float((self.background[low] - best[low]).sum())
+        if candidates is None:  # every entry, already grouped by column
+            out = best.new_zeros(self.n_candidates)
+            out.index_add_(0, self.cols, self._entry_gains(best, self.rows, self.values))
+        else:
+            segment, entry = self._entries(candidates)
+            out = best.new_zeros(len(candidates))
+            out.index_add_(0, segment, self._entry_gains(best, self.rows[entry], self.values[entry]))
+        return out.add_(shortfall)
+
+    def below_background(self, best: Tensor) -> Tensor | None:
+        """The rows whose best is still below their background (None without a background)."""
+        if self.background is None:
+            return None
+        return (best < self.background).nonzero().squeeze(1)
+
+    def raise_best(self, best: Tensor, j: int, low: Tensor | None) -> Tensor | None:
+        """Add ``j``: its stored rows rise to their entries, every other row to its background (only the
+        ``low`` rows can be below it). Returns the rows still below their background."""
         span = slice(self._ptr_host[j], self._ptr_host[j + 1])
         rows = self.rows[span]
-        best[rows] = torch.maximum(best[rows], self.values[span])
+        raised = torch.maximum(best[rows], self.values[span])
+        if low is not None:
+            best[low] = torch.maximum(best[low], self.background[low])
+        best[rows] = raised
+        return None if low is None else low[best[low] < self.background[low]]
 
     def cover(self, best: Tensor, candidates: Tensor) -> None:
+        candidates = candidates.unique()
         _, entry = self._entries(candidates)
+        if self.background is not None:  # a row with fewer stored entries than picks meets its background
+            stored = torch.bincount(self.rows[entry], minlength=self.n_ground)
+            missing = stored < len(candidates)
+            best[missing] = torch.maximum(best[missing], self.background[missing])
         best.scatter_reduce_(0, self.rows[entry], self.values[entry], "amax")
 
     def clip_rows(self, cap: Tensor) -> _SparseColumns:
         clipped = torch.minimum(self.values, cap[self.rows])
-        return _SparseColumns(self.ptr, self.rows, self.cols, clipped, self.n_ground)
+        background = None if self.background is None else torch.minimum(self.background, cap)
+        return _SparseColumns(self.ptr, self.rows, self.cols, clipped, self.n_ground, background)
 
 
 def _float(t: Tensor) -> Tensor:
     return t if t.is_floating_point() else t.float()
+
+
+def _check_background(background: float) -> None:
+    if not (math.isfinite(background) and background >= 0):
+        raise ValueError(f"background must be finite and non-negative, got {background}")
 
 
 def _check_nonnegative(values: Tensor, what: str) -> None:
@@ -157,7 +209,8 @@ def _triplets(kernel: Kernel) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
     return rows, cols, _float(coo.values()), tuple(coo.shape)
 
 
-def _as_columns(kernel: Kernel) -> _DenseColumns | _SparseColumns:
+def _as_columns(kernel: Kernel, background: float = 0.0) -> _DenseColumns | _SparseColumns:
+    _check_background(background)
     if isinstance(kernel, Tensor) and kernel.layout == torch.strided:
         if kernel.dim() != 2:
             raise ValueError(f"a kernel is 2-D (ground x candidates), got shape {tuple(kernel.shape)}")
@@ -172,22 +225,29 @@ def _as_columns(kernel: Kernel) -> _DenseColumns | _SparseColumns:
     cols, rows = keys // n_ground, keys % n_ground
     ptr = torch.zeros(n_candidates + 1, dtype=torch.long, device=values.device)
     ptr[1:] = torch.cumsum(torch.bincount(cols, minlength=n_candidates), 0)
-    return _SparseColumns(ptr, rows, cols, values, n_ground)
+    fill = values.new_full((n_ground,), background) if background > 0 else None
+    return _SparseColumns(ptr, rows, cols, values, n_ground, fill)
 
 
-def _row_max(kernel: Kernel, n_ground: int, what: str) -> Tensor:
-    """``max_q kernel[i, q]`` per ground row (0 for a row with no entries or a kernel with no columns)."""
+def _row_max(kernel: Kernel, n_ground: int, what: str, background: float = 0.0) -> Tensor:
+    """``max_q kernel[i, q]`` per ground row (0 for a kernel with no columns); a sparse kernel's row that does
+    not store every column also meets its ``background``."""
+    _check_background(background)
     if isinstance(kernel, Tensor) and kernel.layout == torch.strided:
         values, rows = _float(kernel), None
         shape = tuple(kernel.shape)
     else:
-        rows, _, values, shape = _triplets(kernel)
+        rows, cols, values, shape = _triplets(kernel)
     if len(shape) != 2 or shape[0] != n_ground:
         raise ValueError(f"{what} must have one row per ground element ({n_ground}), got shape {shape}")
     _check_nonnegative(values, what)
     if rows is None:
         return values.amax(1) if shape[1] else values.new_zeros(n_ground)
-    return values.new_zeros(n_ground).scatter_reduce_(0, rows, values, "amax")
+    best = values.new_zeros(n_ground).scatter_reduce_(0, rows, values, "amax")
+    if background > 0 and shape[1]:
+        stored = torch.bincount(torch.unique(rows * shape[1] + cols) // shape[1], minlength=n_ground)
+        best[stored < shape[1]] = best[stored < shape[1]].clamp(min=background)
+    return best
 
 
 class FLObjective:
@@ -215,6 +275,7 @@ class FLObjective:
     def reset(self) -> None:
         """Forget the added set (back to the empty set)."""
         self._best = self._floor.clone()
+        self._low = self._columns.below_background(self._best)
 
     def _index(self, candidates: Iterable[int] | Tensor) -> Tensor:
         if isinstance(candidates, Set | Iterator):  # torch.as_tensor takes sequences and arrays only
@@ -224,11 +285,12 @@ class FLObjective:
     def marginal_gains(self, candidates: Iterable[int] | Tensor | None = None) -> Tensor:
         """Gain of adding each of ``candidates`` (one at a time; all candidates if None) to the set added so
         far."""
-        return self._columns.gains(self._best, None if candidates is None else self._index(candidates))
+        return self._columns.gains(self._best, None if candidates is None else self._index(candidates),
+                                   self._low)
 
     def add(self, j: int) -> None:
         """Add candidate ``j`` to the current set."""
-        self._columns.raise_best(self._best, int(j))
+        self._low = self._columns.raise_best(self._best, int(j), self._low)
 
     @property
     def value(self) -> float:
@@ -243,10 +305,11 @@ class FLObjective:
 
 
 class FacilityLocation(FLObjective):
-    """``f(A) = sum_i max_{j in A} S[i, j]``: how well ``A`` represents every ground element."""
+    """``f(A) = sum_i max_{j in A} S[i, j]``: how well ``A`` represents every ground element. ``background``:
+    the value of the entries a sparse ``S`` does not store (module docstring)."""
 
-    def __init__(self, S: Kernel):
-        columns = _as_columns(S)
+    def __init__(self, S: Kernel, background: float = 0.0):
+        columns = _as_columns(S, background)
         floor = torch.zeros(columns.n_ground, dtype=columns.dtype, device=columns.device)
         super().__init__(columns, floor)
 
@@ -259,14 +322,17 @@ class FLMutualInformation(FLObjective):
     nothing (FLMI saturates; greedy then fills the budget on near-zero gains). With a kernel whose unrelated
     pairs still score well above 0, such as (cos + 1) / 2 (about 0.5 for orthogonal embeddings), the caps of
     unrelated rows are met by almost any pick, so saturation comes after few picks. ``S_query`` is
-    (ground x queries).
+    (ground x queries); ``background`` and ``query_background`` are the values of the entries sparse ``S``
+    and ``S_query`` do not store.
     """
 
-    def __init__(self, S: Kernel, S_query: Kernel, eta: float = 1.0):
+    def __init__(self, S: Kernel, S_query: Kernel, eta: float = 1.0, *, background: float = 0.0,
+                 query_background: float = 0.0):
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        columns = _as_columns(S)
-        cap = eta * _row_max(S_query, columns.n_ground, "S_query").to(columns.device, columns.dtype)
+        columns = _as_columns(S, background)
+        cap = eta * _row_max(S_query, columns.n_ground, "S_query", query_background).to(columns.device,
+                                                                                        columns.dtype)
         super().__init__(columns.clip_rows(cap), torch.zeros_like(cap))
 
 
@@ -274,14 +340,17 @@ class FLConditionalGain(FLObjective):
     """``f(A | P) = sum_i max(max_{j in A} S[i, j] - nu * max_p S_existing[i, p], 0)``.
 
     Ground elements the existing set P already represents count only by how much better A represents them,
-    so A is drawn to what P lacks. ``S_existing`` is (ground x existing).
+    so A is drawn to what P lacks. ``S_existing`` is (ground x existing); ``background`` and
+    ``existing_background`` are the values of the entries sparse ``S`` and ``S_existing`` do not store.
     """
 
-    def __init__(self, S: Kernel, S_existing: Kernel, nu: float = 1.0):
+    def __init__(self, S: Kernel, S_existing: Kernel, nu: float = 1.0, *, background: float = 0.0,
+                 existing_background: float = 0.0):
         if nu < 0:
             raise ValueError(f"nu must be >= 0, got {nu}")
-        columns = _as_columns(S)
-        floor = nu * _row_max(S_existing, columns.n_ground, "S_existing").to(columns.device, columns.dtype)
+        columns = _as_columns(S, background)
+        floor = nu * _row_max(S_existing, columns.n_ground, "S_existing", existing_background).to(
+            columns.device, columns.dtype)
         super().__init__(columns, floor)
 
 
@@ -374,6 +443,35 @@ def greedy_maximize(objective: FLObjective, k: int, *, method: str = "lazy", eps
     return order, gains
 
 
+def greedy_scores(objective: FLObjective, k: int, **greedy) -> tuple[np.ndarray, list[int]]:
+    """A selector's ``(scores, order)`` from :func:`greedy_maximize` (``greedy``: its keyword arguments): a
+    picked candidate scores its marginal gain when it was picked, an unpicked one the gain it would still
+    add to the final set."""
+    order, gains = greedy_maximize(objective, k, **greedy)
+    scores = np.empty(objective.n_candidates)
+    scores[order] = gains
+    rest = np.setdiff1d(np.arange(objective.n_candidates), order)
+    scores[rest] = objective.marginal_gains(torch.from_numpy(rest)).cpu().numpy()
+    return scores, order
+
+
+class GreedyToBudget:
+    """For a Selector whose ``score`` runs a greedy: ``select`` lets it stop at the budget
+    (:meth:`greedy_picks`) rather than order the whole pool (stochastic greedy's sample size depends on the
+    budget, and the tail of a full order, all gains zero, is lazy greedy's slowest part). The budget lives
+    only for that call: ``score`` called alone, or later on another pool, orders its whole pool."""
+
+    def select(self, pool: Sequence, budget, *, target=None, existing=None) -> Selection:
+        self._picks = Budget.parse(budget).resolve(len(pool)) if pool else 0
+        try:
+            return super().select(pool, budget, target=target, existing=existing)
+        finally:
+            del self._picks
+
+    def greedy_picks(self, n: int) -> int:
+        return getattr(self, "_picks", n)
+
+
 def _rows_to_sparse(indices: Tensor, values: Tensor, n_columns: int) -> Tensor:
     """A sparse COO tensor from each row's column ``indices`` and ``values`` (both n x k)."""
     indices, order = indices.sort(dim=1)  # row-major, columns ascending: already coalesced
@@ -420,8 +518,10 @@ __all__ = [
     "FLMutualInformation",
     "FLObjective",
     "FacilityLocation",
+    "GreedyToBudget",
     "Kernel",
     "cosine_kernel",
     "greedy_maximize",
+    "greedy_scores",
     "knn_sparsify",
 ]

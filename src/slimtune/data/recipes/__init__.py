@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.data.example import Example
-from slimtune.data.readers import LoadResult, seeded_sample
 from slimtune.data.recipes import gsm8k, p3, taskmaster4, tatoeba
 from slimtune.data.recipes.common import Recipe
 from slimtune.data.recipes.gsm8k import final_answer
 from slimtune.data.recipes.p3 import answer_options
+from slimtune.data.report import LoadResult, seeded_sample
 
 __all__ = ["RECIPES", "SAMPLE_DIR", "Recipe", "answer_options", "data_root", "describe_recipes",
            "final_answer", "is_recipe", "load_recipe", "run_recipe", "shared_data_dir"]

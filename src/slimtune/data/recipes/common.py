@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from slimtune.data.readers import LoadResult
+from slimtune.data.report import LoadResult
 
 #: Share of rows held out as "test" where a data set has no test split of its own.
 TEST_SHARE = 0.1

@@ -6,8 +6,9 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from slimtune.data.readers import LoadResult, load_examples
+from slimtune.data.readers import read_examples
 from slimtune.data.recipes.common import Recipe
+from slimtune.data.report import LoadResult
 
 _FINAL_ANSWER = re.compile(r"####\s*(.+?)\s*$")
 
@@ -19,7 +20,7 @@ def final_answer(solution: str) -> str | None:
 
 
 def build(root: Path, split: str) -> LoadResult:
-    result = load_examples(root / "gsm8k" / f"{split}.jsonl", shape="question-answer", source="gsm8k",
+    result = read_examples(root / "gsm8k" / f"{split}.jsonl", shape="question-answer", source="gsm8k",
                            skip_bad=True)
     result.examples = [replace(ex, metadata={**ex.metadata, "answer": answer})
                        if (answer := final_answer(ex.response)) is not None else ex for ex in result.examples]

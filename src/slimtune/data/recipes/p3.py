@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from slimtune.data.readers import LoadResult, load_examples
+from slimtune.data.readers import read_examples
 from slimtune.data.recipes.common import Recipe, in_split
+from slimtune.data.report import LoadResult
 
 _LIST_ITEM = re.compile(r"^\s*-\s+(.*?)\s*$")
 
@@ -37,7 +38,7 @@ def answer_options(prompt: str, answer: str) -> list[str] | None:
 
 def build(root: Path, split: str, templates: str | Sequence[str] | None = None) -> LoadResult:
     # The completion's trailing <|endoftext|> is stripped by the prompt-completion shape itself.
-    result = load_examples(root / "p3" / "p3_sample.jsonl", shape="prompt-completion", source="p3",
+    result = read_examples(root / "p3" / "p3_sample.jsonl", shape="prompt-completion", source="p3",
                            skip_bad=True)
     prefixes = tuple(templates.split(",") if isinstance(templates, str) else templates or ())
     known = sorted({ex.task for ex in result.examples})

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimtune.data.readers import LoadResult, load_examples
+from slimtune.data.readers import read_examples
 from slimtune.data.recipes.common import Recipe, in_split
+from slimtune.data.report import LoadResult
 
 
 def build(root: Path, split: str) -> LoadResult:
     # The taskmaster shape takes ids from conversation_id and tasks from scenario, and drops trailing user
     # turns; a dialogue with no assistant turn is a counted skip.
-    result = load_examples(root / "taskmaster4" / "dialogs.jsonl", shape="taskmaster", source="taskmaster4",
+    result = read_examples(root / "taskmaster4" / "dialogs.jsonl", shape="taskmaster", source="taskmaster4",
                            skip_bad=True)
     result.examples = [ex for ex in result.examples if in_split(ex.id, split)]
     trimmed = sum(ex.record["utterances"][-1]["speaker"] != "assistant" for ex in result.examples)

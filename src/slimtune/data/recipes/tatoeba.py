@@ -8,8 +8,8 @@ from pathlib import Path
 
 from slimtune.data.errors import DataError
 from slimtune.data.example import Example, make_example
-from slimtune.data.readers import LoadReport, LoadResult
 from slimtune.data.recipes.common import Recipe, in_split
+from slimtune.data.report import LoadReport, LoadResult
 
 LANGUAGES = {"eng": "English", "fra": "French", "deu": "German", "spa": "Spanish", "ita": "Italian",
              "por": "Portuguese", "nld": "Dutch", "rus": "Russian", "cmn": "Chinese", "jpn": "Japanese",

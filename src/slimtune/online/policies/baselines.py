@@ -1,4 +1,5 @@
-"""The online baselines users set UDS and SLAP against (uniform, big-loss, grad-norm, RHO-loss).
+"""The online baselines users set UDS and SLAP against (uniform, big-loss, grad-norm, RHO-loss, and
+loss-minus-init: RHO-loss's score without held-out data, named for what it is).
 
 Each reads the signals of the trainer's one no-grad forward over the B candidates and keeps K of them.
 Losses are each row's mean cross-entropy over its response tokens.
@@ -37,6 +38,12 @@ class UniformPolicy(Policy):
 
     def choose(self, batch: CandidateBatch, k: int) -> Tensor:
         return torch.randperm(len(batch), generator=self._generator)[:k]
+
+    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor]:
+        return {"row": torch.zeros(len(batch))}
+
+    def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
+        return torch.randperm(len(features["row"]), generator=self._generator)[:k]
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._generator.get_state()}
@@ -87,25 +94,44 @@ class GradNormPolicy(TopKPolicy):
 
 
 @dataclass
-class RhoLossPolicy(TopKPolicy):
-    """RHO-LOSS (Mindermann et al., ICML 2022): the K candidates with the largest reducible holdout loss,
+class LossMinusInitPolicy(TopKPolicy):
+    """Loss minus initial loss: the K candidates whose loss has fallen least since training began,
 
-        score(x) = L(x; theta_t) - L(x; theta_ref)
+        score(x) = L(x; theta_t) - L(x; theta_0)
 
-    learnable (a reference model can fit them, so they are not noise), worth learning and not yet learnt.
-    The trainer computes the reference losses once over the training set and caches them in the run folder.
-
-    ``reference_model``: the paper's irreducible-loss model is trained on a held-out split; pass its id,
-    path or PEFT adapter folder (e.g. ``runs/ref/adapter`` from ``slimtune train`` on held-out rows; it must
-    share the tokenizer). None uses the model being fine-tuned as it was before training: no held-out data
-    needed, and the score becomes how little a row's loss has fallen since the start, a weaker reading.
+    with theta_0 the model being fine-tuned as it was before training (the trainer computes those losses once
+    over the training set and caches them in the run folder). This is what RHO-LOSS degenerates to without
+    held-out data, named for what it is: the reference has seen nothing the model has not, so the score says
+    nothing about which rows are learnable rather than noise.
     """
 
-    name: ClassVar[str] = "rho-loss"
-    reference_model: str | None = None
+    name: ClassVar[str] = "loss-minus-init"
+    reference_model: ClassVar[str | None] = None
 
     def needs(self) -> set[str]:
         return {"loss", "ref_loss"}
 
     def score(self, batch: CandidateBatch) -> Tensor:
         return batch.loss - batch.ref_loss
+
+
+@dataclass
+class RhoLossPolicy(LossMinusInitPolicy):
+    """RHO-LOSS (Mindermann et al., ICML 2022): the K candidates with the largest reducible holdout loss,
+
+        score(x) = L(x; theta_t) - L(x; theta_IL)
+
+    learnable (the irreducible-loss model fits them, so they are not noise), worth learning and not yet learnt.
+    theta_IL is trained on a held-out split that the main run never trains on; its loss on every training row
+    is computed once and cached.
+
+    ``reference_model``: the IL model (an id, path or PEFT adapter folder sharing the tokenizer). Left unset,
+    :func:`~slimtune.online.trainer.train_online` carves ``holdout`` (a share of the pool, or the rows the caller
+    gives) out of the training pool, trains the IL model on it (cached in ``output_dir/irreducible``) and
+    sets it; a trainer built by hand refuses the policy without one.
+    """
+
+    name: ClassVar[str] = "rho-loss"
+    requires_reference: ClassVar[bool] = True
+    reference_model: str | None = None
+    holdout: float = 0.1

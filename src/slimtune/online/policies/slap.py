@@ -20,7 +20,9 @@ Everything below that list is our reconstruction. Per step, from B candidates to
     3. allocation   n_h     one slot per non-empty stratum when K allows, the rest by largest deficit to
                             K w_h / sum w,  w_h = N_h (proportional) or N_h S_h (Neyman, S_h = loss std in h)
     4. learnability gain(S) = eta g_S.g_ref - eta^2/2 g_S^T H g_S,   g_S = mean_{i in S} g_i,
-                            g_ref = mean of all candidates' g_i,   H = (1/B) sum_i g_i g_i^T + delta I,
+                            g_ref = mean of all candidates' g_i,   H = G + delta I,
+                            G = (1/B) sum_i (1/T_i) sum_t (P_out A_t P_out^T) kron (P_in h_t)(P_in h_t)^T,
+                            A_t = diag(p_t) - p_t p_t^T,  p_t = softmax(z_t)      [D x D]
                             eta = step_scale * |g_ref|^2 / (g_ref^T H g_ref)
     5. diversity    div(i, S) = min(CAP, min_{j in S} |r_i - r_j| / s_h(i)),  s_h = median pairwise distance
                             inside stratum h
@@ -41,11 +43,21 @@ Design choices the abstract leaves open, all ours:
   * Proportional allocation is the default because it is unbiased for the candidate distribution; Neyman
     spends more slots where losses vary most. The one-slot floor is what makes "cover the whole distribution"
     hold at small K (big-loss would take only the top stratum).
-  * H is the empirical Fisher of the sketches (a Gauss-Newton stand-in that needs no second backward),
-    damped by ``damping`` times its mean eigenvalue so the damping is scale-free. With H built from the
-    candidates themselves, g_S^T H g_S = (1/B) sum_j (g_j.g_S)^2 + delta |g_S|^2: a batch of aligned
-    gradients has a large curvature along its own direction, so redundant rows lower its value, and averaging
-    different directions lowers it less.
+  * H is the LM head's exact Gauss-Newton block in the sketch space: for the head W (logits z_t = W h_t),
+    the Gauss-Newton matrix of the candidates' mean loss is G = (1/B) sum_i (1/T_i) sum_t A_t kron h_t h_t^T,
+    which for a linear head is its Hessian, and the sketch S = P_out kron P_in maps it to S G S^T, the
+    formula in step 4 (E[S^T S] = I, so g_S^T (S G S^T) g_S estimates the unsketched quadratic form). Not
+    the empirical Fisher of the candidates' own sketches, which measures how the observed-label gradients of
+    the rows at hand spread rather than how the loss curves (so its quadratic term is the squared alignment
+    of S with those same gradients, confounded with the linear term), and has rank at most B (10 against
+    D = 512), where G takes the model's own predictive distribution at every token. Cost, kept bounded without
+    truncating p: P_out diag(p_t) P_out^T is p_t against a fixed (d_out^2 x V) table of products of P_out's
+    columns, d_out^2 V multiply-adds per response token (256 V at 16 x 32, below the 576 V of the head's own
+    logits for SmolLM2), plus one D x D product per batch; the table is d_out^2 V floats (50 MB at V = 49k),
+    built once. p_t is the softmax the gradient sketch already takes from the scoring pass's hidden states or
+    logits: nothing of the forward is recomputed. It is damped by ``damping`` times its mean eigenvalue so
+    the damping is scale-free. A batch of aligned gradients keeps |g_S| large where different directions
+    partly cancel, so redundant rows pay more curvature for the same alignment with g_ref.
   * g_ref is the mean gradient of all candidates: on-policy and with no validation set, the direction the full
     candidate batch would have stepped in, so gain(S) asks how much of that step S buys.
   * eta is the Newton step along g_ref, so gain is invariant to the sketch's scale; ``step_scale`` moves it.
@@ -60,13 +72,14 @@ Design choices the abstract leaves open, all ours:
     selection inside strata: the ablation removes the Hessian term, not the on-policy signal.
 
 What the ablation measured (``benchmarks/slap_ablation.py``, 3 seeds, 150 Tatoeba + GSM8K rows, 70% seen;
-numbers in the benchmark notes): per-epoch SLAP at 70% matches full data's held-out loss (1.625 vs 1.624),
-per-step SLAP ties uniform selection; the curvature term is the one component with an effect (it keeps GSM8K:
-loss 1.187 with it, 1.245 without); diversity, learnability and stratification show none. On a pool with
-20% swapped responses SLAP trains on no more corrupted rows than uniform, while big-loss chases them, and
-stratification still adds nothing (chrF lower with it). It stays on by default because the abstract names it
-and these pools are small (a stratum holds two or three of B = 10 candidates); ``stratify=False`` is the
-variant to try first.
+numbers in the benchmark notes; measured with the empirical Fisher of the candidates as H, before the
+Gauss-Newton block replaced it, and not rerun since): per-epoch SLAP at 70% matches full data's held-out loss
+(1.625 vs 1.624), per-step SLAP ties uniform selection; the curvature term is the one component with an effect
+(it keeps GSM8K: loss 1.187 with it, 1.245 without); diversity, learnability and stratification show none. On
+a pool with 20% swapped responses SLAP trains on no more corrupted rows than uniform, while big-loss chases
+them, and stratification still adds nothing (chrF lower with it). It stays on by default because the abstract
+names it and these pools are small (a stratum holds two or three of B = 10 candidates); ``stratify=False`` is
+the variant to try first.
 """
 
 from __future__ import annotations
@@ -90,12 +103,16 @@ CAP = 2.0
 
 @dataclass
 class RowFeatures:
-    """The per-row signals SLAP reads, small enough to keep for a whole pool."""
+    """The per-row signals SLAP reads, small enough to keep for a whole pool; and ``curvature``, the mean over
+    the rows scored of their LM-head Gauss-Newton blocks in the sketch space (D x D; step 4 of the module
+    docstring). ``curvature`` describes the set the rows were scored in: :meth:`rows` keeps it as it is, so
+    a reordered or cut set is still valued against the curvature of the set it came from."""
 
     loss: Tensor
     tasks: list[str]
     sketch: Tensor | None = None
     rep: Tensor | None = None
+    curvature: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
@@ -104,7 +121,7 @@ class RowFeatures:
         pick = index.tolist()
         return RowFeatures(self.loss[index], [self.tasks[i] for i in pick],
                            None if self.sketch is None else self.sketch[index],
-                           None if self.rep is None else self.rep[index])
+                           None if self.rep is None else self.rep[index], self.curvature)
 
     @staticmethod
     def cat(parts: list[RowFeatures]) -> RowFeatures:
@@ -112,29 +129,76 @@ class RowFeatures:
             values = [getattr(p, name) for p in parts]
             return None if values[0] is None else torch.cat(values)
 
-        return RowFeatures(join("loss"), [t for p in parts for t in p.tasks], join("sketch"), join("rep"))
+        curvature = None
+        if parts[0].curvature is not None:  # the mean over all rows: each part's mean weighted by its rows
+            curvature = sum(len(p) * p.curvature for p in parts) / max(1, sum(len(p) for p in parts))
+        return RowFeatures(join("loss"), [t for p in parts for t in p.tasks], join("sketch"), join("rep"),
+                           curvature)
 
 
-def gradient_sketch(hidden: Tensor, labels: Tensor, p_out: Projector, p_in: Projector, *,
-                    logits: Tensor | None = None, head: Tensor | None = None) -> Tensor:
-    """Each row's LM-head gradient of its mean response loss, projected to (d_out x d_in) and flattened.
+class HeadSignals(NamedTuple):
+    """``sketch`` (B, D): each row's projected LM-head gradient; ``curvature`` (D, D) or None: the mean over
+    the B rows of their Gauss-Newton blocks, in the same sketch space."""
+
+    sketch: Tensor
+    curvature: Tensor | None
+
+
+class SketchMaps(NamedTuple):
+    """P_out (d_out, V) and P_in (d_in, H) as matrices, and, for the curvature, the (d_out^2, V) table of
+    products of P_out's columns, P[a, v] P[b, v], so that P diag(p) P^T = (p @ products.T) reshaped."""
+
+    out: Tensor
+    inp: Tensor
+    products: Tensor | None
+
+
+def sketch_maps(p_out: Projector, p_in: Projector, vocab: int, width: int, device: torch.device | str, *,
+                curvature: bool, chunk: int = 4096) -> SketchMaps:
+    """The projectors' matrices for a head of ``vocab`` x ``width``, read a block of identity at a time."""
+
+    def matrix(projector: Projector, n: int) -> Tensor:
+        return torch.cat([projector.project(torch.eye(min(chunk, n - lo), device=device), offset=lo)
+                          for lo in range(0, n, chunk)]).T.contiguous()
+
+    out = matrix(p_out, vocab)
+    products = (out.unsqueeze(1) * out.unsqueeze(0)).flatten(0, 1) if curvature else None
+    return SketchMaps(out, matrix(p_in, width), products)
+
+
+def head_signals(hidden: Tensor, labels: Tensor, maps: SketchMaps, *, logits: Tensor | None = None,
+                 head: Tensor | None = None) -> HeadSignals:
+    """Each row's LM-head gradient of its mean response loss, projected to (d_out x d_in) and flattened, and
+    (when ``maps`` holds the products table) the rows' mean Gauss-Newton block in that space.
 
     grad_W_i = (1/T_i) sum_t d_t h_t^T with d_t = softmax(z_t) - onehot(y_t), so
     P_out grad_W_i P_in^T = (1/T_i) sum_t (P_out d_t)(P_in h_t)^T: only response positions are touched and
-    the V x H gradient is never formed. z_t comes from ``logits`` (B, T, V) or, cheaper, as h_t @ ``head``.T
-    at the response positions alone.
+    the V x H gradient is never formed. The Gauss-Newton block uses the same p_t = softmax(z_t):
+    (1/B) sum_i (1/T_i) sum_t (P_out diag(p_t) P_out^T - (P_out p_t)(P_out p_t)^T) kron (P_in h_t)(P_in h_t)^T.
+    z_t comes from ``logits`` (B, T, V) or, cheaper, as h_t @ ``head``.T at the response positions alone.
     """
     targets = labels[:, 1:]
     rows, pos = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    n_rows = labels.shape[0]
     h = hidden[rows, pos].float()
     z = logits[rows, pos].float() if logits is not None else h @ head.float().T
-    delta = torch.softmax(z, dim=-1)
-    delta[torch.arange(len(rows)), targets[rows, pos]] -= 1
-    outer = p_out.project(delta).unsqueeze(2) * p_in.project(h).unsqueeze(1)
-    sketch = torch.zeros(labels.shape[0], outer[0].numel(), device=outer.device)
+    p = torch.softmax(z, dim=-1)
+    u = h @ maps.inp.T
+    out_p = p @ maps.out.T
+    out_delta = out_p - maps.out.T[targets[rows, pos]]  # P_out (p - onehot(y))
+    outer = out_delta.unsqueeze(2) * u.unsqueeze(1)
+    sketch = torch.zeros(n_rows, outer[0].numel(), device=outer.device)
     sketch.index_add_(0, rows, outer.flatten(1))
-    count = torch.bincount(rows, minlength=labels.shape[0]).clamp_min(1)
-    return sketch / count.unsqueeze(1)
+    count = torch.bincount(rows, minlength=n_rows).clamp_min(1)
+    sketch = sketch / count.unsqueeze(1)
+    if maps.products is None:
+        return HeadSignals(sketch, None)
+    weight = (1.0 / (count[rows] * n_rows)).unsqueeze(1)  # (1/B)(1/T_i) for each token of row i
+    d_out, d_in = maps.out.shape[0], maps.inp.shape[0]
+    spread = (weight * (p @ maps.products.T)).T @ (u.unsqueeze(2) * u.unsqueeze(1)).flatten(1)
+    spread = spread.reshape(d_out, d_out, d_in, d_in).permute(0, 2, 1, 3).reshape(d_out * d_in, -1)
+    mean_part = (out_p.unsqueeze(2) * u.unsqueeze(1)).flatten(1)
+    return HeadSignals(sketch, spread - (weight * mean_part).T @ mean_part)
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -263,8 +327,11 @@ class SLAPPolicy(Policy):
         # State, not parameters: kept out of the dataclass fields so asdict() stays the method's config.
         self._window_loss: deque[float] = deque(maxlen=self.window)
         self._window_tasks: deque[str] = deque(maxlen=self.window)
-        self._projectors = (RademacherProjector(self.sketch_out, self.seed),
-                            RademacherProjector(self.sketch_in, self.seed + 1))
+        # Blocks of 4,096 input coordinates: a projector regenerates whole blocks, and its default block (2^24
+        # entries) would be a million vocabulary rows, 20 times SmolLM2's vocabulary, generated per read.
+        self._projectors = (RademacherProjector(self.sketch_out, self.seed, block_elements=self.sketch_out * 4096),
+                            RademacherProjector(self.sketch_in, self.seed + 1, block_elements=self.sketch_in * 4096))
+        self._maps: dict[tuple[int, int, str], SketchMaps] = {}
         self.last: Assembly | None = None
         self.last_edges: dict[str, list[float]] = {}
 
@@ -280,18 +347,31 @@ class SLAPPolicy(Policy):
             wanted.add("hidden")
         return wanted
 
+    def sketch_maps(self, vocab: int, width: int, device: torch.device | str) -> SketchMaps:
+        """The sketch's matrices for a head of ``vocab`` x ``width`` (built once per shape and device)."""
+        key = (vocab, width, str(device))
+        if key not in self._maps:
+            self._maps[key] = sketch_maps(*self._projectors, vocab, width, device,
+                                          curvature=self.learnability and self.curvature)
+        return self._maps[key]
+
     def features(self, batch: CandidateBatch) -> RowFeatures:
-        """What SLAP keeps of a candidate batch: loss, task, and the sketch / representation it needs."""
-        sketch = rep = None
+        """What SLAP keeps of a candidate batch: loss, task, the sketch / representation it needs, and the
+        batch's Gauss-Newton block when the curvature term is on."""
+        sketch = rep = curvature = None
         if self._wants_sketch():
             if batch.hidden is None or (batch.logits is None and "head" not in batch.extras):
                 raise ValueError("SLAP's gradient sketch needs hidden states and the logits or the LM head")
-            sketch = gradient_sketch(batch.hidden, batch.labels, *self._projectors, logits=batch.logits,
-                                     head=batch.extras.get("head")).cpu()
+            head = batch.extras.get("head")
+            vocab = batch.logits.shape[-1] if batch.logits is not None else head.shape[0]
+            maps = self.sketch_maps(vocab, batch.hidden.shape[-1], batch.hidden.device)
+            sketch, curvature = head_signals(batch.hidden, batch.labels, maps, logits=batch.logits, head=head)
+            sketch = sketch.cpu()
+            curvature = None if curvature is None else curvature.cpu()
         if self.diversity:
             rep = (sketch if self.representation == "sketch"
                    else mean_pool(batch.hidden, batch.attention_mask).cpu())
-        return RowFeatures(batch.loss.detach().float().cpu(), list(batch.tasks), sketch, rep)
+        return RowFeatures(batch.loss.detach().float().cpu(), list(batch.tasks), sketch, rep, curvature)
 
     # -- strata --------------------------------------------------------------------------------------------
     def _stratify(self, feats: RowFeatures, ref_loss: Tensor, ref_tasks: list[str]
@@ -319,14 +399,17 @@ class SLAPPolicy(Policy):
         return keys, spread, edges
 
     # -- assembly ------------------------------------------------------------------------------------------
-    def _reference(self, sketch: Tensor) -> Reference:
-        """g_ref, H and eta from the sketches of the reference rows (the candidates, or the whole pool)."""
-        g_ref = sketch.mean(0)
+    def _reference(self, feats: RowFeatures) -> Reference:
+        """g_ref, H and eta from the reference rows (the candidates, or the whole pool)."""
+        g_ref = feats.sketch.mean(0)
         along = float(g_ref @ g_ref)
         if not self.curvature:
             return Reference(g_ref, None, 1.0, along)
-        fisher = sketch.T @ sketch / len(sketch)
-        hessian = fisher + self.damping * fisher.diagonal().mean() * torch.eye(len(g_ref))
+        if feats.curvature is None:
+            raise ValueError("SLAP's curvature term needs the rows' Gauss-Newton block (RowFeatures.curvature, "
+                             "which SLAPPolicy.features computes); or pass curvature=False")
+        gauss_newton = feats.curvature
+        hessian = gauss_newton + self.damping * gauss_newton.diagonal().mean() * torch.eye(len(g_ref))
         curv = float(g_ref @ hessian @ g_ref)
         eta = self.step_scale * along / curv if curv > 0 else 0.0
         return Reference(g_ref, hessian, eta, eta * along - eta ** 2 / 2 * curv)
@@ -391,7 +474,7 @@ class SLAPPolicy(Policy):
         self._window_tasks.extend(feats.tasks)
         window = torch.tensor(list(self._window_loss))
         keys, spread, edges = self._stratify(feats, window, list(self._window_tasks))
-        ref = self._reference(feats.sketch) if self.learnability else None
+        ref = self._reference(feats) if self.learnability else None
         self.last = self._assemble(feats, k, keys, spread, ref)
         self.last_edges = edges
         self._last_scores = self.last.singles
@@ -414,7 +497,7 @@ class SLAPPolicy(Policy):
         n = len(feats)
         m = keep if isinstance(keep, int) else round(keep * n)
         keys, spread, edges = self._stratify(feats, feats.loss, feats.tasks)
-        ref = self._reference(feats.sketch) if self.learnability else None
+        ref = self._reference(feats) if self.learnability else None
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         blocks = perm.chunk(max(1, math.ceil(n / self.block)))
         bounds = [0, *torch.tensor([len(b) for b in blocks]).cumsum(0).tolist()]

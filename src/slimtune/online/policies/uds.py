@@ -11,10 +11,12 @@ Algorithm, for each candidate batch, from the logits L_i (N_i x V) of one no-gra
 
 Paper versus authors' code, and the defaults here. The code takes the nuclear norm of the raw logits over
 every position of the padded batch (prompt and padding included) and adds alpha * s_inter unnormalised, with
-alpha = 1.5e-3 to 2.5e-3 tuned for 7B models. The default here is the paper's intent: L_i is the logits of the
-example's real tokens (padding masked), and both terms are z-scored over the candidate batch, so alpha is the
-weight of diversity in units of the batch's spread and one value works across models and lengths.
-``unmasked_raw=True`` reproduces the code's variant (all positions, no normalisation; use its alpha values).
+alpha = 1.5e-3 to 2.5e-3 tuned for 7B models. The default here is the paper's intent: L_i is the logits at the
+example's response positions (those whose next token is a response token: the only logits that get a gradient
+in supervised fine-tuning; prompt and padding are masked), and both terms are z-scored over the candidate
+batch, so alpha is the weight of diversity in units of the batch's spread and one value works across models
+and lengths. ``unmasked_raw=True`` reproduces the code's whole-row variant (every position of the padded row,
+no normalisation; use its alpha values).
 
 Three cheap computations make this affordable at V ~ 50k-150k:
 - singular values from the N x N Gram matrix, sigma_j = sqrt(lambda_j(L L^T)), instead of an SVD of N x V;
@@ -72,8 +74,9 @@ class UDSPolicy(TopKPolicy):
     """UDS: top-K of ||L_i||_* + alpha * (mean distance of the logits' sketch to the last M chosen sketches).
 
     ``vocab_dim`` (d1) and ``seq_dim`` (d2) size the sketch (128 x 8 = 1,024 dims, the authors' setting);
-    ``max_length`` is the sequence length the sketch zero-pads to (longer rows are an error: raise it to the
-    training max length); ``memory_size`` is M.
+    ``max_length`` is the sequence length the sketch zero-pads to; None (the default) takes training's
+    maximum length from the trainer, so no row the trainer accepts is too long; ``memory_size`` is M;
+    ``unmasked_raw``: the authors' whole-row variant (see the module's docstring).
     """
 
     name: ClassVar[str] = "uds"
@@ -81,7 +84,7 @@ class UDSPolicy(TopKPolicy):
     memory_size: int = 1024
     vocab_dim: int = 128
     seq_dim: int = 8
-    max_length: int = 512
+    max_length: int | None = None
     unmasked_raw: bool = False
     seed: int = 0
 
@@ -98,6 +101,9 @@ class UDSPolicy(TopKPolicy):
     def _projections(self, vocab: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """G1 (d1 x V) and G2 (d2 x max_length), drawn once from ``seed``."""
         if self._vocab_side is None or self._vocab_side.shape[1] != vocab:
+            if self.max_length is None:
+                raise ValueError("UDSPolicy(max_length=None) takes training's maximum length from the online "
+                                 "trainer; outside it, pass max_length")
             if self.vocab_dim > vocab or self.seq_dim > self.max_length:
                 raise ValueError(f"UDS sketch of {self.seq_dim} x {self.vocab_dim} does not fit logits of "
                                  f"{self.max_length} positions x {vocab} tokens")
@@ -118,9 +124,9 @@ class UDSPolicy(TopKPolicy):
         return self._head_gram, self._head_sketch
 
     def _grams_and_vocab_sketches(self, batch: CandidateBatch) -> list[tuple[Tensor, Tensor]]:
-        """Per row, L L^T and L G1^T over its positions (real tokens, or all with ``unmasked_raw``)."""
+        """Per row, L L^T and L G1^T over its response positions (every position with ``unmasked_raw``)."""
         real = torch.ones_like(batch.attention_mask, dtype=torch.bool) if self.unmasked_raw \
-            else batch.attention_mask.bool()
+            else batch.response_mask & batch.attention_mask.bool()
         if batch.logits is not None:
             vocab_side = self._projections(batch.logits.shape[-1], batch.logits.device)[0]
             rows = [batch.logits[i][real[i]].float() for i in range(len(batch))]
@@ -134,25 +140,42 @@ class UDSPolicy(TopKPolicy):
         n = len(vocab_sketch)
         if n > self.max_length:
             raise ValueError(f"UDS sketches sequences of up to max_length={self.max_length} tokens; got {n}. "
-                             "Set the policy's max_length to the training max length.")
+                             "Leave the policy's max_length unset (training's) or raise it to the training "
+                             "max length.")
         return (self._seq_side[:, :n].to(vocab_sketch.device) @ vocab_sketch).flatten()
 
-    def score(self, batch: CandidateBatch) -> Tensor:
+    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor]:
+        """Each row's ||L_i||_* and sketch z_i: all that scoring and the memory need."""
         parts = self._grams_and_vocab_sketches(batch)
-        intra = torch.stack([gram_nuclear_norm(gram) for gram, _ in parts])
         sketches = torch.stack([self.sketch(vocab_sketch) for _, vocab_sketch in parts])
-        intra = intra.to(sketches.device)
+        intra = torch.stack([gram_nuclear_norm(gram) for gram, _ in parts]).to(sketches.device)
+        return {"intra": intra, "sketch": sketches}
+
+    def _score(self, features: dict[str, Tensor]) -> Tensor:
+        intra, sketches = features["intra"], features["sketch"]
         memory = self._memory.to(sketches.device)
         inter = (torch.cdist(sketches, memory).mean(1) if len(memory)
-                 else torch.zeros(len(batch), device=sketches.device))
-        self._last_sketch = dict(zip(batch.index.tolist(), sketches, strict=True))
+                 else torch.zeros(len(sketches), device=sketches.device))
         if self.unmasked_raw:
             return intra + self.alpha * inter
         return zscore(intra) + self.alpha * zscore(inter)
 
-    def observe(self, chosen: CandidateBatch) -> None:
-        kept = torch.stack([self._last_sketch[i] for i in chosen.index.tolist()])
+    def score(self, batch: CandidateBatch) -> Tensor:
+        features = self.row_features(batch)
+        self._last_sketch = dict(zip(batch.index.tolist(), features["sketch"], strict=True))
+        return self._score(features)
+
+    def _remember(self, kept: Tensor) -> None:
         self._memory = torch.cat([self._memory.to(kept.device), kept])[-self.memory_size:]
+
+    def observe(self, chosen: CandidateBatch) -> None:
+        self._remember(torch.stack([self._last_sketch[i] for i in chosen.index.tolist()]))
+
+    def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
+        self._last_scores = self._score(features)
+        chosen = torch.topk(self._last_scores, min(k, len(self._last_scores))).indices
+        self._remember(features["sketch"][chosen])
+        return chosen
 
     def state_dict(self) -> dict[str, Any]:
         return {"memory": self._memory.cpu().clone()}
