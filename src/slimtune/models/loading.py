@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.features.store import file_crc32
-from slimtune.utils import atomic_write_text, write_json
+from slimtune.utils import atomic_write_text, file_crc32, write_json
 
 log = logging.getLogger("slimtune.models")
 
