@@ -134,6 +134,11 @@ def test_the_arrow_rows_are_the_eager_encoding_row_for_row(real_rows, tokenizer,
     assert data.num_tokens() == sum(data.lengths)
 
 
+def test_an_empty_pool_is_an_empty_data_set_with_nothing_counted(tokenizer, tmp_path):
+    data = TokenizedDataset([], tokenizer, 128, cache_dir=tmp_path)
+    assert len(data) == 0 and data.num_tokens() == 0 and data.stats == EncodeStats() and not data.examples
+
+
 def test_a_second_build_of_the_same_pool_tokenises_nothing(real_rows, tokenizer, tmp_path, monkeypatch):
     first = TokenizedDataset(real_rows, tokenizer, 128, cache_dir=tmp_path)
     written = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.arrow")}

@@ -251,6 +251,8 @@ def tokenize_pool(examples: Sequence[Example], tokenizer, max_length: int | None
     render raises a :class:`DataError` naming its file, line and field.
     """
     ensure_chat_template(tokenizer)
+    if len(examples) == 0:  # datasets skips the function on an empty table, which would keep the input's columns
+        return datasets.Dataset.from_dict({name: [] for name in TOKEN_FEATURES}, features=TOKEN_FEATURES)
     if cache_dir is None:
         from slimtune.models import cache_dir as default_cache_dir
 
@@ -322,8 +324,8 @@ def _process_state() -> PartialState:
 def _workers(num_proc: int | None, rows: int) -> int | None:
     """Processes for the map; ``None`` for one (datasets starts a pool for any number given)."""
     if num_proc is None:
-        setting = os.environ.get("SLIMTUNE_NUM_PROC")
-        if setting is not None and not setting.isdigit():
+        setting = os.environ.get("SLIMTUNE_NUM_PROC", "").strip()
+        if setting and not (setting.isdigit() and int(setting) > 0):
             raise ValueError(f"SLIMTUNE_NUM_PROC must be a positive integer, got {setting!r}")
         num_proc = int(setting) if setting else (1 if rows < PARALLEL_FROM_ROWS else len(os.sched_getaffinity(0)))
     if num_proc < 1:
