@@ -11,17 +11,36 @@ Rows longer than the length limit lose tokens from the left (the start of the pr
 assistant turn: a prompt that fills the window would otherwise leave no response to learn or score. A
 response longer than the limit on its own keeps its start. Every stage (training, loss/IFD, LESS, scoring)
 encodes through :func:`encode_example`, so they all see the same tokens.
+
+A pool is tokenised once into an Arrow table (Hugging Face ``datasets``, :func:`tokenize_pool`): built by the
+main process with a batched map over worker processes, cached by a fingerprint of pool, tokenizer and length
+limit, and memory-mapped by every rank, so each rank reads one shared copy of the ids instead of holding its own.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from datasets import Features, List, Value
+from datasets.arrow_writer import ArrowWriter
+from datasets.fingerprint import Hasher
+from jinja2 import TemplateError
 from torch.utils.data import Dataset
 
-from slimtune.data.example import Example
+from slimtune.data.errors import DataError
+from slimtune.data.example import Example, pool_hash
 
 IGNORE_INDEX = -100
 
@@ -137,30 +156,185 @@ def last_turn_only(labels: list[int]) -> list[int]:
 
 class TokenizedDataset(Dataset):
     """Examples tokenised once (cut from the left, :func:`truncate_left`); rows with no response token left
-    are dropped and counted."""
+    are dropped and counted.
 
-    def __init__(self, examples: Sequence[Example], tokenizer, max_length: int | None = 512):
-        ensure_chat_template(tokenizer)
-        self.stats = EncodeStats()
-        self.examples: list[Example] = []
-        self.rows: list[dict[str, list[int]]] = []
-        for ex in examples:
-            row = encode_example(ex, tokenizer, max_length, self.stats)
-            if all(label == IGNORE_INDEX for label in row["labels"]):
-                self.stats.dropped += 1
-                self.stats.dropped_ids.append(ex.id)
-                continue
-            self.examples.append(ex)
-            self.rows.append(row)
+    The token ids live in an Arrow table (:func:`tokenize_pool`) that every rank memory-maps, so RAM does not
+    grow with the pool; a row becomes Python lists only when it is read. ``examples`` are the caller's own
+    Example objects (no copies), indexed like the rows: do not change the sequence while the data set is used.
+    Under a multi-process launch every rank must construct it (rank 0 tokenises, the others wait and read).
+    """
+
+    def __init__(self, examples: Sequence[Example], tokenizer, max_length: int | None = 512, *,
+                 num_proc: int | None = None, cache_dir: str | os.PathLike | None = None):
+        table = tokenize_pool(examples, tokenizer, max_length, num_proc=num_proc, cache_dir=cache_dir)
+        dropped = table.data.column("dropped").to_numpy()
+        cut = table.data.column("tokens_cut").to_numpy()
+        self._source = examples
+        self._kept = np.flatnonzero(~dropped)
+        # read through pyarrow: a row costs a fraction of what datasets' formatting layer spends on it
+        self._ids, self._labels = table.data.column("input_ids"), table.data.column("labels")
+        self.lengths = pc.list_value_length(self._ids).to_numpy()[self._kept]
+        self.lengths.flags.writeable = False
+        self.stats = EncodeStats(total=len(table), truncated=int((cut > 0).sum()), tokens_cut=int(cut.sum()),
+                                 dropped=int(dropped.sum()),
+                                 dropped_ids=[examples[int(i)].id for i in np.flatnonzero(dropped)])
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self._kept)
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        return {**self.rows[index], "example_index": index}
+        return {**self._row(index), "example_index": index % len(self)}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, object]]:
+        """Rows for a DataLoader batch, read from the table in one query."""
+        positions = pa.array(self._kept[indices])
+        ids, labels = self._ids.take(positions).to_pylist(), self._labels.take(positions).to_pylist()
+        return [{"input_ids": i, "labels": y, "example_index": index % len(self)}
+                for i, y, index in zip(ids, labels, indices)]
+
+    def _row(self, index: int) -> dict[str, list[int]]:
+        position = self._kept[index]
+        return {"input_ids": self._ids[position].as_py(), "labels": self._labels[position].as_py()}
+
+    @property
+    def examples(self) -> Sequence[Example]:
+        """The Example of each row (the caller's objects, by reference)."""
+        return _LazySequence(len(self), lambda i: self._source[int(self._kept[i])])
+
+    @property
+    def rows(self) -> Sequence[dict[str, list[int]]]:
+        """``{"input_ids", "labels"}`` of each row, read on access (for callers written against the list this
+        data set used to hold; read-only). ``lengths`` holds the row lengths without reading any row."""
+        return _LazySequence(len(self), self._row)
 
     def num_tokens(self) -> int:
-        return sum(len(r["input_ids"]) for r in self.rows)
+        return int(self.lengths.sum())
+
+
+class _LazySequence(Sequence):
+    """A read-only list whose items are made on access."""
+
+    def __init__(self, size: int, item):
+        self._size, self._item = size, item
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(self._size))]
+        if not -self._size <= index < self._size:
+            raise IndexError(f"index {index} out of range for {self._size} rows")
+        return self._item(index % self._size)
+
+
+#: The map's input: each row's conversation as the chat template sees it.
+RECORD_FEATURES = Features({"messages": List({"role": Value("string"), "content": Value("string")})})
+#: The map's output, one row per input row (dropped rows included, so the stats can be read back from cache).
+TOKEN_FEATURES = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")),
+                           "tokens_cut": Value("int32"), "dropped": Value("bool")})
+#: Pools smaller than this tokenise in one process: below it, starting workers costs more than it saves.
+PARALLEL_FROM_ROWS = 20_000
+_WRITE_ROWS = 10_000
+
+
+def tokenize_pool(examples: Sequence[Example], tokenizer, max_length: int | None, *,
+                  num_proc: int | None = None, cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """Every example encoded by :func:`encode_example`, as a memory-mapped Arrow table of int32 ``input_ids``
+    and ``labels``, each row's ``tokens_cut`` and whether it was ``dropped`` (no response token left).
+
+    The table is cached under ``cache_dir`` (default ``slimtune.models.cache_dir() / "pools"``), in a folder
+    per pool, by a fingerprint of the pool, the tokenizer, ``max_length`` and this module's code: a repeated
+    call tokenises nothing. The main process builds it first and the other ranks then load the same files.
+    ``num_proc`` worker processes tokenise (default ``$SLIMTUNE_NUM_PROC``, else 1 below
+    :data:`PARALLEL_FROM_ROWS` rows and one per available CPU above). A conversation the chat template cannot
+    render raises a :class:`DataError` naming its file, line and field.
+    """
+    ensure_chat_template(tokenizer)
+    if len(examples) == 0:  # datasets skips the function on an empty table, which would keep the input's columns
+        return datasets.Dataset.from_dict({name: [] for name in TOKEN_FEATURES}, features=TOKEN_FEATURES)
+    if cache_dir is None:
+        from slimtune.models import cache_dir as default_cache_dir
+
+        cache_dir = default_cache_dir() / "pools"
+    pool = pool_hash(examples)
+    folder = Path(cache_dir) / pool
+    key = Hasher.hash([pool, len(examples), Hasher.hash(tokenizer), max_length, _ENCODER_CODE])
+    workers = _workers(num_proc, len(examples))
+    with _process_state().main_process_first():
+        records = _records(examples, folder / "records.arrow")
+        try:
+            return records.map(_encode_batch, batched=True, with_indices=True, num_proc=workers,
+                               fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+                               features=TOKEN_FEATURES, remove_columns=records.column_names,
+                               new_fingerprint=key, cache_file_name=str(folder / f"tokens-{key}.arrow"),
+                               load_from_cache_file=True, desc="Tokenising")
+        except _Unrenderable as failed:
+            position, reason = failed.args
+            example = examples[position]
+            raise DataError(f"the chat template cannot render this conversation: {reason}",
+                            file=example.metadata.get("file", f"id {example.id}"),
+                            line=example.metadata.get("line"), field="messages") from None
+
+
+class _Unrenderable(Exception):
+    """``(position, reason)``: plain arguments, so it survives the trip back from a worker process."""
+
+
+def _encode_batch(batch: dict[str, list], indices: list[int], tokenizer, max_length: int | None
+                  ) -> dict[str, list]:
+    out: dict[str, list] = {name: [] for name in TOKEN_FEATURES}
+    for position, messages in zip(indices, batch["messages"]):
+        stats = EncodeStats()
+        try:
+            row = encode_example(Example(id=str(position), messages=tuple(messages)), tokenizer, max_length,
+                                 stats)
+        except (ValueError, TemplateError) as err:  # a template refusing a role order is a data problem
+            raise _Unrenderable(position, str(err)) from err
+        out["input_ids"].append(row["input_ids"])
+        out["labels"].append(row["labels"])
+        out["tokens_cut"].append(stats.tokens_cut)
+        out["dropped"].append(all(label == IGNORE_INDEX for label in row["labels"]))
+    return out
+
+
+def _records(examples: Sequence[Example], path: Path) -> datasets.Dataset:
+    """The pool's conversations as an Arrow file, written once in bounded batches: the map's input, so
+    worker processes read their shard from disk instead of being sent pickled Examples."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        with ArrowWriter(features=RECORD_FEATURES, path=str(partial)) as writer:
+            rows = iter(examples)
+            while batch := list(itertools.islice(rows, _WRITE_ROWS)):
+                writer.write_batch({"messages": [[{"role": m["role"], "content": m["content"]}
+                                                  for m in ex.messages] for ex in batch]})
+            writer.finalize()
+        os.replace(partial, path)
+    return datasets.Dataset.from_file(str(path))
+
+
+def _process_state() -> PartialState:
+    """This process's place in the launch. Without ``cpu=True`` accelerate leaves a GPU-less process out of
+    its torchrun launch (no gloo group), and every rank would tokenise on its own; the state is a singleton,
+    so this must match how ``slimtune.models`` creates it."""
+    return PartialState(cpu=torch.cuda.device_count() == 0 or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _workers(num_proc: int | None, rows: int) -> int | None:
+    """Processes for the map; ``None`` for one (datasets starts a pool for any number given)."""
+    if num_proc is None:
+        setting = os.environ.get("SLIMTUNE_NUM_PROC", "").strip()
+        if setting and not (setting.isdigit() and int(setting) > 0):
+            raise ValueError(f"SLIMTUNE_NUM_PROC must be a positive integer, got {setting!r}")
+        num_proc = int(setting) if setting else (1 if rows < PARALLEL_FROM_ROWS else len(os.sched_getaffinity(0)))
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+    return num_proc if num_proc > 1 else None
+
+
+#: Part of the cache key: any edit to this module re-tokenises, as stale ids would silently skew every stage.
+_ENCODER_CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 @dataclass
