@@ -21,18 +21,11 @@ from pathlib import Path
 
 import torch
 
-from slimtune.utils import atomic_write_text
+from slimtune.utils import atomic_write_text, cache_dir, process_state, runs_on_cpu
 
 DEFAULT_MODEL = "smollm2"
 TINY_MODEL = "tiny"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SLIMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = Path(root) / "slimtune" if not os.environ.get("SLIMTUNE_CACHE") else Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def embedded_gguf_path() -> Path:
@@ -147,12 +140,8 @@ def choose_device(device: str | None = None) -> torch.device:
     so every later collective and every rank's model sees the same distributed state."""
     if device:
         return torch.device(device)
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # without cpu=True accelerate leaves a GPU-less process out of its torchrun launch (no gloo group)
-    cpu = torch.cuda.device_count() == 0 or parse_flag_from_env("ACCELERATE_USE_CPU")
-    return device_for_rank(PartialState(cpu=cpu).local_process_index, 0 if cpu else torch.cuda.device_count())
+    cpu = runs_on_cpu()
+    return device_for_rank(process_state().local_process_index, 0 if cpu else torch.cuda.device_count())
 
 
 def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
