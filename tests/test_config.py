@@ -63,7 +63,7 @@ def test_train_and_eval_read_config_files_too(tmp_path, pool):
     config.write_text("task: loss\nlimits: 4\n")
     result = runner.invoke(app, ["eval", "--config", str(config)])
     assert result.exit_code == 2 and "unknown key 'limits'" in flat(result)
-    assert "known: batch-size, data, device," in flat(result) and " limit," in flat(result)
+    assert "known: batch-size, data, data-subset, device," in flat(result) and " limit," in flat(result)
 
 
 def test_train_hands_the_trainer_the_users_loggers_and_arguments_from_a_config_file(tmp_path, pool):

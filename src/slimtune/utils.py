@@ -82,3 +82,29 @@ def load_registered(registry: dict[str, str], name: str, kind: str, base: type |
                                  and dataclasses.is_dataclass(found)):
         raise ValueError(f"{kind} '{name}' is not a dataclass subclass of {base.__module__}.{base.__name__}")
     return found
+
+
+def cache_dir() -> Path:
+    """slimtune's cache folder: ``$SLIMTUNE_CACHE``, else ``slimtune`` under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    configured = os.environ.get("SLIMTUNE_CACHE")
+    path = Path(configured) if configured else \
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def runs_on_cpu() -> bool:
+    """Whether this process computes on the CPU: no GPU, or accelerate told to use the CPU."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return torch.cuda.device_count() == 0 or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def process_state():
+    """accelerate's ``PartialState``: this process's place in an ``accelerate launch`` / ``torchrun`` launch (or
+    the one process). Without ``cpu=True`` accelerate leaves a GPU-less process out of its torchrun launch (no
+    gloo group); the state is a singleton, so every part of slimtune must create it the same way: here."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=runs_on_cpu())

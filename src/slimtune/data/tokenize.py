@@ -31,8 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from datasets import Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 from datasets.fingerprint import Hasher
@@ -41,6 +39,8 @@ from torch.utils.data import Dataset
 
 from slimtune.data.errors import DataError
 from slimtune.data.example import Example, pool_hash
+from slimtune.utils import cache_dir as default_cache_dir
+from slimtune.utils import process_state
 
 IGNORE_INDEX = -100
 
@@ -254,14 +254,12 @@ def tokenize_pool(examples: Sequence[Example], tokenizer, max_length: int | None
     if len(examples) == 0:  # datasets skips the function on an empty table, which would keep the input's columns
         return datasets.Dataset.from_dict({name: [] for name in TOKEN_FEATURES}, features=TOKEN_FEATURES)
     if cache_dir is None:
-        from slimtune.models import cache_dir as default_cache_dir
-
         cache_dir = default_cache_dir() / "pools"
     pool = pool_hash(examples)
     folder = Path(cache_dir) / pool
     key = Hasher.hash([pool, len(examples), Hasher.hash(tokenizer), max_length, _ENCODER_CODE])
     workers = _workers(num_proc, len(examples))
-    with _process_state().main_process_first():
+    with process_state().main_process_first():
         records = _records(examples, folder / "records.arrow")
         try:
             return records.map(_encode_batch, batched=True, with_indices=True, num_proc=workers,
@@ -312,13 +310,6 @@ def _records(examples: Sequence[Example], path: Path) -> datasets.Dataset:
             writer.finalize()
         os.replace(partial, path)
     return datasets.Dataset.from_file(str(path))
-
-
-def _process_state() -> PartialState:
-    """This process's place in the launch. Without ``cpu=True`` accelerate leaves a GPU-less process out of
-    its torchrun launch (no gloo group), and every rank would tokenise on its own; the state is a singleton,
-    so this must match how ``slimtune.models`` creates it."""
-    return PartialState(cpu=torch.cuda.device_count() == 0 or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _workers(num_proc: int | None, rows: int) -> int | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.utils import atomic_write_text, file_crc32, write_json
+from slimtune.utils import atomic_write_text, cache_dir, file_crc32, process_state, runs_on_cpu, write_json
 
 log = logging.getLogger("slimtune.models")
 
@@ -36,13 +36,6 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHECKSUMS = "slimtune_checksums.json"
 #: file path -> (size, mtime_ns, inode) of cached model files whose checksum this process has verified
 _verified: dict[str, tuple[int, int, int]] = {}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SLIMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = Path(root) / "slimtune" if not os.environ.get("SLIMTUNE_CACHE") else Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def embedded_gguf_path() -> Path:
@@ -209,12 +202,8 @@ def choose_device(device: str | None = None) -> torch.device:
     so every later collective and every rank's model sees the same distributed state."""
     if device:
         return torch.device(device)
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # without cpu=True accelerate leaves a GPU-less process out of its torchrun launch (no gloo group)
-    cpu = torch.cuda.device_count() == 0 or parse_flag_from_env("ACCELERATE_USE_CPU")
-    return device_for_rank(PartialState(cpu=cpu).local_process_index, 0 if cpu else torch.cuda.device_count())
+    cpu = runs_on_cpu()
+    return device_for_rank(process_state().local_process_index, 0 if cpu else torch.cuda.device_count())
 
 
 def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
