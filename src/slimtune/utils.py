@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def file_crc32(path: str | os.PathLike, block_size: int = 1 << 24) -> int:
+    """CRC-32 of a whole file, read in blocks: the check for accidental damage of cached files."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(block_size):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -2,7 +2,9 @@
 
 Cells are cached by a fingerprint of everything their result depends on, each written atomically when
 finished, so a killed grid resumes at the first unfinished cell and changing one method re-runs only its
-cells. Selections that do not depend on the seed (no ``seed`` parameter) are computed once and shared.
+cells. A cached cell or selection is used only when its checksum matches: a damaged one is named in a
+warning and recomputed, never read as a result. Selections that do not depend on the seed (no ``seed``
+parameter) are computed once and shared.
 Generation metrics, the expensive ones, go to the cells an eval names and, when it names ``best``, to the
 best method at each budget, found after the grid from the cheap held-out loss every cell has.
 """
@@ -14,6 +16,7 @@ import json
 import shutil
 import statistics
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from rich.console import Console
 
 from slimtune.bench.config import ALWAYS, BEST, EvalSpec, GridConfig, MethodSpec, load_config
 from slimtune.bench.pool import BenchData, build_bench_data
-from slimtune.utils import atomic_write_text, write_json
+from slimtune.utils import atomic_write_text, json_default, write_json
 
 UNTRAINED = MethodSpec(name="untrained", label="untrained")
 FULL = MethodSpec(name="full", label="full")
@@ -84,13 +87,10 @@ class GridRunner:
         rows = []
         cells = grid_cells(self.config)
         for number, cell in enumerate(cells, 1):
-            path = self.cells_dir / f"{cell.name}.json"
-            key = self.cell_key(cell)
-            if path.exists():
-                cached = json.loads(path.read_text())
-                if cached.get("key") == key:
-                    rows.append(cached)
-                    continue
+            cached = self._cached_row(self.cells_dir / f"{cell.name}.json", self.cell_key(cell))
+            if cached is not None:
+                rows.append(cached)
+                continue
             self.console.rule(f"[bold]cell {number}/{len(cells)}: {cell.name}")
             self._finish(cell, self.run_cell(cell), rows)
         for spec in self.config.evals:
@@ -98,9 +98,24 @@ class GridRunner:
                 self._generate_for_best(spec, cells, rows)
         return rows
 
+    def _cached_row(self, path: Path, key: str) -> dict[str, Any] | None:
+        """The row cached in ``path`` for ``key``; None when there is none, it is another key's, or it is damaged."""
+        if not path.exists():
+            return None
+        try:
+            row = json.loads(path.read_bytes())
+        except ValueError:  # not JSON (or not UTF-8)
+            row = None
+        # a row without a checksum was written before checksums existed: trusted, as it was then
+        if not isinstance(row, dict) or ("checksum" in row and row.pop("checksum") != _checksum(row)):
+            self.console.print(f"[yellow]{path}: damaged (checksum mismatch); the cell is run again[/yellow]")
+            return None
+        return row if row.get("key") == key else None
+
     def _finish(self, cell: Cell, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         row["key"] = self.cell_key(cell)
-        write_json(self.cells_dir / f"{cell.name}.json", row)
+        row.pop("checksum", None)
+        write_json(self.cells_dir / f"{cell.name}.json", {**row, "checksum": _checksum(row)})
         names = [r["cell"] for r in rows]
         if cell.name in names:
             rows[names.index(cell.name)] = row
@@ -194,8 +209,14 @@ class GridRunner:
         path = self.out / "selections" / f"{cell.method.label}-b{cell.budget:g}{seed_part}"
         key = self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), seed_part)
         key_file = path / "key.txt"
-        if key_file.exists() and key_file.read_text() == key:
-            return Selection.load(path)
+        manifest = path / "manifest.json"
+        stored = key_file.read_text().split(" ") if key_file.exists() else []
+        if stored[:1] == [key]:
+            # a key without a checksum was written before checksums existed: trusted, as the cells are
+            if len(stored) == 1 or (manifest.exists() and stored[1] == str(zlib.crc32(manifest.read_bytes()))):
+                return Selection.load(path)
+            self.console.print(f"[yellow]{manifest}: damaged (checksum mismatch); the selection is run "
+                               "again[/yellow]")
         params = dict(cell.method.params)
         fields = {f.name for f in dataclasses.fields(selector_class(cell.method.name))}
         if "model" in fields:
@@ -208,7 +229,8 @@ class GridRunner:
         targeted = selector.needs_target or params.get("objective") == "flmi"
         selection = selector.select(self.data.pool, cell.budget, target=self.data.targets if targeted else None)
         selection.save(path, self.data.pool)
-        atomic_write_text(key_file, key)  # written last: a selection without its key is not trusted
+        # written last, with the manifest's checksum: a selection without its key is not trusted
+        atomic_write_text(key_file, f"{key} {zlib.crc32(manifest.read_bytes())}")
         return selection
 
     @staticmethod
@@ -246,6 +268,10 @@ class GridRunner:
         report = evaluate(model, tokenizer, {spec.task: self.data.evals[spec.task]},
                           metrics=None if generate else ("loss",), **kwargs)
         return {f"{spec.task}/{name}": value for name, value in report.metrics[spec.task].items()}
+
+
+def _checksum(row: dict[str, Any]) -> int:
+    return zlib.crc32(json.dumps(row, sort_keys=True, default=json_default).encode())
 
 
 def _has_task_metrics(row: dict[str, Any], task: str) -> bool:

@@ -7,6 +7,10 @@ Names that :func:`resolve_model` understands besides Hugging Face ids and local 
   first load copies the weights into a fresh model and saves it as safetensors under the cache; every later
   load reads that directory in well under a second.
 - ``"tiny"``: a randomly initialised 2-layer Llama with SmolLM2's tokenizer, for unit tests.
+
+Both cached directories are built from what is installed, so they are verified, not trusted: each carries the
+size and CRC-32 of its files (``slimtune_checksums.json``), checked once per process, and a damaged one is
+named in a warning, discarded and built again (seconds for ``tiny``, half a minute for ``smollm2``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,11 +26,16 @@ from pathlib import Path
 
 import torch
 
-from slimtune.utils import atomic_write_text, cache_dir, process_state, runs_on_cpu
+from slimtune.utils import atomic_write_text, cache_dir, file_crc32, process_state, runs_on_cpu, write_json
+
+log = logging.getLogger("slimtune.models")
 
 DEFAULT_MODEL = "smollm2"
 TINY_MODEL = "tiny"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CHECKSUMS = "slimtune_checksums.json"
+#: file path -> (size, mtime_ns, inode) of cached model files whose checksum this process has verified
+_verified: dict[str, tuple[int, int, int]] = {}
 
 
 def embedded_gguf_path() -> Path:
@@ -54,13 +64,19 @@ def _publish(build, target: Path) -> Path:
     """Build a directory under a temporary name and rename it into place, so an interrupted build is never
     mistaken for a finished one and two processes racing to build it both end with a whole directory.
     Building initialises random weights; it runs on a forked RNG so a seeded run draws the same numbers
-    (LoRA init, data order) whether or not this call had to build the cache first."""
+    (LoRA init, data order) whether or not this call had to build the cache first. A published directory
+    that fails its checksums is discarded and built again."""
     if (target / "config.json").exists():
-        return target
+        problem = _damage(target)
+        if problem is None:
+            return target
+        log.warning("%s: the cached model is discarded and rebuilt", problem)
+        _discard(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         with torch.random.fork_rng(devices=[]):
             build(tmp)
+        _write_checksums(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process published first
@@ -69,6 +85,48 @@ def _publish(build, target: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_checksums(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != _CHECKSUMS)
+    write_json(directory / _CHECKSUMS, {str(p.relative_to(directory)): {"bytes": p.stat().st_size,
+                                                                          "crc32": file_crc32(p)}
+                                        for p in files})
+
+
+def _damage(directory: Path) -> str | None:
+    """What is wrong with a published model directory (naming the file), or None when its files match."""
+    listing = directory / _CHECKSUMS
+    if not listing.exists():  # published before checksums: adopt it as it is now
+        _write_checksums(directory)
+        return None
+    try:
+        files = json.loads(listing.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return f"{listing}: unreadable"
+    for name, expected in files.items():
+        path = directory / name
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return f"{path}: missing"
+        if stat.st_size != expected["bytes"]:
+            return f"{path}: {stat.st_size} bytes, {expected['bytes']} written"
+        identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if _verified.get(str(path)) != identity:
+            if file_crc32(path) != expected["crc32"]:
+                return f"{path}: checksum mismatch"
+            _verified[str(path)] = identity
+    return None
+
+
+def _discard(directory: Path) -> None:
+    aside = directory.with_name(f".{directory.name}-damaged-{os.getpid()}")
+    try:
+        os.replace(directory, aside)
+    except OSError:  # another process discarded it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _embedded_model_dir() -> Path:
@@ -84,13 +142,17 @@ def _embedded_model_dir() -> Path:
         model.generation_config = loaded.generation_config
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        _drop_quantization_config(out)
 
-    return _drop_quantization_config(_publish(build, cache_dir() / "smollm2-135m-instruct"))
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and not (target / _CHECKSUMS).exists():
+        _drop_quantization_config(target)  # before the files are adopted with their checksums
+    return _publish(build, target)
 
 
 def _drop_quantization_config(directory: Path) -> Path:
     """The cached weights are dequantised fp32, but the config copied from the GGUF load still names GGUF, and
-    the Trainer refuses to train a model whose config does; caches built before this fix are healed here."""
+    the Trainer refuses to train a model whose config does; caches built before this fix are healed too."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
     if config.pop("quantization_config", None) is not None:

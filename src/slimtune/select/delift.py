@@ -100,8 +100,9 @@ class _FacilityLocationSelector(GreedyToBudget, Selector):
 
     def select(self, pool: Sequence[Example], budget: Budget | float | int | str = DEFAULT_BUDGET, *,
                target: Sequence[Example] | None = None,
-               existing: Sequence[Example] | None = None) -> Selection:
-        return super().select(pool, budget, target=target, existing=existing)  # with the authors' default
+               existing: Sequence[Example] | None = None, allow_unscored: bool = False) -> Selection:
+        return super().select(pool, budget, target=target, existing=existing,  # with the authors' default
+                              allow_unscored=allow_unscored)
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         others = {"fl": None, "flmi": target, "flcg": existing}[self.objective]

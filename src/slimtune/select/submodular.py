@@ -461,10 +461,10 @@ class GreedyToBudget:
     budget, and the tail of a full order, all gains zero, is lazy greedy's slowest part). The budget lives
     only for that call: ``score`` called alone, or later on another pool, orders its whole pool."""
 
-    def select(self, pool: Sequence, budget, *, target=None, existing=None) -> Selection:
+    def select(self, pool: Sequence, budget, *, target=None, existing=None, allow_unscored=False) -> Selection:
         self._picks = Budget.parse(budget).resolve(len(pool)) if pool else 0
         try:
-            return super().select(pool, budget, target=target, existing=existing)
+            return super().select(pool, budget, target=target, existing=existing, allow_unscored=allow_unscored)
         finally:
             del self._picks
 
