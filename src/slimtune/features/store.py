@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from slimtune.progress import stage
-from slimtune.utils import atomic_write_bytes, write_json
+from slimtune.utils import atomic_write_bytes, file_crc32, write_json
 
 log = logging.getLogger("slimtune.store")
 
@@ -77,7 +77,6 @@ DEFAULT_TIMEOUT = 3600.0
 PROGRESS_EVERY = 30.0
 _POLL = 0.2
 _UNREADABLE_CLAIM = 10.0
-_READ_BLOCK = 1 << 24
 
 #: path -> (size, mtime_ns, inode) of shard files whose checksum this process has verified
 _verified: dict[str, tuple[int, int, int]] = {}
@@ -104,14 +103,6 @@ def store_timeout() -> float:
 def key_digest(key: Mapping[str, Any]) -> str:
     canon = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:20]
-
-
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(_READ_BLOCK):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 class CorruptShardError(ValueError):
