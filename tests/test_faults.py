@@ -288,19 +288,11 @@ def test_delift_killed_in_the_middle_of_writing_a_kernel_block_reruns_to_the_uni
     assert [p for p in unexpected_leftovers(cache, out) if ".tmp" not in p.name] == []
 
 
-@pytest.mark.xfail(strict=True, reason="utils.atomic_write_bytes names its temporary file .NAME.tmpPID and "
-                   "nothing removes one whose process was killed: a torn shard write leaves a file as large as "
-                   "the shard in the store forever (features/store.py fill, or `slimtune cache verify --fix`, "
-                   "should sweep temporary files of dead pids)")
 def test_a_torn_kernel_block_write_leaves_no_temporary_file_after_the_rerun(delift_torn):
     kill, cache, out, _ = delift_torn
     assert leftovers(cache, out) == [], kill
 
 
-@pytest.mark.xfail(strict=True, reason="features/store.py _settle removes a shard's claim file after writing the "
-                   "shard; killed between the two, the claim stays for good: the rerun finds the shard sound, never "
-                   "settles it, and nothing else removes a claim beside a finished shard (fill, or `slimtune cache "
-                   "verify --fix`, should remove claims of dead pids whose shard is sound)")
 def test_a_kill_between_a_shards_last_write_and_its_claims_removal_leaves_no_claim_after_the_rerun(tmp_path):
     import numpy as np
 

@@ -285,7 +285,12 @@ class FeatureStore:
         if world > 1:  # ranks start at different shards, so they rarely contend for the same claim
             start = rank * len(bounds) // world
             bounds = bounds[start:] + bounds[:start]
-        pending = [b for b in bounds if not self._sound(names, *b)]
+        pending = []
+        for lo, hi in bounds:
+            if self._sound(names, lo, hi):
+                _drop_stale_claim(self._claim_path(names, lo, hi), timeout)
+            else:
+                pending.append((lo, hi))
         progress = _ProgressLog(self.path, tuple(names), n_rows, n_rows - sum(hi - lo for lo, hi in pending),
                                 enabled=rank == 0)
         computed, last_progress = 0, time.monotonic()
@@ -326,14 +331,16 @@ class FeatureStore:
                 timeout: float) -> int | dict:
         """Make shard lo..hi of ``names`` sound: 0 if it is (written by someone else), 1 if computed here,
         or the claim of the live process that is computing it."""
-        if self._sound(names, lo, hi):
-            return 0
         claim = self._claim_path(names, lo, hi)
+        if self._sound(names, lo, hi):
+            _drop_stale_claim(claim, timeout)
+            return 0
         claim.parent.mkdir(parents=True, exist_ok=True)
         holder = _claim(claim, rank, timeout)
         if holder is not None:
             return holder
         try:
+            self._drop_torn_writes(names, lo, hi)  # the claim is ours: no live process is writing this shard
             problems = {name: self.verify(name, lo, hi) for name in names}  # again, now that it is ours
             if all(problem is None for problem in problems.values()):
                 return 0
@@ -349,6 +356,15 @@ class FeatureStore:
             return 1
         finally:
             claim.unlink(missing_ok=True)
+
+    def _drop_torn_writes(self, names: Sequence[str], lo: int, hi: int) -> None:
+        """Remove the temporary files (``.NAME.tmpPID``, see :func:`slimtune.utils.atomic_write_bytes`) of a
+        shard's writes that a killed process left half done; a file as large as the shard would stay forever."""
+        for name in names:
+            shard = self._shard(name, lo, hi)
+            for stem in (shard.path.name, shard.manifest.name):
+                for torn in shard.path.parent.glob(f".{stem}.tmp*"):
+                    torn.unlink(missing_ok=True)
 
     def _claim_path(self, names: Sequence[str], lo: int, hi: int) -> Path:
         return self._shard(names[0], lo, hi).path.with_suffix(".claim")
@@ -422,6 +438,21 @@ def _claim(path: Path, rank: int, stale_after: float) -> dict | None:
             json.dump(mine, fh)
         return None
     return {"file": str(path), "note": "contended"}
+
+
+def _drop_stale_claim(path: Path, stale_after: float) -> None:
+    """Remove the claim beside a sound shard when its process is gone: one killed after writing the shard but
+    before removing its claim would otherwise leave it for good (nothing settles a sound shard again)."""
+    try:
+        text, age = path.read_text(), time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = {}
+    if _stale(holder, age, stale_after):
+        path.unlink(missing_ok=True)
 
 
 def _stale(holder: Mapping[str, Any], age: float, stale_after: float) -> bool:
