@@ -280,6 +280,18 @@ def strip_text(example):
     return dataclasses.replace(example, messages=messages)
 
 
+def shortest_per_source(pool, tokenizer, count: int) -> list:
+    """About ``count`` rows, the shortest of each source in turn (n^2 forwards: short rows keep it cheap,
+    every source keeps it varied)."""
+    by_source: dict[str, list] = defaultdict(list)
+    for ex in pool:
+        by_source[ex.metadata.get("source", "default")].append(ex)
+    queues = [sorted(group, key=lambda ex: len(tokenizer(ex.prompt_text + ex.response)["input_ids"]))
+              for group in by_source.values()]
+    chosen = [ex for layer in zip(*queues) for ex in layer][:count]
+    return [ex for ex in pool if ex in chosen]
+
+
 def compare_delift(args, model, tokenizer, rows) -> dict:
     """UF entries (targets = contexts = ``rows``, unscaled) from both codes: slimtune with the authors' plain
     layout (prompt EOS response EOS) as its chat template, on the rows as they are and with trailing whitespace
@@ -459,20 +471,26 @@ def main(argv=None) -> dict:
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
     warmup_rows, pool, targets = load_rows(tokenizer, args.rows, args.max_length)
     report = {"slimtune": __version__, "date": time.strftime("%Y-%m-%d"), "machine": {
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__},
         "model": args.model, "max_length": args.max_length, "seed": SEED,
         "repos": {name: _head(getattr(args, f"{name}_repo")) for name in ("less", "delift", "uds")}}
     methods = args.methods.split(",")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+
+    def save(method: str) -> None:  # after each method, so a stopped run keeps what it finished
+        print(json.dumps(report[method], indent=1), flush=True)
+        args.out.write_text(json.dumps({**previous, **report}, indent=1) + "\n")
+
     if "less" in methods:
         run = warm_up(warmup_rows, args.model, work / "warmup", args.max_length)
         report["less"] = compare_less(args, run, pool, targets, work)
-        print(json.dumps(report["less"], indent=1), flush=True)
+        save("less")
     if "delift" in methods:
-        short = sorted(pool, key=lambda ex: len(tokenizer(ex.prompt_text + ex.response)["input_ids"]))
-        rows = [ex for ex in pool if ex in short[:args.delift_rows]]
+        rows = shortest_per_source(pool, tokenizer, args.delift_rows)
         report["delift"] = compare_delift(args, model, tokenizer, rows)
-        print(json.dumps(report["delift"], indent=1), flush=True)
+        save("delift")
     if "uds" in methods:
         run = warm_up(warmup_rows, args.model, work / "warmup", args.max_length)
         from peft import PeftModel
@@ -482,10 +500,7 @@ def main(argv=None) -> dict:
         tuned.eval()
         report["uds"] = compare_uds(args, tuned, tokenizer, pool)
         report["uds"]["checkpoint"] = last.name
-        print(json.dumps(report["uds"], indent=1), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    args.out.write_text(json.dumps({**previous, **report}, indent=1) + "\n")
+        save("uds")
     return report
 
 
