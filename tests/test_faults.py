@@ -323,10 +323,6 @@ def test_online_training_killed_mid_run_reruns_to_the_uninterrupted_adapter_and_
     assert unexpected_leftovers(cache, out) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a killed online run cannot resume: `slimtune train` has no option to "
-                   "save checkpoints and train.train() never passes resume_from_checkpoint to the Trainer, so a "
-                   "rerun starts again from step 0 (its result is the same, the work before the kill is lost); "
-                   "SelectionMixin's selection_state.pt save/restore is reachable only from the Python API")
 def test_online_training_killed_after_a_checkpoint_resumes_from_it(tmp_path, data, uninterrupted):
     _, whole_out = uninterrupted("online", online_args)
     cache, out = new_cache(tmp_path / "cache"), tmp_path / "run"

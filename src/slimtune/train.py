@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -263,7 +264,9 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
                   data_collator=Collator(tokenizer.pad_token_id, keep_index=keep_index), **extra)
     show_progress(trainer, f"training {model or 'smollm2'} on {len(dataset)} rows", live=settings.progress)
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(out, {
+        "model": model, "pool_hash": pool_hash(list(examples)), "settings": dataclasses.asdict(settings),
+        "training_args": {key: value for key, value in args.to_dict().items() if key in given}}))
     seconds = time.perf_counter() - start
 
     adapter_dir = out / "adapter"
@@ -294,6 +297,25 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, seconds=seconds, examples_seen=examples_seen,
                        tokens_seen=tokens_seen, final_loss=losses[-1],
                        log_history=history, encode_summary=dataset.stats.summary())
+
+
+def _checkpoint_to_resume(out: Path, run_key: dict[str, Any]) -> str | None:
+    """The last checkpoint in ``out`` when it was saved by this same run (model, rows, settings): a run killed
+    after a checkpoint goes on from it, as the Trainer resumes (weights, optimizer, scheduler, RNG, data
+    position; online selection restores its policy state and log). Another run's checkpoints are never
+    resumed: the run's key is recorded before training, and a different one starts afresh."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = out / "slimtune_run_key.json"
+    key = json.loads(json.dumps(run_key, default=str))
+    same_run = marker.exists() and json.loads(marker.read_text()) == key
+    if not same_run:
+        # checkpoints of an earlier, different run in this folder would be taken for this run's after a crash
+        for stale in out.glob("checkpoint-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        write_json(marker, key)
+        return None
+    return get_last_checkpoint(str(out))
 
 
 def load_trained(run_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None):
