@@ -7,9 +7,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from slimtune import cachecli
+from slimtune import cachecli, utils
 from slimtune.cli import app
-from slimtune.features import store as store_module
 from slimtune.features.store import FeatureStore
 
 runner = CliRunner()
@@ -63,7 +62,7 @@ def test_verify_names_bad_shards_and_fix_removes_them_so_the_next_fill_recompute
     data[-1] ^= 4
     flipped.write_bytes(bytes(data))
     cut.write_bytes(cut.read_bytes()[:-4])
-    monkeypatch.setattr(store_module, "_verified", {})  # a new process: nothing verified yet
+    monkeypatch.setattr(utils, "_verified", {})  # a new process: nothing verified yet
 
     done = invoke("verify")
     assert done.exit_code == 1

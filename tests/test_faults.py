@@ -121,14 +121,12 @@ def killed_in(kill: str, job) -> None:
 
 def run(cache: Path, *args) -> None:
     """Run ``slimtune args`` in this process, as a new process would: nothing it verified is remembered."""
+    from slimtune import utils
     from slimtune.cli import app
-    from slimtune.features import store
-    from slimtune.models import loading
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLIMTUNE_CACHE", str(cache))
-        patch.setattr(store, "_verified", {})
-        patch.setattr(loading, "_verified", {}, raising=False)
+        patch.setattr(utils, "_verified", {})
         app([str(a) for a in args], standalone_mode=False)
 
 
@@ -357,13 +355,14 @@ def test_a_bench_grid_killed_mid_cell_or_between_cells_reruns_to_the_uninterrupt
 # -- a damaged byte in each kind of cache file -----------------------------------------------------------------
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json"])
 def test_a_damaged_file_of_a_cached_model_is_named_discarded_and_rebuilt(tmp_path, monkeypatch, caplog, name):
-    from slimtune.models import load_model, loading
+    from slimtune import utils
+    from slimtune.models import load_model
 
     cache = tmp_path / "cache"
     tokenizer = cache / "smollm2-135m-instruct"  # what building the tiny model reads, without the 135M weights
     tokenizer.mkdir(parents=True)
     for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        source = loading.cache_dir() / "smollm2-135m-instruct" / file
+        source = utils.cache_dir() / "smollm2-135m-instruct" / file
         if source.exists():
             shutil.copy(source, tokenizer / file)
     monkeypatch.setenv("SLIMTUNE_CACHE", str(cache))
@@ -372,7 +371,7 @@ def test_a_damaged_file_of_a_cached_model_is_named_discarded_and_rebuilt(tmp_pat
 
     damaged = cache / "tiny-llama" / name
     flip_byte(damaged, damaged.stat().st_size // 2)
-    monkeypatch.setattr(loading, "_verified", {}, raising=False)  # the rerun is a new process
+    monkeypatch.setattr(utils, "_verified", {})  # the rerun is a new process
     with caplog.at_level("WARNING", logger="slimtune.models"):
         model, _ = load_model("tiny", device="cpu")
     assert f"{damaged}: checksum mismatch" in caplog.text
@@ -380,12 +379,6 @@ def test_a_damaged_file_of_a_cached_model_is_named_discarded_and_rebuilt(tmp_pat
     assert leftovers(cache) == []
 
 
-@pytest.mark.xfail(strict=True, reason="select/less.py trusts a finished warm-up run (slimtune_train.json "
-                   "exists) without checking its checkpoint files: a changed byte in optimizer.pt or the adapter "
-                   "loads silently (torch.load and safetensors check no data checksum), the features are keyed "
-                   "by the files' new hash and recomputed from the damaged state, and the selection changes "
-                   "with exit 0. Fix there: record the checkpoint files' checksums when the warm-up finishes "
-                   "and rerun a warm-up that fails them")
 @pytest.mark.parametrize("name", ["optimizer.pt", "adapter_model.safetensors"])
 def test_a_damaged_less_warmup_checkpoint_is_retrained_or_named(tmp_path, data, uninterrupted, name):
     whole_cache, whole_out = uninterrupted("less", less_args)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimtune.features import store as store_module
+from slimtune import utils
 from slimtune.features.store import (
     CorruptShardError,
     FeatureStore,
@@ -122,7 +122,7 @@ def test_chunked_similarity_and_top_k_equal_the_in_memory_ones(tmp_path):
 def fresh_process(monkeypatch):
     """A rerun is a new process: forget which checksums this one has verified."""
     def forget():
-        monkeypatch.setattr(store_module, "_verified", {})
+        monkeypatch.setattr(utils, "_verified", {})
     return forget
 
 

@@ -309,10 +309,12 @@ def _checkpoint_to_resume(out: Path, run_key: dict[str, Any]) -> str | None:
     marker = out / "slimtune_run_key.json"
     key = json.loads(json.dumps(run_key, default=str))
     same_run = marker.exists() and json.loads(marker.read_text()) == key
+    for checkpoint in out.glob("checkpoint-*"):
+        # Another run's checkpoints would be taken for this run's after a crash, and one whose saving was cut
+        # short (the Trainer writes trainer_state.json last) cannot be resumed: both go.
+        if not same_run or not (checkpoint / "trainer_state.json").exists():
+            shutil.rmtree(checkpoint, ignore_errors=True)
     if not same_run:
-        # checkpoints of an earlier, different run in this folder would be taken for this run's after a crash
-        for stale in out.glob("checkpoint-*"):
-            shutil.rmtree(stale, ignore_errors=True)
         write_json(marker, key)
         return None
     return get_last_checkpoint(str(out))

@@ -32,6 +32,66 @@ def file_crc32(path: str | os.PathLike, block_size: int = 1 << 24) -> int:
     return crc
 
 
+#: (size, mtime, inode) of every file whose checksum this process has verified: a file is read once.
+_verified: dict[str, tuple[int, int, int]] = {}
+
+#: The listing :func:`write_folder_checksums` leaves in a cached folder.
+FOLDER_CHECKSUMS = "slimtune_checksums.json"
+
+
+def remember_verified(path: str | os.PathLike) -> None:
+    """Record ``path`` as verified as it is now (a file this process has just written)."""
+    stat = os.stat(path)
+    _verified[str(path)] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def checksum_matches(path: str | os.PathLike, crc32: int) -> bool:
+    """Whether ``path``'s CRC-32 is ``crc32``; a file verified once is not read again while its size, mtime
+    and inode stay the same."""
+    stat = os.stat(path)
+    if _verified.get(str(path)) == (stat.st_size, stat.st_mtime_ns, stat.st_ino):
+        return True
+    if file_crc32(path) != crc32:
+        return False
+    remember_verified(path)
+    return True
+
+
+def write_folder_checksums(directory: str | os.PathLike) -> None:
+    """Size and CRC-32 of every file in a finished cached folder (a model, a LESS warm-up run), for
+    :func:`folder_damage` to check before the folder is used again."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != FOLDER_CHECKSUMS)
+    write_json(directory / FOLDER_CHECKSUMS, {str(p.relative_to(directory)): {"bytes": p.stat().st_size,
+                                                                              "crc32": file_crc32(p)}
+                                              for p in files})
+
+
+def folder_damage(directory: str | os.PathLike) -> str | None:
+    """What is wrong with a cached folder (naming the file), or None when its files match their checksums. A
+    folder finished before checksums were kept is adopted as it is now."""
+    directory = Path(directory)
+    listing = directory / FOLDER_CHECKSUMS
+    if not listing.exists():
+        write_folder_checksums(directory)
+        return None
+    try:
+        files = json.loads(listing.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return f"{listing}: unreadable"
+    for name, expected in files.items():
+        path = directory / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{path}: missing"
+        if size != expected["bytes"]:
+            return f"{path}: {size} bytes, {expected['bytes']} written"
+        if not checksum_matches(path, expected["crc32"]):
+            return f"{path}: checksum mismatch"
+    return None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

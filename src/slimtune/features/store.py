@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from slimtune.progress import stage
-from slimtune.utils import atomic_write_bytes, file_crc32, write_json
+from slimtune.utils import atomic_write_bytes, checksum_matches, remember_verified, write_json
 
 log = logging.getLogger("slimtune.store")
 
@@ -79,7 +79,6 @@ _POLL = 0.2
 _UNREADABLE_CLAIM = 10.0
 
 #: path -> (size, mtime_ns, inode) of shard files whose checksum this process has verified
-_verified: dict[str, tuple[int, int, int]] = {}
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -189,17 +188,11 @@ def inspect_shard(shard: Shard, *, checksum: bool) -> tuple[_Layout | None, str 
 
 
 def checksum_problem(path: Path, crc32: int | None) -> str | None:
-    """None when ``path``'s CRC-32 is ``crc32`` (or none was recorded), else the mismatch; remembered for the
-    file's (size, mtime, inode), so a process checks a file once."""
-    if crc32 is None:
+    """None when ``path``'s CRC-32 is ``crc32`` (or none was recorded), else the mismatch; a process checks a
+    file once (:func:`slimtune.utils.checksum_matches`)."""
+    if crc32 is None or checksum_matches(path, crc32):
         return None
-    stat = path.stat()
-    fingerprint = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if _verified.get(str(path)) != fingerprint:
-        if file_crc32(path) != crc32:
-            return "checksum mismatch (the bytes changed after they were written)"
-        _verified[str(path)] = fingerprint
-    return None
+    return "checksum mismatch (the bytes changed after they were written)"
 
 
 class FeatureStore:
@@ -266,8 +259,7 @@ class FeatureStore:
         write_json(shard.manifest, {"name": name, "lo": lo, "hi": hi, "shape": list(array.shape),
                                     "dtype": str(array.dtype), "bytes": len(data), "crc32": zlib.crc32(data),
                                     **meta})
-        stat = shard.path.stat()
-        _verified[str(shard.path)] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        remember_verified(shard.path)
 
     def fill(self, names: Sequence[str], n_rows: int, shard_rows: int,
              compute: Callable[[int, int], Mapping[str, np.ndarray | Tensor]], *,

@@ -26,16 +26,22 @@ from pathlib import Path
 
 import torch
 
-from slimtune.utils import atomic_write_text, cache_dir, file_crc32, process_state, runs_on_cpu, write_json
+from slimtune.utils import (
+    FOLDER_CHECKSUMS,
+    atomic_write_text,
+    cache_dir,
+    folder_damage,
+    process_state,
+    runs_on_cpu,
+    write_folder_checksums,
+)
 
 log = logging.getLogger("slimtune.models")
 
 DEFAULT_MODEL = "smollm2"
 TINY_MODEL = "tiny"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CHECKSUMS = "slimtune_checksums.json"
 #: file path -> (size, mtime_ns, inode) of cached model files whose checksum this process has verified
-_verified: dict[str, tuple[int, int, int]] = {}
 
 
 def embedded_gguf_path() -> Path:
@@ -67,7 +73,7 @@ def _publish(build, target: Path) -> Path:
     (LoRA init, data order) whether or not this call had to build the cache first. A published directory
     that fails its checksums is discarded and built again."""
     if (target / "config.json").exists():
-        problem = _damage(target)
+        problem = folder_damage(target)
         if problem is None:
             return target
         log.warning("%s: the cached model is discarded and rebuilt", problem)
@@ -76,7 +82,7 @@ def _publish(build, target: Path) -> Path:
     try:
         with torch.random.fork_rng(devices=[]):
             build(tmp)
-        _write_checksums(tmp)
+        write_folder_checksums(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process published first
@@ -85,39 +91,6 @@ def _publish(build, target: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _write_checksums(directory: Path) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != _CHECKSUMS)
-    write_json(directory / _CHECKSUMS, {str(p.relative_to(directory)): {"bytes": p.stat().st_size,
-                                                                          "crc32": file_crc32(p)}
-                                        for p in files})
-
-
-def _damage(directory: Path) -> str | None:
-    """What is wrong with a published model directory (naming the file), or None when its files match."""
-    listing = directory / _CHECKSUMS
-    if not listing.exists():  # published before checksums: adopt it as it is now
-        _write_checksums(directory)
-        return None
-    try:
-        files = json.loads(listing.read_bytes())
-    except (ValueError, UnicodeDecodeError):
-        return f"{listing}: unreadable"
-    for name, expected in files.items():
-        path = directory / name
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return f"{path}: missing"
-        if stat.st_size != expected["bytes"]:
-            return f"{path}: {stat.st_size} bytes, {expected['bytes']} written"
-        identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        if _verified.get(str(path)) != identity:
-            if file_crc32(path) != expected["crc32"]:
-                return f"{path}: checksum mismatch"
-            _verified[str(path)] = identity
-    return None
 
 
 def _discard(directory: Path) -> None:
@@ -145,7 +118,7 @@ def _embedded_model_dir() -> Path:
         _drop_quantization_config(out)
 
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").exists() and not (target / _CHECKSUMS).exists():
+    if (target / "config.json").exists() and not (target / FOLDER_CHECKSUMS).exists():
         _drop_quantization_config(target)  # before the files are adopted with their checksums
     return _publish(build, target)
 

@@ -73,7 +73,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,6 +105,9 @@ from slimtune.models import LoraSettings, apply_lora, cache_dir, load_model, loa
 from slimtune.select.base import Cost, Selector
 from slimtune.select.submodular import FLMutualInformation, GreedyToBudget, greedy_scores
 from slimtune.train import TrainSettings, train
+from slimtune.utils import folder_damage, write_folder_checksums
+
+log = logging.getLogger("slimtune.less")
 
 AGGREGATES = ("mean-gradient", "mean-cosine")
 #: Feature values one side of a LESS-kernel block holds (64 MB of float32): rows = this / (checkpoints x d).
@@ -262,9 +267,14 @@ class LessSelector(GreedyToBudget, Selector):
         key = {"kind": "less-warmup", "model": self.model, "subset": pool_hash(subset),
                "settings": {k: v for k, v in asdict(settings).items() if k not in ("output_dir", "progress")}}
         run = self._root() / "less-warmup" / f"{pool_hash(subset)}-{key_digest(key)}"
-        if not (run / "slimtune_train.json").exists():
+        damage = folder_damage(run) if (run / "slimtune_train.json").exists() else "unfinished"
+        if damage is not None:
+            if damage != "unfinished":  # its checkpoints' weights and Adam moments are what the features read
+                log.warning("%s: the LESS warm-up run is discarded and trained again", damage)
+                shutil.rmtree(run, ignore_errors=True)
             settings.output_dir = str(run)
             result = train(subset, model=self.model, settings=settings)
+            write_folder_checksums(run)
             cost.forward_tokens += result.tokens_seen
             cost.backward_tokens += result.tokens_seen
             details["warmup_seconds"] = result.seconds
