@@ -380,8 +380,10 @@ def layers_note(layers: dict) -> str:
             "warm-up; extraction s = pool + target features; overlap and Spearman compare with all layers\n")
 
 
-def write_readme(result: dict, command: str) -> None:
-    body = (f"`{command}` on {result['machine']} ({result['seconds']:.0f} s in all). "
+def write_readme(result: dict) -> None:
+    runs = "; ".join(f"{part}: `{run['command']}` on {run['machine']}, {run['date']} ({run['seconds']:.0f} s)"
+                     for part, run in result["runs"].items())
+    body = (f"Parts and the runs that measured them: {runs}. Throughput: "
             f"{result['rows']} GSM8K training rows ({result['tokens']:,} tokens, max length {MAX_LENGTH}, "
             f"batches of {BATCH} sorted by length), SmolLM2-135M in fp32, LoRA r=128 / alpha 512 on q/k/v/o "
             f"({result['lora_params']:,} gradient coordinates), d = {DIM}; random LoRA B and synthetic Adam "
@@ -413,9 +415,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="pool rows for the throughput comparison")
     parser.add_argument("--authors-rows", type=int, default=8, help="rows timed one at a time")
     parser.add_argument("--memory-rows", type=int, nargs="+", default=[16, 32], help="pool sizes for memory")
-    parser.add_argument("--layers", type=int, nargs="*", default=[8, 4],
-                        help="top-N layer counts compared with all layers (none: skip the comparison)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 4],
+                        help="top-N layer counts compared with all layers")
     parser.add_argument("--slice-rows", type=int, default=1 << 15, help="dense-matrix rows actually timed")
+    parser.add_argument("--parts", nargs="+", choices=list(PART_KEYS), default=list(PART_KEYS),
+                        help="parts to (re)run; the others keep their stored results")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--memory-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -424,20 +428,36 @@ def main() -> None:
     if args.memory_worker:
         memory_worker(args.memory_worker[0], int(args.memory_worker[1]), args.worker_out)
         return
-    start = time.perf_counter()
-    result = measure(args)
-    result["memory"] = memory(args.memory_rows)
-    result["layers"] = layers_agreement(args.layers) if args.layers else None
-    result["seconds"] = time.perf_counter() - start
-    result["machine"] = machine()
+    # each part reruns alone and replaces its own keys in the stored results, so parts can run at different
+    # times (or side by side) and the README shows every part with the command and machine that produced it
+    result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = result.setdefault("runs", {})
+    command = command_line("less_features.py", sys.argv[1:])
+    for part in args.parts:
+        start = time.perf_counter()
+        if part == "throughput":
+            result.update(measure(args))
+        elif part == "memory":
+            result["memory"] = memory(args.memory_rows)
+        else:
+            result["layers"] = layers_agreement(args.layers)
+        runs[part] = {"command": command, "machine": machine(), "seconds": time.perf_counter() - start,
+                      "date": time.strftime("%Y-%m-%d")}
     print(tables(result))
-    print(f"overhead vs floor {result['overhead_vs_floor']:+.1%}; speed-up vs authors "
-          f"{result['speedup_vs_authors']:,.0f}x ({result['speedup_vs_authors_without_projection']:.1f}x "
-          f"without projection); {result['seconds']:.0f} s")
+    latest = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}  # a part run side by side may have
+    for part in set(latest.get("runs", {})) - set(args.parts):            # finished meanwhile: keep its keys
+        result.update({k: latest[k] for k in PART_KEYS[part] if k in latest})
+        runs[part] = latest["runs"][part]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     if not args.no_readme:
-        write_readme(result, command_line("less_features.py", sys.argv[1:]))
+        write_readme(result)
+
+
+PART_KEYS = {"throughput": ["rows", "tokens", "batches", "lora_params", "proj_dim", "authors_rows", "slice_rows",
+                            "table", "parts_seconds", "overhead_vs_floor", "speedup_vs_authors",
+                            "speedup_vs_authors_without_projection", "dense_matrix_gb"],
+             "memory": ["memory"], "layers": ["layers"]}
 
 
 if __name__ == "__main__":
