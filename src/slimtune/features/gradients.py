@@ -91,7 +91,12 @@ def parameter_offsets(model: nn.Module) -> dict[str, int]:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer's stack of layers: the longest ModuleList that holds trainable parameters."""
+    """The transformer's stack of layers: the decoder's ``layers`` where the model names it (Hugging Face
+    models, through a PEFT wrapper), else the longest ModuleList that holds trainable parameters."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        return decoder.layers
     stacks = [m for m in model.modules()
               if isinstance(m, nn.ModuleList) and any(p.requires_grad for p in m.parameters())]
     if not stacks:
@@ -100,22 +105,25 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(stacks, key=len)
 
 
-class _CutBelow:
-    """Forward pre-hook on the lowest layer taken: its hidden-state input becomes a fresh leaf, so the backward
-    pass stops there (nothing below is differentiated) and has one small tensor to aim at."""
+class _Cut:
+    """Makes the hidden state entering the lowest part taken a fresh leaf, so the backward pass stops there
+    (nothing below is differentiated) and has one small tensor to aim at: a forward hook on the input
+    embeddings (all layers) or a forward pre-hook on the lowest layer taken."""
 
     def __init__(self):
         self.leaves: list[Tensor] = []
 
-    def __call__(self, _module, args, kwargs):
+    def _leaf(self, hidden: Tensor) -> Tensor:
+        self.leaves.append(hidden.detach().requires_grad_())
+        return self.leaves[-1]
+
+    def output(self, _module, _args, output):
+        return self._leaf(output)
+
+    def layer_input(self, _module, args, kwargs):
         if args:
-            leaf = args[0].detach().requires_grad_()
-            args = (leaf, *args[1:])
-        else:
-            leaf = kwargs["hidden_states"].detach().requires_grad_()
-            kwargs = {**kwargs, "hidden_states": leaf}
-        self.leaves.append(leaf)
-        return args, kwargs
+            return (self._leaf(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._leaf(kwargs["hidden_states"])}
 
 
 def stream_per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor],
@@ -130,9 +138,15 @@ def stream_per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor],
     Returns each row's response-token mean loss and response-token count.
     """
     owners = _linear_owners(model)
-    stack = decoder_layers(model)
-    first = 0 if layers is None else max(len(stack) - layers, 0)
-    below = {id(m) for layer in stack[:first] for m in layer.modules()}
+    cut = _Cut()
+    below: set[int] = set()
+    if layers is None:
+        handles = [model.get_input_embeddings().register_forward_hook(cut.output)]
+    else:
+        stack = decoder_layers(model)
+        first = max(len(stack) - layers, 0)
+        below = {id(m) for layer in stack[:first] for m in layer.modules()}
+        handles = [stack[first].register_forward_pre_hook(cut.layer_input, with_kwargs=True)]
     params: dict[str, list[tuple[str, str]]] = {}  # module name -> its (parameter name, kind), in model order
     modules: dict[str, nn.Linear] = {}
     for name, (module_name, module, kind) in owners.items():
@@ -177,9 +191,7 @@ def stream_per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor],
             output.register_hook(lambda delta: arrive(module_name, call, delta))
         return hook
 
-    cut = _CutBelow()
-    handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
-    handles.append(stack[first].register_forward_pre_hook(cut, with_kwargs=True))
+    handles += [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
     device = next(model.parameters()).device
     batch_size = batch["input_ids"].shape[0]
     try:
