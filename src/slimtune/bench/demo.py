@@ -36,13 +36,14 @@ class DemoSettings:
     eval_batch_size: int = 24
     seed: int = 0
     # LESS scaled to a CPU: 1 warm-up epoch (1 checkpoint) of LoRA r=16 on 10% of the pool, features of the
-    # top 8 layers' LoRA gradients at 2,048 d, instead of the paper's 4 epochs of r=128 on 5%, all layers and
+    # top 4 layers' LoRA gradients at 2,048 d, instead of the paper's 4 epochs of r=128 on 5%, all layers and
     # 8,192 d; the lr is raised from 2e-5 because a warm-up of a few dozen rows at 2e-5 barely moves the
-    # adapter. Extraction is most of LESS's cost: one checkpoint halves it and the top 8 layers cut its
-    # backward pass to 8 of 30 layers (benchmarks/README.md, "LESS gradient features").
+    # adapter. Extraction is most of LESS's cost: one checkpoint halves it and the top 4 layers cut its
+    # backward pass to 4 of 30 layers; they put the same GSM8K rows first as all layers do on a mixed pool
+    # (benchmarks/README.md, "LESS gradient features").
     less: tuple[tuple[str, object], ...] = (("warmup_fraction", 0.1), ("epochs", 1), ("lora_r", 16),
                                             ("lora_alpha", 64), ("learning_rate", 1e-4), ("grad_accum", 1),
-                                            ("proj_dim", 2048), ("max_length", 256), ("layers", 8))
+                                            ("proj_dim", 2048), ("max_length", 256), ("layers", 4))
 
 
 def run_demo(out: Path, *, model: str = "smollm2", console: Console | None = None,
