@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from readme import command_line, replace_section
 
@@ -41,7 +42,8 @@ from slimtune.data.tokenize import Collator, TokenizedDataset
 from slimtune.features.gradients import (
     AdamMoments,
     extract_gradient_features,
-    per_example_gradients,
+    parameter_offsets,
+    stream_per_example_gradients,
     trainable_parameters,
 )
 from slimtune.features.losses import example_losses, response_logits
@@ -93,26 +95,27 @@ def plain_step(model, batch) -> None:
 
 
 def ours_step(model, batch, moments, projector, parts: dict[str, float]) -> torch.Tensor:
-    """slimtune's gradient_features, with the time of each part recorded."""
-    start = time.perf_counter()
-    grads = per_example_gradients(model, batch)
-    parts["forward+backward"] += time.perf_counter() - start
-    out, offset = None, 0
-    iterator = grads.grads()
-    while True:
-        start = time.perf_counter()
-        item = next(iterator, None)
-        parts["form per-example gradients"] += time.perf_counter() - start
-        if item is None:
-            return out
-        name, grad = item
+    """slimtune's gradient_features, with the time of each part recorded: Adam and the projection run inside
+    the backward pass, so forward+backward is the rest (forming the per-example gradients included)."""
+    offsets = parameter_offsets(model)
+    out = torch.zeros(batch["input_ids"].shape[0], DIM)
+    inside = dict.fromkeys(("Adam direction", "sparse JL projection"), 0.0)
+
+    def consume(name, grad):
         start = time.perf_counter()
         vector = moments.direction(name, grad)
-        parts["Adam direction"] += time.perf_counter() - start
-        start = time.perf_counter()
-        out = projector.project(vector, offset, out)
-        parts["sparse JL projection"] += time.perf_counter() - start
-        offset += grad.shape[1]
+        middle = time.perf_counter()
+        projector.project(vector, offsets[name], out)
+        inside["Adam direction"] += middle - start
+        inside["sparse JL projection"] += time.perf_counter() - middle
+
+    start = time.perf_counter()
+    stream_per_example_gradients(model, batch, consume)
+    total = time.perf_counter() - start
+    for part, seconds in inside.items():
+        parts[part] += seconds
+    parts["forward+backward, forming per-example gradients"] += total - sum(inside.values())
+    return out
 
 
 def authors_example(model, row, m, v, pad_token_id) -> tuple[float, float, torch.Tensor]:
@@ -147,8 +150,9 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_worker(rows: int, out: str) -> None:
-    """Extract features for ``rows`` pool rows into a fresh store, reporting the resident-memory peak."""
+def memory_worker(mode: str, rows: int, out: str) -> None:
+    """In this fresh process, either extract features for ``rows`` pool rows into a fresh store or run a plain
+    forward+backward over the same batches, reporting the resident-memory peak."""
     model, tokenizer, moments, data = setup(rows)
     base = rss_bytes()
     peak = [base]
@@ -161,14 +165,23 @@ def memory_worker(rows: int, out: str) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    with tempfile.TemporaryDirectory() as folder:
-        stats = extract_gradient_features(model, data, FeatureStore(folder), projector=SparseJLProjector(DIM),
-                                          moments=moments, batch_size=BATCH, shard_rows=16,
-                                          pad_token_id=tokenizer.pad_token_id)
-        store_bytes = sum(f.stat().st_size for f in Path(folder).rglob("*.npy"))
+    start = time.perf_counter()
+    tokens, store_bytes = 0, 0
+    if mode == "plain":
+        for batch in batches(data, tokenizer.pad_token_id):
+            plain_step(model, batch)
+            tokens += int(batch["attention_mask"].sum())
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            stats = extract_gradient_features(model, data, FeatureStore(folder), projector=SparseJLProjector(DIM),
+                                              moments=moments, batch_size=BATCH, shard_rows=16,
+                                              pad_token_id=tokenizer.pad_token_id)
+            store_bytes = sum(f.stat().st_size for f in Path(folder).rglob("*.npy"))
+            tokens = stats.tokens
+    seconds = time.perf_counter() - start
     running = False
     sampler.join()
-    Path(out).write_text(json.dumps({"rows": len(data), "tokens": stats.tokens, "seconds": stats.seconds,
+    Path(out).write_text(json.dumps({"mode": mode, "rows": len(data), "tokens": tokens, "seconds": seconds,
                                      "rss_after_setup_mb": base / 2**20, "peak_rss_mb": peak[0] / 2**20,
                                      "growth_mb": (peak[0] - base) / 2**20, "store_mb": store_bytes / 2**20}))
 
@@ -242,17 +255,77 @@ def row(method: str, seconds: float, floor: float, tokens_per_second: float | No
             "vs floor": seconds / floor}
 
 
-PARTS = ("forward+backward", "form per-example gradients", "Adam direction", "sparse JL projection")
+PARTS = ("forward+backward, forming per-example gradients", "Adam direction", "sparse JL projection")
 
 
 def memory(sizes: list[int]) -> list[dict]:
+    """For each pool size, a plain forward+backward and then an extraction, each in a fresh process: the two
+    alternate, so a change in the machine's load (or in other processes' memory) hits both alike."""
     out = []
     for rows in sizes:
-        with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-            subprocess.run([sys.executable, __file__, "--memory-worker", str(rows), "--worker-out", fh.name],
-                           check=True)
-            out.append(json.loads(Path(fh.name).read_text()))
+        pair = {}
+        for mode in ("plain", "extract"):
+            with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+                subprocess.run([sys.executable, __file__, "--memory-worker", mode, str(rows), "--worker-out",
+                                fh.name], check=True)
+                pair[mode] = json.loads(Path(fh.name).read_text())
+        out.append({**pair["extract"], "plain_peak_rss_mb": pair["plain"]["peak_rss_mb"],
+                    "plain_growth_mb": pair["plain"]["growth_mb"], "plain_seconds": pair["plain"]["seconds"],
+                    "peak_vs_plain": pair["extract"]["peak_rss_mb"] / pair["plain"]["peak_rss_mb"]})
     return out
+
+
+LAYER_POOL = (("gsm8k", 20), ("p3", 20), ("tatoeba", 15), ("taskmaster4", 5))
+
+
+def layers_agreement(choices: list[int]) -> dict:
+    """LESS on a small mixed pool of the bundled sample with the demo's settings and one warm-up checkpoint,
+    all layers against the top N: extraction time and how far the selections agree."""
+    from dataclasses import asdict
+
+    from slimtune.bench.demo import DemoSettings
+    from slimtune.data.recipes import load_recipe
+    from slimtune.select import get_selector
+
+    pool = [ex for source, n in LAYER_POOL for ex in load_recipe(source, split="train", limit=n, seed=0)]
+    ids = {ex.id for ex in pool}
+    targets = [ex for ex in load_recipe("gsm8k", split="train", limit=len(pool) + 50, seed=1)
+               if ex.id not in ids][:4]
+    settings = {**dict(DemoSettings().less), "epochs": 1}
+    runs = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for layers in [None, *choices]:
+            selector = get_selector("less", model="smollm2", cache_dir=cache, **{**settings, "layers": layers})
+            start = time.perf_counter()
+            selection = selector.select(pool, 0.1, target=targets)
+            details = selection.cost.details["less"]
+            runs[layers] = {"scores": selection.scores.tolist(), "seconds": time.perf_counter() - start,
+                            "extraction_seconds": details["pool_features"]["seconds"]
+                            + details["target_features"]["seconds"]}
+    reference = np.asarray(runs[None]["scores"])
+    gsm8k = np.array([ex.task == "gsm8k" for ex in pool])
+    table = []
+    for layers, run in runs.items():
+        scores = np.asarray(run["scores"])
+        row = {"layers": "all" if layers is None else layers, "extraction_seconds": run["extraction_seconds"],
+               "speedup": runs[None]["extraction_seconds"] / run["extraction_seconds"],
+               "spearman": spearman(scores, reference),
+               "gsm8k_share_top_15": float(gsm8k[top(scores, 0.15)].mean())}
+        for share in (0.1, 0.3):
+            row[f"overlap_top_{share:.0%}"] = len(set(top(scores, share)) & set(top(reference, share))) / len(
+                top(reference, share))
+        table.append(row)
+    return {"pool": len(pool), "targets": len(targets), "settings": settings, "table": table,
+            "pool_sources": dict(LAYER_POOL), "demo_settings": asdict(DemoSettings())["less"]}
+
+
+def top(scores: np.ndarray, share: float) -> list[int]:
+    return np.argsort(-scores, kind="stable")[:max(1, round(share * len(scores)))].tolist()
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable") for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
 
 
 def fmt(value, digits=2) -> str:
@@ -274,11 +347,21 @@ def tables(result: dict) -> str:
     lines += ["", *markdown(["part of slimtune's extraction", "seconds", "share"],
                             [[part, f"{sec:.2f}", f"{sec / total:.0%}"]
                              for part, sec in result["parts_seconds"].items()])]
-    lines += ["", *markdown(["pool rows", "tokens", "extraction s", "RSS after setup MB", "peak RSS MB",
-                             "growth MB", "store MB"],
-                            [[str(m["rows"]), f"{m['tokens']:,}", f"{m['seconds']:.1f}",
-                              f"{m['rss_after_setup_mb']:.0f}", f"{m['peak_rss_mb']:.0f}",
-                              f"{m['growth_mb']:.0f}", f"{m['store_mb']:.2f}"] for m in result["memory"]])]
+    lines += ["", *markdown(["pool rows", "tokens", "plain fwd+bwd peak RSS MB", "extraction peak RSS MB",
+                             "extraction / plain peak", "plain growth MB", "extraction growth MB",
+                             "RSS after setup MB", "plain s", "extraction s", "store MB"],
+                            [[str(m["rows"]), f"{m['tokens']:,}", f"{m['plain_peak_rss_mb']:.0f}",
+                              f"{m['peak_rss_mb']:.0f}", f"{m['peak_vs_plain']:.2f}x", f"{m['plain_growth_mb']:.0f}",
+                              f"{m['growth_mb']:.0f}", f"{m['rss_after_setup_mb']:.0f}",
+                              f"{m['plain_seconds']:.1f}", f"{m['seconds']:.1f}", f"{m['store_mb']:.2f}"]
+                             for m in result["memory"]])]
+    if result.get("layers"):
+        lines += ["", *markdown(["layers taken", "extraction s", "speed-up", "top-10% overlap", "top-30% overlap",
+                                 "Spearman vs all", "GSM8K share of top 15%"],
+                                [[str(r["layers"]), f"{r['extraction_seconds']:.1f}", f"{r['speedup']:.2f}x",
+                                  f"{r['overlap_top_10%']:.0%}", f"{r['overlap_top_30%']:.0%}",
+                                  f"{r['spearman']:.3f}", f"{r['gsm8k_share_top_15']:.2f}"]
+                                 for r in result["layers"]["table"]])]
     return "\n".join(lines)
 
 
@@ -288,8 +371,19 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, load average {load:.1f} at the end")
 
 
-def write_readme(result: dict, command: str) -> None:
-    body = (f"`{command}` on {result['machine']} ({result['seconds']:.0f} s in all). "
+def layers_note(layers: dict) -> str:
+    sources = ", ".join(f"{k} {v}" for k, v in layers["pool_sources"].items())
+    return (f"- layers: LESS with the demo's settings (LoRA r={layers['settings']['lora_r']}, d = "
+            f"{layers['settings']['proj_dim']}, max length {layers['settings']['max_length']}) but one warm-up "
+            f"epoch (one checkpoint), on {layers['pool']} rows of the bundled sample ({sources}) against "
+            f"{layers['targets']} GSM8K questions; each row of the layers table is a separate selection sharing the "
+            "warm-up; extraction s = pool + target features; overlap and Spearman compare with all layers\n")
+
+
+def write_readme(result: dict) -> None:
+    runs = "; ".join(f"{part}: `{run['command']}` on {run['machine']}, {run['date']} ({run['seconds']:.0f} s)"
+                     for part, run in result["runs"].items())
+    body = (f"Parts and the runs that measured them: {runs}. Throughput: "
             f"{result['rows']} GSM8K training rows ({result['tokens']:,} tokens, max length {MAX_LENGTH}, "
             f"batches of {BATCH} sorted by length), SmolLM2-135M in fp32, LoRA r=128 / alpha 512 on q/k/v/o "
             f"({result['lora_params']:,} gradient coordinates), d = {DIM}; random LoRA B and synthetic Adam "
@@ -308,9 +402,11 @@ def write_readme(result: dict, command: str) -> None:
             "- the dense-Rademacher row is slimtune's fallback projector, which regenerates its seeded blocks on "
             "every call because it never holds the matrix; the authors' row times only the product with a matrix "
             "already in memory, which at this size it cannot be. The sparse JL transform is the default\n"
-            f"- memory: peak RSS growth during extraction {result['memory'][0]['growth_mb']:.0f} MB for "
-            f"{result['memory'][0]['rows']} rows and {result['memory'][-1]['growth_mb']:.0f} MB for "
-            f"{result['memory'][-1]['rows']} rows: features stream to the store shard by shard\n")
+            + "".join(f"- memory, {m['rows']} rows: extraction peaks at {m['peak_rss_mb']:.0f} MB RSS, the plain "
+                      f"forward+backward of the same batches at {m['plain_peak_rss_mb']:.0f} MB: "
+                      f"{m['peak_vs_plain']:.2f}x (target <= 1.5x: {'met' if m['peak_vs_plain'] <= 1.5 else 'MISSED'})"
+                      "; each in a fresh process, plain then extraction\n" for m in result["memory"])
+            + (layers_note(result["layers"]) if result.get("layers") else ""))
     replace_section(HEADING, body)
 
 
@@ -318,29 +414,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=64, help="pool rows for the throughput comparison")
     parser.add_argument("--authors-rows", type=int, default=8, help="rows timed one at a time")
-    parser.add_argument("--memory-rows", type=int, nargs="+", default=[32, 128], help="pool sizes for memory")
+    parser.add_argument("--memory-rows", type=int, nargs="+", default=[16, 32], help="pool sizes for memory")
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 4],
+                        help="top-N layer counts compared with all layers")
     parser.add_argument("--slice-rows", type=int, default=1 << 15, help="dense-matrix rows actually timed")
+    parser.add_argument("--parts", nargs="+", choices=list(PART_KEYS), default=list(PART_KEYS),
+                        help="parts to (re)run; the others keep their stored results")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
-    parser.add_argument("--memory-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory_worker:
-        memory_worker(args.memory_worker, args.worker_out)
+        memory_worker(args.memory_worker[0], int(args.memory_worker[1]), args.worker_out)
         return
-    start = time.perf_counter()
-    result = measure(args)
-    result["memory"] = memory(args.memory_rows)
-    result["seconds"] = time.perf_counter() - start
-    result["machine"] = machine()
+    # each part reruns alone and replaces its own keys in the stored results, so parts can run at different
+    # times (or side by side) and the README shows every part with the command and machine that produced it
+    result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = result.setdefault("runs", {})
+    command = command_line("less_features.py", sys.argv[1:])
+    for part in args.parts:
+        start = time.perf_counter()
+        if part == "throughput":
+            result.update(measure(args))
+        elif part == "memory":
+            result["memory"] = memory(args.memory_rows)
+        else:
+            result["layers"] = layers_agreement(args.layers)
+        runs[part] = {"command": command, "machine": machine(), "seconds": time.perf_counter() - start,
+                      "date": time.strftime("%Y-%m-%d")}
     print(tables(result))
-    print(f"overhead vs floor {result['overhead_vs_floor']:+.1%}; speed-up vs authors "
-          f"{result['speedup_vs_authors']:,.0f}x ({result['speedup_vs_authors_without_projection']:.1f}x "
-          f"without projection); {result['seconds']:.0f} s")
+    latest = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}  # a part run side by side may have
+    for part in set(latest.get("runs", {})) - set(args.parts):            # finished meanwhile: keep its keys
+        result.update({k: latest[k] for k in PART_KEYS[part] if k in latest})
+        runs[part] = latest["runs"][part]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     if not args.no_readme:
-        write_readme(result, command_line("less_features.py", sys.argv[1:]))
+        write_readme(result)
+
+
+PART_KEYS = {"throughput": ["rows", "tokens", "batches", "lora_params", "proj_dim", "authors_rows", "slice_rows",
+                            "table", "parts_seconds", "overhead_vs_floor", "speedup_vs_authors",
+                            "speedup_vs_authors_without_projection", "dense_matrix_gb"],
+             "memory": ["memory"], "layers": ["layers"]}
 
 
 if __name__ == "__main__":

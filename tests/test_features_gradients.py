@@ -164,19 +164,49 @@ def test_the_adam_feature_is_a_hand_computed_one_step_adam_update(trainer_run):
 
 
 def test_gradient_features_are_the_projection_of_the_concatenated_update_vector(trainer_run):
+    """Preconditioned and projected layer by layer inside the backward pass, the features equal the whole
+    vector's projection, built from plain one-at-a-time gradients."""
     checkpoint, _, _, examples = trainer_run
     model, tokenizer = reloaded(checkpoint)
     data = TokenizedDataset(examples, tokenizer, 96)
-    batch = Collator(tokenizer.pad_token_id)([data[i] for i in range(4)])
+    collate = Collator(tokenizer.pad_token_id)
+    batch = collate([data[i] for i in range(4)])
     moments = load_adam_moments(checkpoint, model)
     projector = SparseJLProjector(256, seed=1, nnz=2, block_size=1000)
-    features, _ = gradient_features(model, batch, projector, moments)
-    grads = per_example_gradients(model, batch).grads()
-    vector = torch.cat([moments.direction(name, grad) for name, grad in grads], dim=1)
-    assert torch.allclose(features, projector.project(vector), rtol=1e-4, atol=1e-4)
-    sgd, _ = gradient_features(model, batch, projector)
-    plain = torch.cat([g for _, g in per_example_gradients(model, batch).grads()], dim=1)
-    assert torch.allclose(sgd, projector.project(plain), rtol=1e-4, atol=1e-6)
+    reference = one_at_a_time(model, TokenizedDataset(examples[:4], tokenizer, 96), collate)
+    names = [name for name, _ in trainable_parameters(model)]
+    plain = torch.stack([torch.cat([row[name] for name in names]) for row in reference])
+    update = torch.stack([torch.cat([moments.direction(name, row[name].unsqueeze(0))[0] for name in names])
+                          for row in reference])
+    features = gradient_features(model, batch, projector, moments)
+    assert torch.allclose(features, projector.project(update), rtol=1e-4, atol=1e-4)
+    sgd = gradient_features(model, batch, projector)
+    assert torch.allclose(sgd, projector.project(plain), rtol=1e-3, atol=1e-5 * plain.abs().max().item())
+
+
+def test_top_layers_take_those_layers_gradients_unchanged_and_never_differentiate_below(shared_data):
+    model, tokenizer = lora_tiny()
+    data = TokenizedDataset(mixed_examples(shared_data), tokenizer, 96)
+    batch = Collator(tokenizer.pad_token_id)([data[i] for i in range(len(data))])
+    every = dict(per_example_gradients(model, batch).grads())
+    lowest = model.base_model.model.model.layers[0]
+    reached = []
+    handle = lowest.register_full_backward_hook(lambda *_: reached.append(True))
+    try:
+        top = per_example_gradients(model, batch, layers=1)
+    finally:
+        handle.remove()
+    assert not reached  # the backward pass stopped above the lowest layer
+    assert list(dict(top.grads())) == [name for name in every if ".layers.1." in name]
+    for name, grad in top.grads():
+        assert torch.allclose(grad, every[name], rtol=1e-5, atol=1e-7), name
+    assert torch.allclose(top.losses, per_example_gradients(model, batch).losses)
+    # the feature of the top layer is the projection of the whole vector with the lower slices zeroed
+    projector = SparseJLProjector(128, seed=2, block_size=500)
+    vector = torch.cat([grad if ".layers.1." in name else torch.zeros_like(grad) for name, grad in every.items()],
+                       dim=1)
+    assert torch.allclose(gradient_features(model, batch, projector, layers=1), projector.project(vector),
+                          rtol=1e-4, atol=1e-6)
 
 
 class KilledStore(FeatureStore):

@@ -43,6 +43,10 @@ def test_projecting_piece_by_piece_equals_projecting_the_whole_vector(build):
     for lo, hi in [(0, 1), (1, 5000), (5000, 5003), (5003, 10_000)]:  # cuts inside and across blocks
         out = projector.project(x[:, lo:hi], lo, out)
     assert torch.allclose(out, whole, atol=1e-5)
+    backwards = None  # the order extraction meets them in: the backward pass goes from the top layer down
+    for lo, hi in [(5003, 10_000), (5000, 5003), (1, 5000), (0, 1)]:
+        backwards = projector.project(x[:, lo:hi], lo, backwards)
+    assert torch.allclose(backwards, whole, atol=1e-5)
     assert torch.equal(build(256, 7).project(x), whole)  # regenerated from the seed, not remembered
     assert not torch.allclose(build(256, 8).project(x), whole)
 

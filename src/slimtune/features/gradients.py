@@ -9,13 +9,19 @@ and its gradient with respect to the weight W of a linear layer y = W a is a sum
     grad_W L_i = sum_t delta_{i,t} a_{i,t}^T,      delta_{i,t} = dL_i / dy_{i,t}.
 
 One forward pass records the inputs a of every linear layer that holds a trainable weight (LoRA's A and B
-factors); one ``autograd.grad`` of sum_i L_i with respect to those layers' outputs gives every delta. Rows do
-not interact in a causal LM, so the delta of row i is the gradient of L_i alone, already scaled by
-1/|R_i|; padding and prompt positions feed no loss term, so their deltas are exactly zero and contribute
-nothing. Each per-example gradient is then one batched matrix product per layer, formed one parameter at a
-time, so memory holds one parameter's B gradients, never the B full gradient vectors. The LM head runs
+factors) and hooks each output; one backward pass of sum_i L_i delivers each output's delta to its hook as
+autograd reaches that layer. Rows do not interact in a causal LM, so the delta of row i is the gradient of
+L_i alone, already scaled by 1/|R_i|; padding and prompt positions feed no loss term, so their deltas are
+exactly zero and contribute nothing. The hook forms the layer's per-example gradients (one batched matrix
+product per parameter), hands them on (Adam's preconditioning and the projection act on each parameter's
+slice alone), and drops them with the layer's recorded inputs: memory holds one layer's B gradients at a
+time, never the B full gradient vectors, and nothing recorded outlives its layer's backward step, so the
+peak is that of a plain forward+backward (benchmarks/less_features.py measures both). The LM head runs
 only from the batch's first response position on (:func:`slimtune.features.losses.response_logits`): with
 a 49k vocabulary it is most of a small model's cost, and prompt positions predict nothing that is scored.
+
+Optionally only the top N layers' LoRA parameters are taken: the hidden state entering them is detached,
+so the backward pass covers N layers instead of all (and their activations are all it keeps).
 
 LESS's training-example feature is the update Adam would make from a checkpoint's moments (m, v),
 
@@ -23,7 +29,8 @@ LESS's training-example feature is the update Adam would make from a checkpoint'
 
 (the paper writes the bias-corrected form; after normalisation the two differ by a near-constant factor),
 and its target feature is the plain gradient g. Either is projected (:mod:`slimtune.features.projection`)
-one parameter at a time, L2-normalised per row, and written to a :class:`FeatureStore` in shards.
+one parameter slice at a time (P x is the sum of P[:, slice] x_slice), L2-normalised per row, and written
+to a :class:`FeatureStore` in shards.
 
 Trainer checkpoints save Adam's state keyed by integers: the position of each parameter in the optimizer's
 parameter groups. :func:`load_adam_moments` maps them back to parameter names by rebuilding the groups the
@@ -36,7 +43,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,69 +81,159 @@ def _linear_owners(model: nn.Module) -> dict[str, tuple[str, nn.Linear, str]]:
     return owners
 
 
-@dataclass
-class PerExampleGradients:
-    """The per-example gradients of one batch: ``grads()`` yields ``(name, (B, numel))`` in parameter order.
+def parameter_offsets(model: nn.Module) -> dict[str, int]:
+    """Each trainable parameter's first coordinate in the concatenated gradient vector."""
+    offsets, offset = {}, 0
+    for name, param in trainable_parameters(model):
+        offsets[name] = offset
+        offset += param.numel()
+    return offsets
 
-    ``losses`` and ``tokens`` are each row's response-token mean loss and response-token count.
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer's stack of layers: the decoder's ``layers`` where the model names it (Hugging Face
+    models, through a PEFT wrapper), else the longest ModuleList that holds trainable parameters."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        return decoder.layers
+    stacks = [m for m in model.modules()
+              if isinstance(m, nn.ModuleList) and any(p.requires_grad for p in m.parameters())]
+    if not stacks:
+        raise ValueError("gradients of the top layers need the model's layer stack (an nn.ModuleList holding "
+                         "the LoRA factors); none was found: take all layers (layers=None)")
+    return max(stacks, key=len)
+
+
+class _Cut:
+    """Makes the hidden state entering the lowest part taken a fresh leaf, so the backward pass stops there
+    (nothing below is differentiated) and has one small tensor to aim at: a forward hook on the input
+    embeddings (all layers) or a forward pre-hook on the lowest layer taken."""
+
+    def __init__(self):
+        self.leaves: list[Tensor] = []
+
+    def _leaf(self, hidden: Tensor) -> Tensor:
+        self.leaves.append(hidden.detach().requires_grad_())
+        return self.leaves[-1]
+
+    def output(self, _module, _args, output):
+        return self._leaf(output)
+
+    def layer_input(self, _module, args, kwargs):
+        if args:
+            return (self._leaf(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._leaf(kwargs["hidden_states"])}
+
+
+def stream_per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor],
+                                 consume: Callable[[str, Tensor], None], *, layers: int | None = None,
+                                 ) -> tuple[Tensor, Tensor]:
+    """Call ``consume(name, grad)`` with every trainable parameter's per-example gradients (B, numel) as the
+    backward pass reaches its layer (top layer first), and drop them, and that layer's recorded inputs,
+    as soon as it returns: memory holds one layer's gradients at a time, never the B gradient vectors.
+
+    ``layers``: take only the LoRA parameters of the top ``layers`` layers of the stack (and any outside it,
+    e.g. on the LM head); the hidden state entering them is detached, so autograd never goes lower.
+    Returns each row's response-token mean loss and response-token count.
     """
-
-    losses: Tensor
-    tokens: Tensor
-    _order: list[str]
-    _owners: dict[str, tuple[str, nn.Linear, str]]
-    _inputs: dict[str, list[Tensor]]
-    _deltas: dict[str, list[Tensor]]
-
-    def grads(self) -> Iterator[tuple[str, Tensor]]:
-        for name in self._order:
-            module_name, _, kind = self._owners[name]
-            deltas = self._deltas[module_name]
-            batch = deltas[0].shape[0]
-            if kind == "bias":
-                grad = sum(d.reshape(batch, -1, d.shape[-1]).float().sum(1) for d in deltas)
-            else:  # sum over calls of the layer (weight sharing) and over positions of delta a^T
-                grad = sum(torch.bmm(d.reshape(batch, -1, d.shape[-1]).float().transpose(1, 2),
-                                     a.reshape(batch, -1, a.shape[-1]).float())
-                           for d, a in zip(deltas, self._inputs[module_name]))
-            yield name, grad.reshape(batch, -1)
-
-
-def per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor]) -> PerExampleGradients:
-    """Gradients of every row's response-token mean loss w.r.t. the trainable Linear parameters, from one
-    forward and one backward pass over the whole batch (see the module docstring)."""
     owners = _linear_owners(model)
-    modules = {module_name: module for module_name, module, _ in owners.values()}
-    inputs: dict[str, list[Tensor]] = {name: [] for name in modules}
-    outputs: dict[str, list[Tensor]] = {name: [] for name in modules}
+    cut = _Cut()
+    below: set[int] = set()
+    if layers is None:
+        handles = [model.get_input_embeddings().register_forward_hook(cut.output)]
+    else:
+        stack = decoder_layers(model)
+        first = max(len(stack) - layers, 0)
+        below = {id(m) for layer in stack[:first] for m in layer.modules()}
+        handles = [stack[first].register_forward_pre_hook(cut.layer_input, with_kwargs=True)]
+    params: dict[str, list[tuple[str, str]]] = {}  # module name -> its (parameter name, kind), in model order
+    modules: dict[str, nn.Linear] = {}
+    for name, (module_name, module, kind) in owners.items():
+        if id(module) not in below:
+            params.setdefault(module_name, []).append((name, kind))
+            modules[module_name] = module
+    inputs: dict[tuple[str, int], Tensor] = {}  # (module, call) -> input, until that call's gradient arrives
+    calls_made: dict[str, int] = dict.fromkeys(modules, 0)
+    calls_left: dict[str, int] = dict.fromkeys(modules, 0)  # recorded calls whose gradient has not arrived
+    sums: dict[str, Tensor] = {}  # per-example gradients of a module called more than once, until complete
 
-    def recorder(name):
+    def finish(module_name: str) -> None:
+        for name, kind in params[module_name]:
+            grad = sums.pop(name, None)
+            if grad is None:  # no call of the module reached the loss
+                grad = torch.zeros(batch_size, getattr(modules[module_name], kind).numel(), device=device)
+            consume(name, grad)
+
+    def arrive(module_name: str, call: int, delta: Tensor) -> None:
+        a = inputs.pop((module_name, call))
+        d = delta.reshape(batch_size, -1, delta.shape[-1]).float()
+        for name, kind in params[module_name]:
+            if kind == "bias":
+                grad = d.sum(1)
+            else:  # sum over positions of delta a^T, per row
+                grad = torch.bmm(d.transpose(1, 2), a.reshape(batch_size, -1, a.shape[-1]).float())
+            grad = grad.reshape(batch_size, -1)
+            sums[name] = sums[name] + grad if name in sums else grad
+        calls_left[module_name] -= 1
+        if calls_left[module_name] == 0:
+            finish(module_name)
+
+    def recorder(module_name: str):
         def hook(_module, args, output):
-            inputs[name].append(args[0].detach())
-            outputs[name].append(output)
+            if not output.requires_grad:
+                return
+            call = calls_made[module_name]
+            inputs[(module_name, call)] = args[0].detach()
+            calls_made[module_name] += 1
+            calls_left[module_name] += 1
+            # the hook holds names, not tensors: a tensor it closed over would live as long as the graph
+            output.register_hook(lambda delta: arrive(module_name, call, delta))
         return hook
 
-    handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
+    handles += [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
+    device = next(model.parameters()).device
+    batch_size = batch["input_ids"].shape[0]
     try:
-        device = next(model.parameters()).device
         logits, labels = response_logits(model, batch["input_ids"].to(device),
-                                         batch["attention_mask"].to(device), batch["labels"].to(device))
+                                          batch["attention_mask"].to(device), batch["labels"].to(device))
     finally:
         for handle in handles:
             handle.remove()
     losses, tokens = example_losses(logits, labels)
-    names = list(modules)
-    flat = [out for name in names for out in outputs[name]]
-    grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True)
-    deltas: dict[str, list[Tensor]] = {name: [] for name in names}
-    position = 0
-    for name in names:
-        for out in outputs[name]:
-            grad = grads[position]
-            deltas[name].append(torch.zeros_like(out) if grad is None else grad)
-            position += 1
-    order = [name for name, _ in trainable_parameters(model)]
-    return PerExampleGradients(losses.detach(), tokens, order, owners, inputs, deltas)
+    del logits
+    torch.autograd.grad(losses.sum(), cut.leaves)
+    inputs.clear()
+    for module_name, left in calls_left.items():
+        if left or not calls_made[module_name]:  # some call never reached the loss, or none was made
+            finish(module_name)
+    return losses.detach(), tokens
+
+
+@dataclass
+class PerExampleGradients:
+    """The per-example gradients of one batch, all held at once (for tests and inspection; extraction streams
+    them): ``grads()`` yields ``(name, (B, numel))`` in parameter order. ``losses`` and ``tokens`` are each
+    row's response-token mean loss and response-token count."""
+
+    losses: Tensor
+    tokens: Tensor
+    _grads: dict[str, Tensor]
+    _order: list[str]
+
+    def grads(self) -> Iterator[tuple[str, Tensor]]:
+        for name in self._order:
+            if name in self._grads:
+                yield name, self._grads[name]
+
+
+def per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor], *,
+                          layers: int | None = None) -> PerExampleGradients:
+    """Gradients of every row's response-token mean loss w.r.t. the trainable Linear parameters (those of the
+    top ``layers`` layers), from one forward and one backward pass over the whole batch."""
+    grads: dict[str, Tensor] = {}
+    losses, tokens = stream_per_example_gradients(model, batch, grads.__setitem__, layers=layers)
+    return PerExampleGradients(losses, tokens, grads, [name for name, _ in trainable_parameters(model)])
 
 
 # -- Adam moments -------------------------------------------------------------------------------------------
@@ -239,17 +336,23 @@ def load_adam_moments(source: str | os.PathLike | Mapping[str, Any], model: nn.M
 
 # -- features ----------------------------------------------------------------------------------------------
 def gradient_features(model: nn.Module, batch: Mapping[str, Tensor], projector: Projector,
-                      moments: AdamMoments | None = None) -> tuple[Tensor, PerExampleGradients]:
+                      moments: AdamMoments | None = None, *, layers: int | None = None) -> Tensor:
     """Projected per-example gradient features (B, dim), unnormalised: Adam update directions when
-    ``moments`` are given (LESS's training features), plain gradients otherwise (its target features)."""
-    grads = per_example_gradients(model, batch)
-    out = None
-    offset = 0
-    for name, grad in grads.grads():
+    ``moments`` are given (LESS's training features), plain gradients otherwise (its target features).
+
+    Each parameter's slice is preconditioned and projected inside the backward pass, the moment its layer's
+    gradient exists: P is linear, so the sum of P[:, slice] x_slice over the slices, in any order, is P x.
+    With ``layers``, only the top layers' slices are summed (the others count as zero)."""
+    offsets = parameter_offsets(model)
+    device = next(model.parameters()).device
+    out = torch.zeros(batch["input_ids"].shape[0], projector.dim, dtype=torch.float32, device=device)
+
+    def consume(name: str, grad: Tensor) -> None:
         vector = moments.direction(name, grad) if moments is not None else grad
-        out = projector.project(vector, offset, out)
-        offset += grad.shape[1]
-    return out, grads
+        projector.project(vector, offsets[name], out)
+
+    stream_per_example_gradients(model, batch, consume, layers=layers)
+    return out
 
 
 @dataclass
@@ -265,9 +368,12 @@ class ExtractionStats:
 def extract_gradient_features(model: nn.Module, dataset: TokenizedDataset, store: FeatureStore, *,
                               projector: Projector, moments: AdamMoments | None = None, batch_size: int = 8,
                               shard_rows: int = 256, dtype: str = "float16", pad_token_id: int = 0,
-                              ) -> ExtractionStats:
+                              layers: int | None = None) -> ExtractionStats:
     """Fill ``store`` with ``features`` (rows L2-normalised, ``dtype``) and ``norms`` (float32, each row's
     norm before normalisation) for every row of ``dataset``.
+
+    ``layers``: features of the top ``layers`` layers' LoRA gradients only (see
+    :func:`stream_per_example_gradients`); all layers when None.
 
     Shards are computed independently (rows sorted by length inside a shard to keep padding small), so a
     resumed, repeated or rank-sharded run writes the same rows; the model is in eval mode (no dropout).
@@ -286,7 +392,7 @@ def extract_gradient_features(model: nn.Module, dataset: TokenizedDataset, store
         for first in range(0, len(rows), batch_size):
             chunk = rows[first:first + batch_size]
             batch = collate([dataset[i] for i in chunk])
-            out, _ = gradient_features(model, batch, projector, moments)
+            out = gradient_features(model, batch, projector, moments, layers=layers)
             features[torch.tensor(chunk) - lo] = out.cpu()
             stats.tokens += int(batch["attention_mask"].sum())
         norms = features.norm(dim=1)

@@ -12,7 +12,9 @@ vectors are kept within eps with probability >= 1 - 1/n once d >= 4 ln n / (eps^
 
 Two projectors, one contract: ``project(x, offset)`` projects the coordinates
 ``offset .. offset + x.shape[1]`` of a long vector, so a gradient can be fed one parameter tensor at a time
-and the result is the same as projecting the concatenated vector. Neither ever materialises P: its entries
+and the result is the same as projecting the concatenated vector, whatever the order of the pieces (P x is
+the sum over slices of P[:, slice] x_slice: the extraction projects each layer's slice inside the backward
+pass, top layer first). Neither ever materialises P: its entries
 are regenerated per fixed *block* of input coordinates from a generator seeded with (seed, block), so any
 slicing of the input meets the same matrix.
 

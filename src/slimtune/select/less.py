@@ -53,6 +53,9 @@ Where the paper and the authors' code (princeton-nlp/LESS) differ, and what this
   read chunk by chunk from the feature stores: memory n * diverse_k, never n x n; time O(n^2 d) for the
   similarities). r is scaled because the train-target cosines are small next to train-train ones, and a cap
   far below K would let any pick cover any row. Scores in the manifest are then the greedy's marginal gains.
+- ``layers=N`` (beyond the paper; default all) takes the LoRA gradients of the top N transformer layers only,
+  with the backward pass stopped below them: cheaper extraction, measured against all layers for time and
+  selection agreement in benchmarks/README.md ("LESS gradient features").
 - without warm-up (``warmup=False``, the paper's "pre-trained model" ablation) there are no Adam moments:
   training features are plain gradients too, taken w.r.t. a freshly initialised LoRA (whose zero B factor
   makes the A gradients zero, so the B gradients, a random sketch of the base weights' gradients, decide).
@@ -149,6 +152,7 @@ class LessSelector(GreedyToBudget, Selector):
     max_length: int = 512
     projector: str = "sparse"
     proj_dim: int = 8192
+    layers: int | None = None
     aggregate: str = "mean-cosine"
     diverse: bool = False
     diverse_k: int = 32
@@ -164,6 +168,8 @@ class LessSelector(GreedyToBudget, Selector):
     def __post_init__(self):
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}; got {self.aggregate!r}")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"layers must be None (all) or >= 1 top layers, got {self.layers}")
         if self.diverse_k < 1:
             raise ValueError(f"diverse_k must be >= 1, got {self.diverse_k}")
         if not 0 < self.warmup_fraction <= 1:
@@ -304,7 +310,8 @@ class LessSelector(GreedyToBudget, Selector):
                  else {"fresh_lora": asdict(self._lora()), "seed": self.seed})
         common = {"model": self.model, "state": state, "projector": projector.identity(device),
                   "max_length": self.max_length, "batch_size": self.grad_batch_size,
-                  "shard_rows": self.shard_rows, "dtype": self.feature_dtype}
+                  "shard_rows": self.shard_rows, "dtype": self.feature_dtype,
+                  **({"layers": self.layers} if self.layers is not None else {})}
         stores = []
         roles = (("pool", pool_data, checkpoint.path is not None), ("target", target_data, False))
         for role, data, adam in roles:
@@ -313,7 +320,8 @@ class LessSelector(GreedyToBudget, Selector):
             moments: AdamMoments | None = load_adam_moments(checkpoint.path, model) if adam else None
             stats = extract_gradient_features(
                 model, data, store, projector=projector, moments=moments, batch_size=self.grad_batch_size,
-                shard_rows=self.shard_rows, dtype=self.feature_dtype, pad_token_id=tokenizer.pad_token_id)
+                shard_rows=self.shard_rows, dtype=self.feature_dtype, pad_token_id=tokenizer.pad_token_id,
+                layers=self.layers)
             cost.forward_tokens += stats.tokens
             cost.backward_tokens += stats.tokens
             done = details.setdefault(f"{role}_features", {"seconds": 0.0, "rows": 0, "tokens": 0,
