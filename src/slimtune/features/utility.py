@@ -256,11 +256,7 @@ class InContextUtility:
         lead = pieces.leads[name]
         key = (lead, text)
         if key not in self._token_memo:
-            # Fields are tokenised apart and joined; a field's trailing whitespace next to the template's own
-            # (a "\n" before "\n") would make two tokens where the whole text has one merged token, so the
-            # sequence would differ from the authors' tokenisation of the whole prompt (benchmarks/README.md,
-            # "Agreement with the authors' code").
-            self._token_memo[key] = self.tokenizer(lead + text.rstrip(), add_special_tokens=False)["input_ids"][
+            self._token_memo[key] = self.tokenizer(lead + text, add_special_tokens=False)["input_ids"][
                 : self.max_text_tokens]
         return self._token_memo[key]
 
