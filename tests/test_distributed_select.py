@@ -57,7 +57,9 @@ def test_two_processes_select_exactly_what_one_process_selects(reports, name):
 def test_the_processes_share_the_model_work_instead_of_repeating_it(reports, name):
     [alone], ranks = reports
     tokens = [rank["selections"][name]["forward_tokens"] for rank in ranks]
-    assert all(t > 0 for t in tokens) and sum(tokens) == alone["selections"][name]["forward_tokens"]
+    # Ranks claim shards as they go, so which rank runs which shard (even all of them) depends on timing; what
+    # may not happen is a shard run twice: the ranks' tokens add up to one process's.
+    assert sum(tokens) == alone["selections"][name]["forward_tokens"]
 
 
 def test_slimtune_select_under_torchrun_writes_what_one_process_writes(tmp_path):
