@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from rich.progress import track
 
 from slimtune.data.example import Example
 from slimtune.data.tokenize import Collator, ensure_chat_template, render_prompt
+from slimtune.progress import track
 
 #: End-of-turn markers of common chat templates; generation also stops on any of them the vocabulary has,
 #: because some models' generation configs name only the end-of-text token.
@@ -49,7 +49,7 @@ def generate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int 
     model.eval()
     try:
         starts = range(0, len(order), batch_size)
-        for s in track(starts, description="generating", disable=not progress, transient=True):
+        for s in track(starts, "generating", unit="batches") if progress else starts:
             rows = order[s:s + batch_size]
             batch = collate([{"input_ids": prompts[i], "labels": prompts[i]} for i in rows])
             width = batch["input_ids"].shape[1]
