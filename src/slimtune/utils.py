@@ -92,6 +92,34 @@ def folder_damage(directory: str | os.PathLike) -> str | None:
     return None
 
 
+def write_checked(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically with its size and CRC-32 beside it (``NAME.crc32.json``), for
+    :func:`checked_problem` to verify before the file is trusted again (a pickle-free ``torch.load`` checks
+    the structure, not the numbers)."""
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    write_json(path.with_name(f"{path.name}.crc32.json"), {"bytes": len(data), "crc32": zlib.crc32(data)})
+
+
+def checked_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a file written by :func:`write_checked` (naming it), or None; a file written before
+    checksums were kept (no record beside it) is trusted."""
+    path = Path(path)
+    record = path.with_name(f"{path.name}.crc32.json")
+    if not record.exists():
+        return None
+    try:
+        expected = json.loads(record.read_text())
+        size = path.stat().st_size
+    except (OSError, ValueError) as err:
+        return f"{path}: unreadable ({err})"
+    if size != expected["bytes"]:
+        return f"{path}: {size} bytes, {expected['bytes']} written"
+    if not checksum_matches(path, expected["crc32"]):
+        return f"{path}: checksum mismatch (the bytes changed after they were written)"
+    return None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
