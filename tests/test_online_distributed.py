@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from slimtune.online.base import Policy
@@ -59,21 +60,29 @@ def test_a_policy_failing_on_one_rank_stops_every_rank_with_its_message(tmp_path
         assert code != 0 and MESSAGE in err, err[-3000:]
 
 
-def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path, shared_data):
+@pytest.mark.parametrize("policy", ["uds", "slap"])
+def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path, shared_data, policy):
     from slimtune.online.trainer import read_selection_log
 
     for processes in (1, 2):
-        results = launch(tmp_path / f"p{processes}", shared_data, processes, mode="global")
+        results = launch(tmp_path / f"p{processes}", shared_data, processes, mode=f"global-{policy}")
         assert all(result is not None and result[0] == 0 for result in results), results
     one, two = (read_selection_log(tmp_path / f"p{n}") for n in (1, 2))
     assert len(one) == len(two) == 2  # 32 rows, 16 candidates a step (1 x 16 or 2 x 8)
     assert [step["index"] for step in one] == [step["index"] for step in two]
     assert [step["chosen"] for step in one] == [step["chosen"] for step in two]
     assert all(len(step["chosen"]) == 4 for step in one)
-    memories = [torch.load(tmp_path / "p1" / "memory.rank0.pt")] + \
-        [torch.load(tmp_path / "p2" / f"memory.rank{r}.pt") for r in (0, 1)]
-    assert torch.equal(memories[1], memories[2])  # one policy state on every rank
-    assert torch.allclose(memories[0], memories[1], rtol=1e-3, atol=1e-3)
+    if policy == "slap":  # the strata and their slots are the pool's, not a rank's
+        assert [step["policy"]["allocation"] for step in one] == [step["policy"]["allocation"] for step in two]
+    states = [torch.load(tmp_path / "p1" / "state.rank0.pt")] + \
+        [torch.load(tmp_path / "p2" / f"state.rank{r}.pt") for r in (0, 1)]
+    assert states[1] == states[2] if policy == "slap" else torch.equal(states[1], states[2])  # same everywhere
+    if policy == "slap":  # the window: every candidate's loss in pooled order, whatever ranks scored them
+        assert states[0]["window_tasks"] == states[1]["window_tasks"]
+        assert torch.allclose(torch.tensor(states[0]["window_loss"]), torch.tensor(states[1]["window_loss"]),
+                              rtol=1e-3, atol=1e-3)
+    else:
+        assert torch.allclose(states[0], states[1], rtol=1e-3, atol=1e-3)
 
 
 def main(out_dir: str, data_dir: str, mode: str) -> None:
@@ -81,6 +90,7 @@ def main(out_dir: str, data_dir: str, mode: str) -> None:
     from helpers import gsm8k_examples
 
     from slimtune.models import LoraSettings
+    from slimtune.online.policies.slap import SLAPPolicy
     from slimtune.online.policies.uds import UDSPolicy
     from slimtune.online.trainer import SelectiveTrainer, train_online
     from slimtune.train import TrainSettings
@@ -92,12 +102,14 @@ def main(out_dir: str, data_dir: str, mode: str) -> None:
         train_online(gsm8k_examples(Path(data_dir), 8), FailsOnRankOne(), keep=0.5, model="tiny",
                      settings=settings)
         return
-    policy = UDSPolicy()
+    policy = UDSPolicy() if mode == "global-uds" else SLAPPolicy(strata=2)
 
-    class Recording(SelectiveTrainer):  # keeps its rank's policy memory for the test to compare
+    class Recording(SelectiveTrainer):  # keeps its rank's policy state for the test to compare
         def train(self, *args, **kwargs):
             result = super().train(*args, **kwargs)
-            torch.save(self.policy.state_dict()["memory"], Path(out_dir) / f"memory.rank{self.args.process_index}.pt")
+            state = self.policy.state_dict()
+            torch.save(state["memory"] if mode == "global-uds" else state,
+                       Path(out_dir) / f"state.rank{self.args.process_index}.pt")
             return result
 
     settings = TrainSettings(output_dir=out_dir, epochs=1, batch_size=16 // world, max_length=160, progress=False,

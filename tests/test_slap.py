@@ -288,3 +288,22 @@ def test_per_epoch_pruning_trains_each_epoch_on_the_kept_share(tmp_path, shared_
         alloc = record["allocation"]
         assert all(r["chosen"] >= 1 for r in alloc.values() if r["candidates"])
     assert log[1]["step"] == 2  # the second epoch was scored with the model after the first one's steps
+
+
+def test_pooled_choice_over_split_batches_is_the_choice_over_one_batch_of_them_all():
+    """Global selection: SLAP choosing among two batches' gathered row features chooses, and remembers, what
+    it chooses from one batch holding both (same strata window, g_ref and Gauss-Newton block)."""
+    from slimtune.online.trainer import _join
+
+    whole = make_batch(torch.linspace(0.2, 3.0, 16), seed=3)
+    one, pooled = SLAPPolicy(strata=2, window=64), SLAPPolicy(strata=2, window=64)
+    for _ in range(2):  # the second step sees a window filled by the first
+        expected = one.choose(whole, 5)
+        parts = [pooled.row_features(whole.subset(rows)) for rows in (range(8), range(8, 16))]
+        assert parts[0]["curvature_total"].shape == (1, 512, 512)
+        chosen = pooled.choose_pooled(_join(parts), 5)
+        assert chosen.tolist() == expected.tolist()
+        got, want = pooled.last.record(), one.last.record()
+        assert got["allocation"] == want["allocation"]
+        assert got["gain_share"] == pytest.approx(want["gain_share"], rel=1e-5)  # a sum in another order
+    assert pooled.state_dict() == one.state_dict()

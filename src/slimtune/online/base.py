@@ -106,12 +106,14 @@ class Policy(ABC):
         """Called with the chosen rows right after ``choose``, before the next candidate batch is scored
         (their backward follows; weights do not change inside an accumulation window): memories go here."""
 
-    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor] | None:
-        """Per-row summaries, (B, ...) each, from which ``choose_pooled`` can choose: what global selection
-        gathers across micro-batches and ranks. None (the default): the policy chooses per candidate batch."""
+    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor | list] | None:
+        """Per-row summaries, (B, ...) tensors or lists of B items, from which ``choose_pooled`` can choose:
+        what global selection gathers across micro-batches and ranks and concatenates, name by name (a policy
+        may also hand a per-batch total as a (1, ...) tensor, which then arrives as one row per batch). None
+        (the default): the policy chooses per candidate batch."""
         return None
 
-    def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
+    def choose_pooled(self, features: dict[str, Tensor | list], k: int) -> Tensor:
         """Indices of the K rows to train among the pooled candidates (``row_features`` of every micro-batch
         of the step on every rank, concatenated in rank then micro-batch order), most wanted first. Called on
         every rank with the same features: it must choose the same rows and update memories the same way (it

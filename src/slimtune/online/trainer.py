@@ -306,6 +306,12 @@ def read_selection_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line]
 
 
+def _join(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Row features of several batches, name by name: tensors concatenated, lists chained."""
+    return {name: torch.cat([part[name] for part in parts]) if torch.is_tensor(parts[0][name])
+            else [item for part in parts for item in part[name]] for name in parts[0]}
+
+
 def _floats(values: Tensor) -> list[float | None]:
     return [None if math.isnan(v) else round(v, 6) for v in values.detach().float().cpu().tolist()]
 
@@ -351,7 +357,7 @@ class SelectionMixin:
                                  or self.policy.sets_own_budget):
             raise ValueError(f"policy '{self.policy.name}' chooses per candidate batch; global selection needs a "
                              "policy with row_features and choose_pooled (uniform, big-loss, grad-norm, rho-loss, "
-                             "loss-minus-init, uds)")
+                             "loss-minus-init, uds, slap)")
         self.examples_trained = self.tokens_trained = self.candidates_scored = self.scoring_tokens = 0
         self.scoring_seconds = 0.0
         self._rows_streamed = 0
@@ -390,20 +396,20 @@ class SelectionMixin:
                 ids, tasks = self._describe(index, True)
                 candidates = self._candidates({**batch, "attention_mask": mask}, index, ids, tasks, True)
                 features = self.policy.row_features(candidates)
-                local.append((index, {name: value.detach().cpu() for name, value in features.items()},
+                local.append((index, {name: value.detach().cpu() if torch.is_tensor(value) else list(value)
+                                      for name, value in features.items()},
                               candidates.loss.detach().float().cpu()))
         except Exception as error:  # re-raised below, on every rank
             failure = error
         self._raise_on_every_rank(failure)
-        mine = (torch.cat([part[0] for part in local]),
-                {name: torch.cat([part[1][name] for part in local]) for name in local[0][1]},
+        mine = (torch.cat([part[0] for part in local]), _join([part[1] for part in local]),
                 torch.cat([part[2] for part in local]))
         pooled = [mine]
         if self.args.world_size > 1:
             pooled = [None] * self.args.world_size
             torch.distributed.all_gather_object(pooled, mine)
         index = torch.cat([part[0] for part in pooled])
-        features = {name: torch.cat([part[1][name] for part in pooled]) for name in mine[1]}
+        features = _join([part[1] for part in pooled])
         parts = self.args.world_size * len(batches)
         k = min(len(index), keep_count(self.keep, len(index)) if self.keep < 1 else int(self.keep) * parts)
         if k < parts:
@@ -420,7 +426,8 @@ class SelectionMixin:
             self._write({"step": self.state.global_step, "index": index.tolist(), "ids": ids,
                          "phase": "select-global", "loss": _floats(torch.cat([part[2] for part in pooled])),
                          "scores": None if scores is None else _floats(scores), "chosen": rows.tolist(),
-                         "chosen_ids": self._describe(rows, True)[0]})
+                         "chosen_ids": self._describe(rows, True)[0],
+                         **({"policy": self.policy.log_record()} if hasattr(self.policy, "log_record") else {})})
         shares = torch.tensor_split(rows, parts)[self.args.process_index * len(batches):][:len(batches)]
         from slimtune.online.pruning import PrunedView  # pruning builds on this module
 
