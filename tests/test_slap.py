@@ -307,3 +307,37 @@ def test_pooled_choice_over_split_batches_is_the_choice_over_one_batch_of_them_a
         assert got["allocation"] == want["allocation"]
         assert got["gain_share"] == pytest.approx(want["gain_share"], rel=1e-5)  # a sum in another order
     assert pooled.state_dict() == one.state_dict()
+
+
+def test_pool_scoring_holds_a_bounded_number_of_curvature_blocks_and_scores_the_same(tiny, shared_data,
+                                                                                     monkeypatch):
+    """score_pool folds its parts as it goes (each holds a D x D block), and the folded pool is the same."""
+    import weakref
+
+    from slimtune.data.tokenize import Collator, TokenizedDataset
+    from slimtune.online import pruning
+
+    model, tokenizer = tiny
+    dataset = TokenizedDataset(mixed_examples(shared_data, 12), tokenizer, 128)
+    collator = Collator(tokenizer.pad_token_id)
+
+    class Watched(SLAPPolicy):
+        def features(self, batch):
+            feats = super().features(batch)
+            self.blocks.append(weakref.ref(feats.curvature))
+            self.most_alive = max(self.most_alive, sum(ref() is not None for ref in self.blocks))
+            return feats
+
+    results = []
+    for fold in (pruning.FOLD_BATCHES, 2):
+        monkeypatch.setattr(pruning, "FOLD_BATCHES", fold)
+        policy = Watched(strata=2)
+        policy.blocks, policy.most_alive = [], 0
+        results.append(pruning.score_pool(model, dataset, collator, policy, batch_size=2))
+        assert policy.most_alive == (6 if fold > 6 else 2)  # 6 batches' blocks, or 2 before they fold
+    (whole, tokens), (folded, folded_tokens) = results
+    assert tokens == folded_tokens and whole.tasks == folded.tasks
+    for name in ("loss", "sketch", "rep"):
+        assert torch.equal(getattr(whole, name), getattr(folded, name))
+    assert torch.allclose(whole.curvature, folded.curvature, rtol=1e-5, atol=1e-7)
+    assert SLAPPolicy(strata=2).prune(whole, 0.5).tolist() == SLAPPolicy(strata=2).prune(folded, 0.5).tolist()

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from slimtune.train import TrainResult, TrainSettings
 
 LOG_NAME = "pruning_log.jsonl"
+#: score_pool folds its per-batch features into one every this many batches: each batch's Gauss-Newton block is
+#: D x D (1 MB at the default 512), so 10k rows at batch 8 would otherwise hold 1.25 GB until the end.
+FOLD_BATCHES = 256
 
 
 class PrunedView(Dataset):
@@ -106,6 +109,8 @@ def score_pool(model: torch.nn.Module, dataset: Dataset, collator, policy: SLAPP
                 token_count=(labels[:, 1:] != IGNORE_INDEX).sum(1),
                 extras={} if head is None else {"head": head}, **signals)))
             tokens += int(batch["attention_mask"].sum())
+            if len(parts) == FOLD_BATCHES:
+                parts = [RowFeatures.cat(parts)]
     finally:
         model.train(was_training)
     return RowFeatures.cat(parts).rows(torch.tensor(order).argsort()), tokens
