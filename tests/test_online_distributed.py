@@ -85,6 +85,68 @@ def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path
         assert torch.allclose(states[0], states[1], rtol=1e-3, atol=1e-3)
 
 
+def test_uds_and_slap_score_an_fsdp2_sharded_model_as_the_whole_one(tmp_path, shared_data):
+    """FSDP2 (fully_shard) on 2 CPU processes: the LM head is a DTensor of half the vocabulary each; the online
+    trainer's scoring step and per-epoch pruning gather it and score exactly as on the unsharded model."""
+    results = launch(tmp_path, shared_data, mode="fsdp")
+    assert all(result is not None and result[0] == 0 for result in results), \
+        [None if result is None else result[1][-3000:] for result in results]
+
+
+def score_sharded(out_dir: str, data_dir: str) -> None:
+    """One rank of the FSDP2 test: UDS and SLAP features of a batch, and SLAP's pool scores, before and after
+    sharding the model."""
+    import copy
+
+    from helpers import gsm8k_examples
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainingArguments
+
+    from slimtune.data.tokenize import Collator, TokenizedDataset
+    from slimtune.models import load_model
+    from slimtune.online.policies.slap import SLAPPolicy
+    from slimtune.online.policies.uds import UDSPolicy
+    from slimtune.online.pruning import score_pool
+    from slimtune.online.trainer import SelectiveTrainer
+
+    torch.distributed.init_process_group("gloo")
+    whole, tokenizer = load_model("tiny", device="cpu")
+    dataset = TokenizedDataset(gsm8k_examples(Path(data_dir), 8), tokenizer, 160)
+    collator = Collator(tokenizer.pad_token_id, keep_index=True)
+    sharded = copy.deepcopy(whole)
+    for layer in sharded.model.layers:
+        fully_shard(layer)
+    fully_shard(sharded)
+    head = sharded.get_output_embeddings().weight
+    assert head.to_local().shape[0] == head.shape[0] // 2  # really sharded
+
+    def scored(model):
+        args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4, report_to=[], use_cpu=True)
+        features = []
+        for policy in (UDSPolicy(max_length=160), SLAPPolicy(strata=2)):
+            trainer = SelectiveTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                       policy=policy, keep=0.5)
+            batch = collator([dataset[i] for i in range(4)])
+            index = batch.pop("example_index")
+            trainer._candidates(batch, index, *trainer._describe(index, True), True)  # checks the head
+            if hasattr(model, "reshard"):  # as after a training step's backward: the root is sharded again
+                model.reshard()
+            candidates = trainer._candidates(batch, index, *trainer._describe(index, True), True)
+            assert "head" in candidates.extras  # logit factors, not the full logits
+            features.append(policy.row_features(candidates))
+        if hasattr(model, "reshard"):
+            model.reshard()
+        pool = score_pool(model, dataset, collator, SLAPPolicy(strata=2), batch_size=4)[0]
+        features.append({name: getattr(pool, name) for name in ("loss", "sketch", "rep", "curvature")})
+        return features
+
+    for expected, got in zip(scored(whole), scored(sharded), strict=True):
+        for name, value in expected.items():
+            if torch.is_tensor(value):
+                assert torch.allclose(value, got[name], rtol=1e-4, atol=1e-5), name
+    torch.distributed.destroy_process_group()
+
+
 def main(out_dir: str, data_dir: str, mode: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from helpers import gsm8k_examples
@@ -96,6 +158,9 @@ def main(out_dir: str, data_dir: str, mode: str) -> None:
     from slimtune.train import TrainSettings
 
     world = int(os.environ["WORLD_SIZE"])
+    if mode == "fsdp":
+        score_sharded(out_dir, data_dir)
+        return
     if mode == "fail":
         settings = TrainSettings(output_dir=out_dir, epochs=1, batch_size=2, max_length=160, progress=False,
                                  lora=LoraSettings(r=4, alpha=8, dropout=0.0), logging_steps=1)

@@ -40,7 +40,13 @@ from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch
 from slimtune.online.policies.slap import RowFeatures, SLAPPolicy
-from slimtune.online.trainer import accepts_logits_to_keep, forward_signals, keep_count, logits_are_linear
+from slimtune.online.trainer import (
+    accepts_logits_to_keep,
+    forward_signals,
+    full_head_weight,
+    keep_count,
+    logits_are_linear,
+)
 
 if TYPE_CHECKING:
     from slimtune.data.example import Example
@@ -96,8 +102,9 @@ def score_pool(model: torch.nn.Module, dataset: Dataset, collator, policy: SLAPP
             rows = order[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collator([dataset[i] for i in rows]).items()
                      if k != "example_index"}
-            if start == 0 and "logit_factors" in needs and logits_are_linear(model, batch):
-                head = model.get_output_embeddings().weight
+            if start == 0 and "logit_factors" in needs:
+                weight = full_head_weight(model)  # gathered, once, where FSDP or ZeRO-3 shards it
+                head = weight if logits_are_linear(model, batch, weight) else None
             factored = "logit_factors" in needs
             signals = forward_signals(model, batch, logits="logits" in needs or (factored and head is None),
                                       hidden="hidden" in needs or factored, trim_logits=trim)

@@ -270,16 +270,50 @@ def forward_signals(model: torch.nn.Module, batch: dict[str, Tensor], *, logits:
     return signals
 
 
-def logits_are_linear(model: torch.nn.Module, batch: dict[str, Tensor]) -> bool:
+def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's LM head, through DDP, FSDP, DeepSpeed and PEFT wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    base = extract_model_from_parallel(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+
+
+def full_head_weight(model: torch.nn.Module) -> Tensor:
+    """The LM head's whole (V, H) weight on every rank: the parameter itself where it is whole; gathered, as a
+    detached copy, where FSDP2 (a DTensor), FSDP1 (a flat shard) or ZeRO-3 (an empty placeholder outside the
+    forward) shards it. Sharded, it is a collective: every rank must call it at the same point."""
+    head = output_layer(model)
+    weight = head.weight
+    if hasattr(weight, "full_tensor"):  # FSDP2 (fully_shard)
+        return weight.full_tensor().detach()
+    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return weight.detach().clone()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    owners = [unit for unit in model.modules() if isinstance(unit, FullyShardedDataParallel)
+              and any(inner is head for inner in unit.modules())]
+    if owners:  # FSDP1: the innermost unit that holds the head (modules() lists outer units first)
+        with FullyShardedDataParallel.summon_full_params(owners[-1], writeback=False, recurse=False):
+            return head.weight.detach().clone()
+    return weight
+
+
+def logits_are_linear(model: torch.nn.Module, batch: dict[str, Tensor], weight: Tensor | None = None) -> bool:
     """Whether the model's logits are exactly last hidden state @ W.T for its output layer's weight W (no
-    bias, scaling or soft-capping), checked on one row of ``batch``."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    bias, scaling or soft-capping), checked on one row of ``batch``. ``model`` may be the wrapped (sharded)
+    model, which runs the forward; ``weight``: W as :func:`full_head_weight` gives it (gathered if None)."""
+    head = output_layer(model)
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
+    weight = full_head_weight(model) if weight is None else weight
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
                     output_hidden_states=True)
-        product = out.hidden_states[-1].float() @ head.weight.float().T
+        product = out.hidden_states[-1].float() @ weight.float().T
         logits = out.logits.float()
     tolerance = 1e-2 * float(logits.abs().max()) + 1e-3  # bf16 autocast logits stay within this
     return float((product - logits).abs().max()) <= tolerance
@@ -365,6 +399,7 @@ class SelectionMixin:
         self._log_file = None
         self._trim_logits = accepts_logits_to_keep(self.model)
         self._head_checked = self._head_is_linear = False
+        self._gathered_head: Tensor | None = None
 
     # ---- the selection step -------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -555,17 +590,25 @@ class SelectionMixin:
             progress=self.state.global_step / max(1, self.state.max_steps), extras=extras, **signals)
 
     def _factor_head(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """The LM head's weight for ``logit_factors``, or None where the logits are not linear in it (checked
-        once, on the first batch)."""
-        model = self.accelerator.unwrap_model(self.model)
+        """The LM head's whole weight for ``logit_factors`` (gathered where FSDP or ZeRO-3 shards it), or None
+        where the logits are not linear in it (checked once, on the first batch)."""
+        model = self.model_wrapped  # the forward and the gather run through whatever wraps the model
         if not self._head_checked:
             self._head_checked = True
             self._head_is_linear = logits_are_linear(model, batch)
             if not self._head_is_linear:
                 logger.warning("the model's logits are not last hidden state @ head weight; policies asking "
                                "for logit factors get the full logits")
+        if not self._head_is_linear:
+            return None
+        if self._gathered_head is not None:
+            return self._gathered_head
         # Fetched each time rather than kept: a full fine-tune replaces and updates it.
-        return model.get_output_embeddings().weight if self._head_is_linear else None
+        weight = full_head_weight(model)
+        layer = output_layer(model)
+        if weight is not layer.weight and not layer.weight.requires_grad:
+            self._gathered_head = weight  # a sharded frozen head (LoRA): one gather for the run
+        return weight
 
     @staticmethod
     def _rows(batch: dict[str, Any], mask: Tensor, rows: Tensor, weights: Tensor | None) -> dict[str, Any]:
