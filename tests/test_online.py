@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -422,3 +423,46 @@ def test_a_head_with_a_bias_is_not_taken_for_logit_factors(shared_data):
     model.set_output_embeddings(biased)
     batch = Collator(tokenizer.pad_token_id)([TokenizedDataset(gsm8k_examples(shared_data, 1), tokenizer)[0]])
     assert not logits_are_linear(model, batch)
+
+
+def test_stale_scores_run_no_forward_but_trainings_and_score_rows_by_their_last_training_loss(tmp_path,
+                                                                                              shared_data):
+    from slimtune.online.trainer import response_losses
+
+    examples = gsm8k_examples(shared_data, 8)
+    run = settings(tmp_path, "run", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model, tokenizer = prepare_model("tiny", run)
+    dataset = TokenizedDataset(examples, tokenizer, run.max_length)
+    trainer = SelectiveTrainer(model=model, args=training_arguments(run, num_train_epochs=3), train_dataset=dataset,
+                               data_collator=Collator(tokenizer.pad_token_id, keep_index=True),
+                               policy=get_policy("big-loss"), keep=0.5, stale_scores=True)
+    row_of = {tuple(row["input_ids"]): i for i, row in enumerate(dataset.rows)}
+    forwards, trained = [], []  # every forward; (step, row, loss) of every row a training forward saw
+
+    def count(module, args, kwargs):
+        forwards.append(torch.is_grad_enabled())
+
+    def read(module, args, kwargs, output):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        losses = response_losses(output.logits.detach(), kwargs["labels"])
+        for r, m, loss in zip(ids, mask, losses.tolist()):
+            trained.append((trainer.state.global_step, row_of[tuple(r[m.bool()].tolist())], loss))
+
+    trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+    trainer.model.register_forward_hook(read, with_kwargs=True)
+    trainer.train()
+    assert trainer.state.global_step == 6  # 3 epochs of 2 steps of 4 candidates
+    assert forwards == [True] * 6  # one training forward per step, as plain training: no scoring forward
+    for step in read_selection_log(tmp_path / "run"):
+        last = {row: loss for at, row, loss in trained if at < step["step"]}  # the latest before this step
+        for row, loss in zip(step["index"], step["loss"]):
+            assert loss is None if row not in last else loss == pytest.approx(last[row], abs=1e-5)
+        wanted = sorted(range(4), key=lambda i: -(math.inf if step["loss"][i] is None else step["loss"][i]))
+        assert sorted(step["chosen"]) == sorted(step["index"][i] for i in wanted[:2])
+    assert trainer.candidates_scored == 24 and trainer.scoring_tokens == 0
+
+
+def test_stale_scores_refuse_a_policy_that_needs_more_than_the_training_loss(tmp_path, shared_data):
+    with pytest.raises(ValueError, match="stale_scores=True serves only"):
+        train_online(gsm8k_examples(shared_data, 4), UDSPolicy(), keep=0.5, model="tiny",
+                     settings=settings(tmp_path, "run"), stale_scores=True)

@@ -8,6 +8,7 @@ never run the model themselves; that is what keeps scoring cheap and every polic
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
@@ -128,6 +129,12 @@ class Policy(ABC):
         return None
 
 
+def top_k(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` highest scores, highest first; a NaN score (a row not scored yet, as in the
+    trainer's stale mode) ranks above every number, and ties keep candidate order."""
+    return torch.sort(scores.nan_to_num(nan=math.inf), descending=True, stable=True).indices[:min(k, len(scores))]
+
+
 class TopKPolicy(Policy):
     """A policy that scores each candidate on its own and keeps the K highest: top-K of ``score``."""
 
@@ -137,11 +144,11 @@ class TopKPolicy(Policy):
 
     def choose(self, batch: CandidateBatch, k: int) -> Tensor:
         self._last_scores = self.score(batch)
-        return torch.topk(self._last_scores, min(k, len(batch))).indices
+        return top_k(self._last_scores, k)
 
     def row_features(self, batch: CandidateBatch) -> dict[str, Tensor]:
         return {"score": self.score(batch)}
 
     def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
         self._last_scores = features["score"]
-        return torch.topk(self._last_scores, min(k, len(self._last_scores))).indices
+        return top_k(self._last_scores, k)

@@ -24,6 +24,16 @@ set into full micro-batches; one process with 16 candidates and two with 8 each 
 failure in one rank's scoring step raises on every rank. The first ``warmup_steps`` optimiser steps train
 on whole candidate batches.
 
+With ``stale_scores=True`` no scoring forward runs at all: a step costs exactly what plain training of its K
+rows costs (one forward and backward per micro-batch). "Stale" means: a candidate's ``loss`` is the mean
+response loss the Trainer's own training forward computed for that row the last time it trained it (read off
+that forward's logits, as InfoBatch's are), so it is the loss under the parameters of that earlier step, not
+the current ones; a row the run has not trained yet has loss NaN, and top-K policies take NaN rows first
+(in candidate order), so unscored rows are trained, and thereby scored, before any scored one is preferred.
+Warm-up steps train whole batches and so score every row they see. Only policies that read nothing but
+``loss`` (and the cached ``ref_loss``) accept it: big-loss, rho-loss, loss-minus-init, uniform. Under DDP the
+ranks exchange the losses they recorded at each selection, so every rank reads the same stale losses.
+
 Every candidate batch (every step, written by rank 0, under global selection) appends one JSON line to
 ``output_dir/selection_log.jsonl`` (``selection_log.rank{r}.jsonl`` under DDP), flushed as it goes: the
 step, every candidate's index, id, loss and score, the chosen rows and their loss weights. The trainer
@@ -86,6 +96,8 @@ logger = logging.getLogger(__name__)
 
 #: Signals this trainer's scoring forward computes (see :data:`slimtune.online.base.SIGNALS`).
 COMPUTED_SIGNALS = frozenset({"loss", "logits", "logit_factors", "hidden", "ref_loss"})
+#: What stale mode can hand a policy without a forward: the training forward's losses and cached references.
+STALE_SIGNALS = frozenset({"loss", "ref_loss"})
 COUNTERS = ("examples_trained", "tokens_trained", "candidates_scored", "scoring_tokens", "scoring_seconds")
 LOG_STEM = "selection_log"
 
@@ -361,7 +373,8 @@ class SelectionMixin:
     """
 
     def __init__(self, *args: Any, policy: Policy | str, keep: float = 0.25, warmup_steps: int = 0,
-                 max_length: int | None = None, global_selection: bool = False, **kwargs: Any):
+                 max_length: int | None = None, global_selection: bool = False, stale_scores: bool = False,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.train_dataset = with_example_index(self.train_dataset)
@@ -387,6 +400,15 @@ class SelectionMixin:
         self.keep = keep
         self.warmup_steps = warmup_steps
         self.global_selection = global_selection
+        self.stale_scores = stale_scores
+        if stale_scores and not self.policy.needs() <= STALE_SIGNALS:
+            raise ValueError(f"policy '{self.policy.name}' needs {sorted(self.policy.needs() - STALE_SIGNALS)}, "
+                             "which the training forward does not leave behind: stale_scores=True serves only "
+                             f"{sorted(STALE_SIGNALS)} (big-loss, rho-loss, loss-minus-init, uniform)")
+        # Each training row's loss at its last training forward (NaN: not trained yet); the (index, loss)
+        # pairs this rank recorded since the ranks last exchanged theirs.
+        self._stale_loss = torch.full((len(self.train_dataset),), math.nan) if stale_scores else None
+        self._stale_news: list[tuple[Tensor, Tensor]] = []
         if global_selection and (type(self.policy).row_features is Policy.row_features
                                  or self.policy.sets_own_budget):
             raise ValueError(f"policy '{self.policy.name}' chooses per candidate batch; global selection needs a "
@@ -414,6 +436,7 @@ class SelectionMixin:
         micro-batches on all ranks, the same on every rank, re-collated from the training set into full
         micro-batches (K / (ranks x micro-batches) rows each, chosen rows in pooled order)."""
         started = time.perf_counter()
+        self._share_stale_losses()
         local: list[tuple[Tensor, dict[str, Tensor], Tensor]] = []
         failure = None
         try:
@@ -477,6 +500,7 @@ class SelectionMixin:
 
     def _select(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The chosen rows of one candidate batch, as a batch the Trainer trains on; logs and counts."""
+        self._share_stale_losses()
         batch = dict(batch)
         from_dataset = "example_index" in batch
         size = batch["input_ids"].shape[0]
@@ -559,14 +583,17 @@ class SelectionMixin:
     def _candidates(self, batch: dict[str, Tensor], index: Tensor, ids: list[str], tasks: list[str],
                     from_dataset: bool) -> CandidateBatch:
         needs = self.policy.needs()
-        if "ref_loss" in needs and not from_dataset:
-            raise ValueError("reference losses are looked up by dataset index: use a collator that keeps "
-                             "`example_index` (slimtune's Collator(keep_index=True))")
+        if ("ref_loss" in needs or self.stale_scores) and not from_dataset:
+            raise ValueError("reference and stale losses are looked up by dataset index: use a collator that "
+                             "keeps `example_index` (slimtune's Collator(keep_index=True))")
         size = len(index)
         labels = batch["labels"]
         signals: dict[str, Tensor] = {"loss": torch.full((size,), math.nan, device=labels.device)}
         extras: dict[str, Any] = {}
-        if needs:
+        if needs and self.stale_scores:
+            signals["loss"] = self._stale_loss[index].to(labels.device)
+            self.candidates_scored += size
+        elif needs:
             model = self.model_wrapped
             was_training = model.training
             model.eval()  # deterministic scores; dropout would also draw from the training RNG
@@ -633,11 +660,31 @@ class SelectionMixin:
         weights = inputs.pop(ROW_WEIGHTS, None)
         index = inputs.pop("example_index", None)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        record = getattr(self.policy, "record_training_losses", None)
+        receivers = [receive for receive in (getattr(self.policy, "record_training_losses", None),
+                                             self._record_stale_losses if self.stale_scores else None) if receive]
         with row_weighted_gradients(unwrapped, weights), \
-                training_row_losses(unwrapped, None if record is None or index is None
-                                    else lambda losses: record(index, losses)):
+                training_row_losses(unwrapped, None if not receivers or index is None
+                                    else lambda losses: [receive(index, losses) for receive in receivers]):
             return super().training_step(model, inputs, *args, **kwargs)
+
+    def _record_stale_losses(self, index: Tensor, losses: Tensor) -> None:
+        index, losses = index.cpu(), losses.detach().float().cpu()
+        self._stale_loss[index] = losses
+        if self.args.world_size > 1:
+            self._stale_news.append((index, losses))
+
+    def _share_stale_losses(self) -> None:
+        """Every rank's newly recorded training losses, on every rank: a row trained on one rank may be a
+        candidate on another (global selection repacks rows; each epoch's sampler deals them anew). Called at
+        the same points on every rank (each selection, each checkpoint)."""
+        if not self.stale_scores or self.args.world_size <= 1:
+            return
+        news: list[list[tuple[Tensor, Tensor]] | None] = [None] * self.args.world_size
+        torch.distributed.all_gather_object(news, self._stale_news)
+        self._stale_news = []
+        for rank_news in news:  # rank order: a row trained on two ranks at once keeps the later rank's loss
+            for index, losses in rank_news:
+                self._stale_loss[index] = losses
 
     def _get_train_sampler(self, train_dataset=None):
         # A policy that prunes whole epochs (InfoBatch) decides which rows the Trainer's data loader draws.
@@ -715,8 +762,11 @@ class SelectionMixin:
         # Written before the Trainer's files, so a checkpoint the Trainer considers complete has it.
         folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
+        self._share_stale_losses()
         state = {"policy": self.policy.state_dict(), "rows_streamed": self._rows_streamed,
                  **{name: getattr(self, name) for name in COUNTERS}}
+        if self.stale_scores:
+            state["stale_loss"] = self._stale_loss
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(folder / self._rank_name("selection_state", "pt"), buffer.getvalue())
@@ -729,6 +779,8 @@ class SelectionMixin:
             state = torch.load(path, weights_only=True)  # plain tensors and numbers: no code unpickled
             self.policy.load_state_dict(state.pop("policy"))
             self._rows_streamed = state.pop("rows_streamed")
+            if "stale_loss" in state:
+                self._stale_loss = state.pop("stale_loss")
             for name, value in state.items():
                 setattr(self, name, value)
         else:
@@ -786,7 +838,8 @@ class SelectiveTrainer(SelectionMixin, Trainer):
 def train_online(examples: Sequence[Example], policy: Policy | str, keep: float = 0.25, *,
                  model: str | None = None, settings: TrainSettings | None = None, warmup_steps: int = 0,
                  trainer_class: type[SelectionMixin] = SelectiveTrainer,
-                 holdout: Sequence[Example] | None = None, global_selection: bool = False) -> TrainResult:
+                 holdout: Sequence[Example] | None = None, global_selection: bool = False,
+                 stale_scores: bool = False) -> TrainResult:
     """Fine-tune as :func:`slimtune.train.train` does, backpropagating the K = ``keep`` rows of every
     candidate batch of B = ``settings.batch_size`` that ``policy`` (a Policy or a registered name) chooses.
 
@@ -795,7 +848,9 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
     trains on (none of them may be in ``examples``); by default the policy's ``holdout`` share of
     ``examples``, drawn with the run's seed and removed from training. Their ids go to
     ``output_dir/holdout_ids.json``. ``global_selection``: choose each optimiser step's K among the candidates
-    of all its micro-batches on all ranks (see :meth:`SelectionMixin._select_globally`).
+    of all its micro-batches on all ranks (see :meth:`SelectionMixin._select_globally`). ``stale_scores``:
+    score candidates with their losses from their last training forward, running no scoring forward (see
+    the module's docstring).
     """
     from slimtune.train import TrainSettings, train  # the training floor sits above online/; reached only here
 
@@ -808,7 +863,8 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
         policy = dataclasses.replace(policy, reference_model=str(irreducible_model(held_out, model, settings)))
     return train(examples, model=model, settings=settings, trainer_class=trainer_class,
                  trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps,
-                                 "max_length": settings.max_length, "global_selection": global_selection})
+                                 "max_length": settings.max_length, "global_selection": global_selection,
+                                 "stale_scores": stale_scores})
 
 
 def split_holdout(examples: Sequence[Example], holdout: Sequence[Example] | None, share: float,
