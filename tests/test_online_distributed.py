@@ -60,7 +60,7 @@ def test_a_policy_failing_on_one_rank_stops_every_rank_with_its_message(tmp_path
         assert code != 0 and MESSAGE in err, err[-3000:]
 
 
-@pytest.mark.parametrize("policy", ["uds", "slap"])
+@pytest.mark.parametrize("policy", ["uds", "slap", "stale"])
 def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path, shared_data, policy):
     from slimtune.online.trainer import read_selection_log
 
@@ -68,6 +68,15 @@ def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path
         results = launch(tmp_path / f"p{processes}", shared_data, processes, mode=f"global-{policy}")
         assert all(result is not None and result[0] == 0 for result in results), results
     one, two = (read_selection_log(tmp_path / f"p{n}") for n in (1, 2))
+    if policy == "stale":  # big-loss on stale losses, 2 epochs: ranks exchange what their training forwards saw
+        assert len(one) == len(two) == 4
+        assert [step["chosen"] for step in one] == [step["chosen"] for step in two]
+        caches = [torch.load(tmp_path / "p1" / "state.rank0.pt")] + \
+            [torch.load(tmp_path / "p2" / f"state.rank{r}.pt") for r in (0, 1)]
+        assert torch.equal(caches[1].nan_to_num(-1), caches[2].nan_to_num(-1))  # one cache on every rank
+        assert (~caches[1].isnan()).sum() == 16  # 4 steps of 4 trained rows, each row at most once
+        assert torch.allclose(caches[0], caches[1], rtol=1e-3, atol=1e-3, equal_nan=True)
+        return
     assert len(one) == len(two) == 2  # 32 rows, 16 candidates a step (1 x 16 or 2 x 8)
     assert [step["index"] for step in one] == [step["index"] for step in two]
     assert [step["chosen"] for step in one] == [step["chosen"] for step in two]
@@ -152,6 +161,7 @@ def main(out_dir: str, data_dir: str, mode: str) -> None:
     from helpers import gsm8k_examples
 
     from slimtune.models import LoraSettings
+    from slimtune.online import get_policy
     from slimtune.online.policies.slap import SLAPPolicy
     from slimtune.online.policies.uds import UDSPolicy
     from slimtune.online.trainer import SelectiveTrainer, train_online
@@ -167,20 +177,21 @@ def main(out_dir: str, data_dir: str, mode: str) -> None:
         train_online(gsm8k_examples(Path(data_dir), 8), FailsOnRankOne(), keep=0.5, model="tiny",
                      settings=settings)
         return
-    policy = UDSPolicy() if mode == "global-uds" else SLAPPolicy(strata=2)
+    policy = {"global-uds": UDSPolicy(), "global-slap": SLAPPolicy(strata=2)}.get(mode, get_policy("big-loss"))
 
     class Recording(SelectiveTrainer):  # keeps its rank's policy state for the test to compare
         def train(self, *args, **kwargs):
             result = super().train(*args, **kwargs)
-            state = self.policy.state_dict()
-            torch.save(state["memory"] if mode == "global-uds" else state,
-                       Path(out_dir) / f"state.rank{self.args.process_index}.pt")
+            state = {"global-uds": lambda: self.policy.state_dict()["memory"],
+                     "global-slap": self.policy.state_dict}.get(mode, lambda: self._stale_loss)()
+            torch.save(state, Path(out_dir) / f"state.rank{self.args.process_index}.pt")
             return result
 
-    settings = TrainSettings(output_dir=out_dir, epochs=1, batch_size=16 // world, max_length=160, progress=False,
+    settings = TrainSettings(output_dir=out_dir, epochs=2 if mode == "global-stale" else 1,
+                             batch_size=16 // world, max_length=160, progress=False,
                              lora=LoraSettings(r=4, alpha=8, dropout=0.0), logging_steps=1)
     train_online(gsm8k_examples(Path(data_dir), 32), policy, keep=0.25, model="tiny", settings=settings,
-                 trainer_class=Recording, global_selection=True)
+                 trainer_class=Recording, global_selection=True, stale_scores=mode == "global-stale")
 
 
 if __name__ == "__main__":

@@ -721,6 +721,7 @@ class SelectionMixin:
             result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             self._log_file.close()
+        self._share_stale_losses()  # the last step's, which no later selection exchanged
         self._sum_counters_over_ranks()
         if self.args.should_save:
             write_json(Path(self.args.output_dir) / "selection_summary.json",
