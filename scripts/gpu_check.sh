@@ -3,7 +3,8 @@
 #
 #   1. LESS extraction in bf16 against the floor of a plain forward+backward of the same batches;
 #   2. sparse DELIFT kernel throughput (model tokens/s);
-#   3. `torchrun -m slimtune select` on 2 GPUs selects exactly what 1 GPU selects (loss, LESS).
+#   3. `torchrun -m slimtune select` on 2 GPUs selects exactly what 1 GPU selects (loss, LESS);
+#   4. online selection (UDS, SLAP under global selection) trains under accelerate launch with FSDP2.
 #
 # The GPU machine has torch/transformers/peft but no model and no network, so the model is randomly initialised
 # with SmolLM2-135M-Instruct's config (the embedded default's shape; timings, not quality, are measured) and the
@@ -119,3 +120,34 @@ EOF
 else
     echo "one GPU: the 2-GPU selection check is skipped"
 fi
+
+# 4. online selection under FSDP2 (issue #15): the CPU suite checks 2 gloo processes with FSDP2
+# (tests/test_online_distributed.py::test_uds_and_slap_score_an_fsdp2_sharded_model_as_the_whole_one); here the
+# whole online trainer (UDS per micro-batch, SLAP under global selection) trains a few steps under `accelerate
+# launch` with FSDP2, so the LM head it scores with is a DTensor that online.trainer.full_head_weight gathers.
+# One GPU: one process (NCCL refuses two ranks on one device), still a sharded head.
+# Expected: "online under FSDP: ok uds ..." and "online under FSDP: ok slap ...".
+data=$([ -d ../shared/data ] && echo ../shared/data || echo src/slimtune/data/samples)
+cat > "$WORK/online_fsdp.py" <<'PYEOF'
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from helpers import gsm8k_examples
+from slimtune.models import LoraSettings
+from slimtune.online.trainer import read_selection_log, train_online
+from slimtune.train import TrainSettings
+
+out, policy, data, model = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+settings = TrainSettings(output_dir=str(out / policy), epochs=1, batch_size=8, max_length=256, progress=False,
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.0), logging_steps=1)
+train_online(gsm8k_examples(data, 32), policy, keep=0.25, model=model, settings=settings,
+             global_selection=policy == "slap")
+log = read_selection_log(out / policy)
+assert len(log) == 4 and all(len(step["chosen"]) == 2 for step in log), log
+print("online under FSDP: ok", policy, json.dumps([step["chosen"] for step in log]))
+PYEOF
+for policy in uds slap; do
+    timeout 600 python -m accelerate.commands.launch --num_processes 1 --use_fsdp --fsdp_version 2 \
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_reshard_after_forward true \
+        "$WORK/online_fsdp.py" "$WORK/online-fsdp" "$policy" "$data" "$WORK/smollm2-shape"
+done

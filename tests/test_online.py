@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -422,3 +423,110 @@ def test_a_head_with_a_bias_is_not_taken_for_logit_factors(shared_data):
     model.set_output_embeddings(biased)
     batch = Collator(tokenizer.pad_token_id)([TokenizedDataset(gsm8k_examples(shared_data, 1), tokenizer)[0]])
     assert not logits_are_linear(model, batch)
+
+
+def test_stale_scores_run_no_forward_but_trainings_and_score_rows_by_their_last_training_loss(tmp_path,
+                                                                                              shared_data):
+    from slimtune.online.trainer import response_losses
+
+    examples = gsm8k_examples(shared_data, 8)
+    run = settings(tmp_path, "run", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model, tokenizer = prepare_model("tiny", run)
+    dataset = TokenizedDataset(examples, tokenizer, run.max_length)
+    trainer = SelectiveTrainer(model=model, args=training_arguments(run, num_train_epochs=3), train_dataset=dataset,
+                               data_collator=Collator(tokenizer.pad_token_id, keep_index=True),
+                               policy=get_policy("big-loss"), keep=0.5, stale_scores=True)
+    row_of = {tuple(row["input_ids"]): i for i, row in enumerate(dataset.rows)}
+    forwards, trained = [], []  # every forward; (step, row, loss) of every row a training forward saw
+
+    def count(module, args, kwargs):
+        forwards.append(torch.is_grad_enabled())
+
+    def read(module, args, kwargs, output):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        losses = response_losses(output.logits.detach(), kwargs["labels"])
+        for r, m, loss in zip(ids, mask, losses.tolist()):
+            trained.append((trainer.state.global_step, row_of[tuple(r[m.bool()].tolist())], loss))
+
+    trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+    trainer.model.register_forward_hook(read, with_kwargs=True)
+    trainer.train()
+    assert trainer.state.global_step == 6  # 3 epochs of 2 steps of 4 candidates
+    assert forwards == [True] * 6  # one training forward per step, as plain training: no scoring forward
+    for step in read_selection_log(tmp_path / "run"):
+        last = {row: loss for at, row, loss in trained if at < step["step"]}  # the latest before this step
+        for row, loss in zip(step["index"], step["loss"]):
+            assert loss is None if row not in last else loss == pytest.approx(last[row], abs=1e-5)
+        wanted = sorted(range(4), key=lambda i: -(math.inf if step["loss"][i] is None else step["loss"][i]))
+        assert sorted(step["chosen"]) == sorted(step["index"][i] for i in wanted[:2])
+    assert trainer.candidates_scored == 24 and trainer.scoring_tokens == 0
+
+
+def test_stale_scores_refuse_a_policy_that_needs_more_than_the_training_loss(tmp_path, shared_data):
+    with pytest.raises(ValueError, match="stale_scores=True serves only"):
+        train_online(gsm8k_examples(shared_data, 4), UDSPolicy(), keep=0.5, model="tiny",
+                     settings=settings(tmp_path, "run"), stale_scores=True)
+
+
+def test_the_head_is_gathered_from_an_fsdp1_unit_and_from_zero3_where_neither_runs_on_a_cpu(tiny, monkeypatch):
+    """FSDP1 needs an accelerator and DeepSpeed is not installed here: each is stood in for by what it leaves
+    outside the forward (a flat shard; an empty placeholder with ``ds_id``) and by its gathering context, which
+    full_head_weight must enter (the 2-process FSDP2 test runs the real thing)."""
+    import importlib.machinery
+    import sys
+    import types
+    from contextlib import contextmanager
+
+    import torch.distributed.fsdp as fsdp
+
+    from slimtune.online.trainer import full_head_weight
+
+    model, _ = tiny
+    head = model.get_output_embeddings()
+    whole = head.weight.detach().clone()
+    entered = []
+
+    class Unit(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.inner = module
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        @staticmethod
+        @contextmanager
+        def summon_full_params(unit, writeback=True, recurse=True):
+            entered.append(("fsdp1", writeback, recurse))
+            flat = head.weight
+            head.weight = torch.nn.Parameter(whole.clone(), requires_grad=False)
+            try:
+                yield
+            finally:
+                head.weight = flat
+
+    @contextmanager
+    def gathered(params, modifier_rank=None):
+        entered.append(("zero3", modifier_rank))
+        params[0].data = whole.clone()
+        try:
+            yield
+        finally:
+            params[0].data = torch.empty(0)
+
+    original = head.weight
+    try:
+        monkeypatch.setattr(fsdp, "FullyShardedDataParallel", Unit)
+        head.weight = torch.nn.Parameter(whole.flatten()[: whole.numel() // 2].clone(), requires_grad=False)
+        assert torch.equal(full_head_weight(Unit(model)), whole)
+        deepspeed = types.ModuleType("deepspeed")
+        deepspeed.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
+        deepspeed.zero = types.SimpleNamespace(GatheredParameters=gathered)
+        deepspeed.DeepSpeedEngine = type("DeepSpeedEngine", (torch.nn.Module,), {})  # what accelerate unwraps
+        monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+        head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        head.weight.ds_id = 7
+        assert torch.equal(full_head_weight(model), whole)
+        assert entered == [("fsdp1", False, False), ("zero3", None)]  # no write-back, only the head's unit
+    finally:
+        head.weight = original

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from slimtune.online.base import Policy
@@ -59,21 +60,100 @@ def test_a_policy_failing_on_one_rank_stops_every_rank_with_its_message(tmp_path
         assert code != 0 and MESSAGE in err, err[-3000:]
 
 
-def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path, shared_data):
+@pytest.mark.parametrize("policy", ["uds", "slap", "stale"])
+def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path, shared_data, policy):
     from slimtune.online.trainer import read_selection_log
 
     for processes in (1, 2):
-        results = launch(tmp_path / f"p{processes}", shared_data, processes, mode="global")
+        results = launch(tmp_path / f"p{processes}", shared_data, processes, mode=f"global-{policy}")
         assert all(result is not None and result[0] == 0 for result in results), results
     one, two = (read_selection_log(tmp_path / f"p{n}") for n in (1, 2))
+    if policy == "stale":  # big-loss on stale losses, 2 epochs: ranks exchange what their training forwards saw
+        assert len(one) == len(two) == 4
+        assert [step["chosen"] for step in one] == [step["chosen"] for step in two]
+        caches = [torch.load(tmp_path / "p1" / "state.rank0.pt")] + \
+            [torch.load(tmp_path / "p2" / f"state.rank{r}.pt") for r in (0, 1)]
+        assert torch.equal(caches[1].nan_to_num(-1), caches[2].nan_to_num(-1))  # one cache on every rank
+        assert (~caches[1].isnan()).sum() == 16  # 4 steps of 4 trained rows, each row at most once
+        assert torch.allclose(caches[0], caches[1], rtol=1e-3, atol=1e-3, equal_nan=True)
+        return
     assert len(one) == len(two) == 2  # 32 rows, 16 candidates a step (1 x 16 or 2 x 8)
     assert [step["index"] for step in one] == [step["index"] for step in two]
     assert [step["chosen"] for step in one] == [step["chosen"] for step in two]
     assert all(len(step["chosen"]) == 4 for step in one)
-    memories = [torch.load(tmp_path / "p1" / "memory.rank0.pt")] + \
-        [torch.load(tmp_path / "p2" / f"memory.rank{r}.pt") for r in (0, 1)]
-    assert torch.equal(memories[1], memories[2])  # one policy state on every rank
-    assert torch.allclose(memories[0], memories[1], rtol=1e-3, atol=1e-3)
+    if policy == "slap":  # the strata and their slots are the pool's, not a rank's
+        assert [step["policy"]["allocation"] for step in one] == [step["policy"]["allocation"] for step in two]
+    states = [torch.load(tmp_path / "p1" / "state.rank0.pt")] + \
+        [torch.load(tmp_path / "p2" / f"state.rank{r}.pt") for r in (0, 1)]
+    assert states[1] == states[2] if policy == "slap" else torch.equal(states[1], states[2])  # same everywhere
+    if policy == "slap":  # the window: every candidate's loss in pooled order, whatever ranks scored them
+        assert states[0]["window_tasks"] == states[1]["window_tasks"]
+        assert torch.allclose(torch.tensor(states[0]["window_loss"]), torch.tensor(states[1]["window_loss"]),
+                              rtol=1e-3, atol=1e-3)
+    else:
+        assert torch.allclose(states[0], states[1], rtol=1e-3, atol=1e-3)
+
+
+def test_uds_and_slap_score_an_fsdp2_sharded_model_as_the_whole_one(tmp_path, shared_data):
+    """FSDP2 (fully_shard) on 2 CPU processes: the LM head is a DTensor of half the vocabulary each; the online
+    trainer's scoring step and per-epoch pruning gather it and score exactly as on the unsharded model."""
+    results = launch(tmp_path, shared_data, mode="fsdp")
+    assert all(result is not None and result[0] == 0 for result in results), \
+        [None if result is None else result[1][-3000:] for result in results]
+
+
+def score_sharded(out_dir: str, data_dir: str) -> None:
+    """One rank of the FSDP2 test: UDS and SLAP features of a batch, and SLAP's pool scores, before and after
+    sharding the model."""
+    import copy
+
+    from helpers import gsm8k_examples
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainingArguments
+
+    from slimtune.data.tokenize import Collator, TokenizedDataset
+    from slimtune.models import load_model
+    from slimtune.online.policies.slap import SLAPPolicy
+    from slimtune.online.policies.uds import UDSPolicy
+    from slimtune.online.pruning import score_pool
+    from slimtune.online.trainer import SelectiveTrainer
+
+    torch.distributed.init_process_group("gloo")
+    whole, tokenizer = load_model("tiny", device="cpu")
+    dataset = TokenizedDataset(gsm8k_examples(Path(data_dir), 8), tokenizer, 160)
+    collator = Collator(tokenizer.pad_token_id, keep_index=True)
+    sharded = copy.deepcopy(whole)
+    for layer in sharded.model.layers:
+        fully_shard(layer)
+    fully_shard(sharded)
+    head = sharded.get_output_embeddings().weight
+    assert head.to_local().shape[0] == head.shape[0] // 2  # really sharded
+
+    def scored(model):
+        args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4, report_to=[], use_cpu=True)
+        features = []
+        for policy in (UDSPolicy(max_length=160), SLAPPolicy(strata=2)):
+            trainer = SelectiveTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                       policy=policy, keep=0.5)
+            batch = collator([dataset[i] for i in range(4)])
+            index = batch.pop("example_index")
+            trainer._candidates(batch, index, *trainer._describe(index, True), True)  # checks the head
+            if hasattr(model, "reshard"):  # as after a training step's backward: the root is sharded again
+                model.reshard()
+            candidates = trainer._candidates(batch, index, *trainer._describe(index, True), True)
+            assert "head" in candidates.extras  # logit factors, not the full logits
+            features.append(policy.row_features(candidates))
+        if hasattr(model, "reshard"):
+            model.reshard()
+        pool = score_pool(model, dataset, collator, SLAPPolicy(strata=2), batch_size=4)[0]
+        features.append({name: getattr(pool, name) for name in ("loss", "sketch", "rep", "curvature")})
+        return features
+
+    for expected, got in zip(scored(whole), scored(sharded), strict=True):
+        for name, value in expected.items():
+            if torch.is_tensor(value):
+                assert torch.allclose(value, got[name], rtol=1e-4, atol=1e-5), name
+    torch.distributed.destroy_process_group()
 
 
 def main(out_dir: str, data_dir: str, mode: str) -> None:
@@ -81,29 +161,37 @@ def main(out_dir: str, data_dir: str, mode: str) -> None:
     from helpers import gsm8k_examples
 
     from slimtune.models import LoraSettings
+    from slimtune.online import get_policy
+    from slimtune.online.policies.slap import SLAPPolicy
     from slimtune.online.policies.uds import UDSPolicy
     from slimtune.online.trainer import SelectiveTrainer, train_online
     from slimtune.train import TrainSettings
 
     world = int(os.environ["WORLD_SIZE"])
+    if mode == "fsdp":
+        score_sharded(out_dir, data_dir)
+        return
     if mode == "fail":
         settings = TrainSettings(output_dir=out_dir, epochs=1, batch_size=2, max_length=160, progress=False,
                                  lora=LoraSettings(r=4, alpha=8, dropout=0.0), logging_steps=1)
         train_online(gsm8k_examples(Path(data_dir), 8), FailsOnRankOne(), keep=0.5, model="tiny",
                      settings=settings)
         return
-    policy = UDSPolicy()
+    policy = {"global-uds": UDSPolicy(), "global-slap": SLAPPolicy(strata=2)}.get(mode, get_policy("big-loss"))
 
-    class Recording(SelectiveTrainer):  # keeps its rank's policy memory for the test to compare
+    class Recording(SelectiveTrainer):  # keeps its rank's policy state for the test to compare
         def train(self, *args, **kwargs):
             result = super().train(*args, **kwargs)
-            torch.save(self.policy.state_dict()["memory"], Path(out_dir) / f"memory.rank{self.args.process_index}.pt")
+            state = {"global-uds": lambda: self.policy.state_dict()["memory"],
+                     "global-slap": self.policy.state_dict}.get(mode, lambda: self._stale_loss)()
+            torch.save(state, Path(out_dir) / f"state.rank{self.args.process_index}.pt")
             return result
 
-    settings = TrainSettings(output_dir=out_dir, epochs=1, batch_size=16 // world, max_length=160, progress=False,
+    settings = TrainSettings(output_dir=out_dir, epochs=2 if mode == "global-stale" else 1,
+                             batch_size=16 // world, max_length=160, progress=False,
                              lora=LoraSettings(r=4, alpha=8, dropout=0.0), logging_steps=1)
     train_online(gsm8k_examples(Path(data_dir), 32), policy, keep=0.25, model="tiny", settings=settings,
-                 trainer_class=Recording, global_selection=True)
+                 trainer_class=Recording, global_selection=True, stale_scores=mode == "global-stale")
 
 
 if __name__ == "__main__":

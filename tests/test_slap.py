@@ -288,3 +288,56 @@ def test_per_epoch_pruning_trains_each_epoch_on_the_kept_share(tmp_path, shared_
         alloc = record["allocation"]
         assert all(r["chosen"] >= 1 for r in alloc.values() if r["candidates"])
     assert log[1]["step"] == 2  # the second epoch was scored with the model after the first one's steps
+
+
+def test_pooled_choice_over_split_batches_is_the_choice_over_one_batch_of_them_all():
+    """Global selection: SLAP choosing among two batches' gathered row features chooses, and remembers, what
+    it chooses from one batch holding both (same strata window, g_ref and Gauss-Newton block)."""
+    from slimtune.online.trainer import _join
+
+    whole = make_batch(torch.linspace(0.2, 3.0, 16), seed=3)
+    one, pooled = SLAPPolicy(strata=2, window=64), SLAPPolicy(strata=2, window=64)
+    for _ in range(2):  # the second step sees a window filled by the first
+        expected = one.choose(whole, 5)
+        parts = [pooled.row_features(whole.subset(rows)) for rows in (range(8), range(8, 16))]
+        assert parts[0]["curvature_total"].shape == (1, 512, 512)
+        chosen = pooled.choose_pooled(_join(parts), 5)
+        assert chosen.tolist() == expected.tolist()
+        got, want = pooled.last.record(), one.last.record()
+        assert got["allocation"] == want["allocation"]
+        assert got["gain_share"] == pytest.approx(want["gain_share"], rel=1e-5)  # a sum in another order
+    assert pooled.state_dict() == one.state_dict()
+
+
+def test_pool_scoring_holds_a_bounded_number_of_curvature_blocks_and_scores_the_same(tiny, shared_data,
+                                                                                     monkeypatch):
+    """score_pool folds its parts as it goes (each holds a D x D block), and the folded pool is the same."""
+    import weakref
+
+    from slimtune.data.tokenize import Collator, TokenizedDataset
+    from slimtune.online import pruning
+
+    model, tokenizer = tiny
+    dataset = TokenizedDataset(mixed_examples(shared_data, 12), tokenizer, 128)
+    collator = Collator(tokenizer.pad_token_id)
+
+    class Watched(SLAPPolicy):
+        def features(self, batch):
+            feats = super().features(batch)
+            self.blocks.append(weakref.ref(feats.curvature))
+            self.most_alive = max(self.most_alive, sum(ref() is not None for ref in self.blocks))
+            return feats
+
+    results = []
+    for fold in (pruning.FOLD_BATCHES, 2):
+        monkeypatch.setattr(pruning, "FOLD_BATCHES", fold)
+        policy = Watched(strata=2)
+        policy.blocks, policy.most_alive = [], 0
+        results.append(pruning.score_pool(model, dataset, collator, policy, batch_size=2))
+        assert policy.most_alive == (6 if fold > 6 else 2)  # 6 batches' blocks, or 2 before they fold
+    (whole, tokens), (folded, folded_tokens) = results
+    assert tokens == folded_tokens and whole.tasks == folded.tasks
+    for name in ("loss", "sketch", "rep"):
+        assert torch.equal(getattr(whole, name), getattr(folded, name))
+    assert torch.allclose(whole.curvature, folded.curvature, rtol=1e-5, atol=1e-7)
+    assert SLAPPolicy(strata=2).prune(whole, 0.5).tolist() == SLAPPolicy(strata=2).prune(folded, 0.5).tolist()

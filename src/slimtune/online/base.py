@@ -8,6 +8,7 @@ never run the model themselves; that is what keeps scoring cheap and every polic
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
@@ -106,12 +107,14 @@ class Policy(ABC):
         """Called with the chosen rows right after ``choose``, before the next candidate batch is scored
         (their backward follows; weights do not change inside an accumulation window): memories go here."""
 
-    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor] | None:
-        """Per-row summaries, (B, ...) each, from which ``choose_pooled`` can choose: what global selection
-        gathers across micro-batches and ranks. None (the default): the policy chooses per candidate batch."""
+    def row_features(self, batch: CandidateBatch) -> dict[str, Tensor | list] | None:
+        """Per-row summaries, (B, ...) tensors or lists of B items, from which ``choose_pooled`` can choose:
+        what global selection gathers across micro-batches and ranks and concatenates, name by name (a policy
+        may also hand a per-batch total as a (1, ...) tensor, which then arrives as one row per batch). None
+        (the default): the policy chooses per candidate batch."""
         return None
 
-    def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
+    def choose_pooled(self, features: dict[str, Tensor | list], k: int) -> Tensor:
         """Indices of the K rows to train among the pooled candidates (``row_features`` of every micro-batch
         of the step on every rank, concatenated in rank then micro-batch order), most wanted first. Called on
         every rank with the same features: it must choose the same rows and update memories the same way (it
@@ -126,6 +129,12 @@ class Policy(ABC):
         return None
 
 
+def top_k(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` highest scores, highest first; a NaN score (a row not scored yet, as in the
+    trainer's stale mode) ranks above every number, and ties keep candidate order."""
+    return torch.sort(scores.nan_to_num(nan=math.inf), descending=True, stable=True).indices[:min(k, len(scores))]
+
+
 class TopKPolicy(Policy):
     """A policy that scores each candidate on its own and keeps the K highest: top-K of ``score``."""
 
@@ -135,11 +144,11 @@ class TopKPolicy(Policy):
 
     def choose(self, batch: CandidateBatch, k: int) -> Tensor:
         self._last_scores = self.score(batch)
-        return torch.topk(self._last_scores, min(k, len(batch))).indices
+        return top_k(self._last_scores, k)
 
     def row_features(self, batch: CandidateBatch) -> dict[str, Tensor]:
         return {"score": self.score(batch)}
 
     def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
         self._last_scores = features["score"]
-        return torch.topk(self._last_scores, min(k, len(self._last_scores))).indices
+        return top_k(self._last_scores, k)

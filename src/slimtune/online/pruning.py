@@ -40,13 +40,22 @@ from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch
 from slimtune.online.policies.slap import RowFeatures, SLAPPolicy
-from slimtune.online.trainer import accepts_logits_to_keep, forward_signals, keep_count, logits_are_linear
+from slimtune.online.trainer import (
+    accepts_logits_to_keep,
+    forward_signals,
+    full_head_weight,
+    keep_count,
+    logits_are_linear,
+)
 from slimtune.train import TrainResult, TrainSettings, train
 
 if TYPE_CHECKING:
     from slimtune.data.example import Example
 
 LOG_NAME = "pruning_log.jsonl"
+#: score_pool folds its per-batch features into one every this many batches: each batch's Gauss-Newton block is
+#: D x D (1 MB at the default 512), so 10k rows at batch 8 would otherwise hold 1.25 GB until the end.
+FOLD_BATCHES = 256
 
 
 class PrunedView(Dataset):
@@ -93,8 +102,9 @@ def score_pool(model: torch.nn.Module, dataset: Dataset, collator, policy: SLAPP
             rows = order[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collator([dataset[i] for i in rows]).items()
                      if k != "example_index"}
-            if start == 0 and "logit_factors" in needs and logits_are_linear(model, batch):
-                head = model.get_output_embeddings().weight
+            if start == 0 and "logit_factors" in needs:
+                weight = full_head_weight(model)  # gathered, once, where FSDP or ZeRO-3 shards it
+                head = weight if logits_are_linear(model, batch, weight) else None
             factored = "logit_factors" in needs
             signals = forward_signals(model, batch, logits="logits" in needs or (factored and head is None),
                                       hidden="hidden" in needs or factored, trim_logits=trim)
@@ -106,6 +116,8 @@ def score_pool(model: torch.nn.Module, dataset: Dataset, collator, policy: SLAPP
                 token_count=(labels[:, 1:] != IGNORE_INDEX).sum(1),
                 extras={} if head is None else {"head": head}, **signals)))
             tokens += int(batch["attention_mask"].sum())
+            if len(parts) == FOLD_BATCHES:
+                parts = [RowFeatures.cat(parts)]
     finally:
         model.train(was_training)
     return RowFeatures.cat(parts).rows(torch.tensor(order).argsort()), tokens

@@ -24,6 +24,16 @@ set into full micro-batches; one process with 16 candidates and two with 8 each 
 failure in one rank's scoring step raises on every rank. The first ``warmup_steps`` optimiser steps train
 on whole candidate batches.
 
+With ``stale_scores=True`` no scoring forward runs at all: a step costs exactly what plain training of its K
+rows costs (one forward and backward per micro-batch). "Stale" means: a candidate's ``loss`` is the mean
+response loss the Trainer's own training forward computed for that row the last time it trained it (read off
+that forward's logits, as InfoBatch's are), so it is the loss under the parameters of that earlier step, not
+the current ones; a row the run has not trained yet has loss NaN, and top-K policies take NaN rows first
+(in candidate order), so unscored rows are trained, and thereby scored, before any scored one is preferred.
+Warm-up steps train whole batches and so score every row they see. Only policies that read nothing but
+``loss`` (and the cached ``ref_loss``) accept it: big-loss, rho-loss, loss-minus-init, uniform. Under DDP the
+ranks exchange the losses they recorded at each selection, so every rank reads the same stale losses.
+
 Every candidate batch (every step, written by rank 0, under global selection) appends one JSON line to
 ``output_dir/selection_log.jsonl`` (``selection_log.rank{r}.jsonl`` under DDP), flushed as it goes: the
 step, every candidate's index, id, loss and score, the chosen rows and their loss weights. The trainer
@@ -87,6 +97,8 @@ logger = logging.getLogger(__name__)
 
 #: Signals this trainer's scoring forward computes (see :data:`slimtune.online.base.SIGNALS`).
 COMPUTED_SIGNALS = frozenset({"loss", "logits", "logit_factors", "hidden", "ref_loss"})
+#: What stale mode can hand a policy without a forward: the training forward's losses and cached references.
+STALE_SIGNALS = frozenset({"loss", "ref_loss"})
 COUNTERS = ("examples_trained", "tokens_trained", "candidates_scored", "scoring_tokens", "scoring_seconds")
 LOG_STEM = "selection_log"
 
@@ -271,16 +283,50 @@ def forward_signals(model: torch.nn.Module, batch: dict[str, Tensor], *, logits:
     return signals
 
 
-def logits_are_linear(model: torch.nn.Module, batch: dict[str, Tensor]) -> bool:
+def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's LM head, through DDP, FSDP, DeepSpeed and PEFT wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    base = extract_model_from_parallel(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+
+
+def full_head_weight(model: torch.nn.Module) -> Tensor:
+    """The LM head's whole (V, H) weight on every rank: the parameter itself where it is whole; gathered, as a
+    detached copy, where FSDP2 (a DTensor), FSDP1 (a flat shard) or ZeRO-3 (an empty placeholder outside the
+    forward) shards it. Sharded, it is a collective: every rank must call it at the same point."""
+    head = output_layer(model)
+    weight = head.weight
+    if hasattr(weight, "full_tensor"):  # FSDP2 (fully_shard)
+        return weight.full_tensor().detach()
+    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return weight.detach().clone()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    owners = [unit for unit in model.modules() if isinstance(unit, FullyShardedDataParallel)
+              and any(inner is head for inner in unit.modules())]
+    if owners:  # FSDP1: the innermost unit that holds the head (modules() lists outer units first)
+        with FullyShardedDataParallel.summon_full_params(owners[-1], writeback=False, recurse=False):
+            return head.weight.detach().clone()
+    return weight
+
+
+def logits_are_linear(model: torch.nn.Module, batch: dict[str, Tensor], weight: Tensor | None = None) -> bool:
     """Whether the model's logits are exactly last hidden state @ W.T for its output layer's weight W (no
-    bias, scaling or soft-capping), checked on one row of ``batch``."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    bias, scaling or soft-capping), checked on one row of ``batch``. ``model`` may be the wrapped (sharded)
+    model, which runs the forward; ``weight``: W as :func:`full_head_weight` gives it (gathered if None)."""
+    head = output_layer(model)
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
+    weight = full_head_weight(model) if weight is None else weight
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
                     output_hidden_states=True)
-        product = out.hidden_states[-1].float() @ head.weight.float().T
+        product = out.hidden_states[-1].float() @ weight.float().T
         logits = out.logits.float()
     tolerance = 1e-2 * float(logits.abs().max()) + 1e-3  # bf16 autocast logits stay within this
     return float((product - logits).abs().max()) <= tolerance
@@ -307,6 +353,12 @@ def read_selection_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line]
 
 
+def _join(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Row features of several batches, name by name: tensors concatenated, lists chained."""
+    return {name: torch.cat([part[name] for part in parts]) if torch.is_tensor(parts[0][name])
+            else [item for part in parts for item in part[name]] for name in parts[0]}
+
+
 def _floats(values: Tensor) -> list[float | None]:
     return [None if math.isnan(v) else round(v, 6) for v in values.detach().float().cpu().tolist()]
 
@@ -322,7 +374,8 @@ class SelectionMixin:
     """
 
     def __init__(self, *args: Any, policy: Policy | str, keep: float = 0.25, warmup_steps: int = 0,
-                 max_length: int | None = None, global_selection: bool = False, **kwargs: Any):
+                 max_length: int | None = None, global_selection: bool = False, stale_scores: bool = False,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.train_dataset = with_example_index(self.train_dataset)
@@ -348,11 +401,20 @@ class SelectionMixin:
         self.keep = keep
         self.warmup_steps = warmup_steps
         self.global_selection = global_selection
+        self.stale_scores = stale_scores
+        if stale_scores and not self.policy.needs() <= STALE_SIGNALS:
+            raise ValueError(f"policy '{self.policy.name}' needs {sorted(self.policy.needs() - STALE_SIGNALS)}, "
+                             "which the training forward does not leave behind: stale_scores=True serves only "
+                             f"{sorted(STALE_SIGNALS)} (big-loss, rho-loss, loss-minus-init, uniform)")
+        # Each training row's loss at its last training forward (NaN: not trained yet); the (index, loss)
+        # pairs this rank recorded since the ranks last exchanged theirs.
+        self._stale_loss = torch.full((len(self.train_dataset),), math.nan) if stale_scores else None
+        self._stale_news: list[tuple[Tensor, Tensor]] = []
         if global_selection and (type(self.policy).row_features is Policy.row_features
                                  or self.policy.sets_own_budget):
             raise ValueError(f"policy '{self.policy.name}' chooses per candidate batch; global selection needs a "
                              "policy with row_features and choose_pooled (uniform, big-loss, grad-norm, rho-loss, "
-                             "loss-minus-init, uds)")
+                             "loss-minus-init, uds, slap)")
         self.examples_trained = self.tokens_trained = self.candidates_scored = self.scoring_tokens = 0
         self.scoring_seconds = 0.0
         self._rows_streamed = 0
@@ -360,6 +422,7 @@ class SelectionMixin:
         self._log_file = None
         self._trim_logits = accepts_logits_to_keep(self.model)
         self._head_checked = self._head_is_linear = False
+        self._gathered_head: Tensor | None = None
 
     # ---- the selection step -------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -374,6 +437,7 @@ class SelectionMixin:
         micro-batches on all ranks, the same on every rank, re-collated from the training set into full
         micro-batches (K / (ranks x micro-batches) rows each, chosen rows in pooled order)."""
         started = time.perf_counter()
+        self._share_stale_losses()
         local: list[tuple[Tensor, dict[str, Tensor], Tensor]] = []
         failure = None
         try:
@@ -391,20 +455,20 @@ class SelectionMixin:
                 ids, tasks = self._describe(index, True)
                 candidates = self._candidates({**batch, "attention_mask": mask}, index, ids, tasks, True)
                 features = self.policy.row_features(candidates)
-                local.append((index, {name: value.detach().cpu() for name, value in features.items()},
+                local.append((index, {name: value.detach().cpu() if torch.is_tensor(value) else list(value)
+                                      for name, value in features.items()},
                               candidates.loss.detach().float().cpu()))
         except Exception as error:  # re-raised below, on every rank
             failure = error
         self._raise_on_every_rank(failure)
-        mine = (torch.cat([part[0] for part in local]),
-                {name: torch.cat([part[1][name] for part in local]) for name in local[0][1]},
+        mine = (torch.cat([part[0] for part in local]), _join([part[1] for part in local]),
                 torch.cat([part[2] for part in local]))
         pooled = [mine]
         if self.args.world_size > 1:
             pooled = [None] * self.args.world_size
             torch.distributed.all_gather_object(pooled, mine)
         index = torch.cat([part[0] for part in pooled])
-        features = {name: torch.cat([part[1][name] for part in pooled]) for name in mine[1]}
+        features = _join([part[1] for part in pooled])
         parts = self.args.world_size * len(batches)
         k = min(len(index), keep_count(self.keep, len(index)) if self.keep < 1 else int(self.keep) * parts)
         if k < parts:
@@ -421,7 +485,8 @@ class SelectionMixin:
             self._write({"step": self.state.global_step, "index": index.tolist(), "ids": ids,
                          "phase": "select-global", "loss": _floats(torch.cat([part[2] for part in pooled])),
                          "scores": None if scores is None else _floats(scores), "chosen": rows.tolist(),
-                         "chosen_ids": self._describe(rows, True)[0]})
+                         "chosen_ids": self._describe(rows, True)[0],
+                         **({"policy": self.policy.log_record()} if hasattr(self.policy, "log_record") else {})})
         shares = torch.tensor_split(rows, parts)[self.args.process_index * len(batches):][:len(batches)]
         # Rows by example_index, an index into the pool: a view over the pool (a pruned epoch's PrunedView, a
         # torch Subset) holds pool rows at other positions, so read the pool under it.
@@ -435,6 +500,7 @@ class SelectionMixin:
 
     def _select(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The chosen rows of one candidate batch, as a batch the Trainer trains on; logs and counts."""
+        self._share_stale_losses()
         batch = dict(batch)
         from_dataset = "example_index" in batch
         size = batch["input_ids"].shape[0]
@@ -517,14 +583,17 @@ class SelectionMixin:
     def _candidates(self, batch: dict[str, Tensor], index: Tensor, ids: list[str], tasks: list[str],
                     from_dataset: bool) -> CandidateBatch:
         needs = self.policy.needs()
-        if "ref_loss" in needs and not from_dataset:
-            raise ValueError("reference losses are looked up by dataset index: use a collator that keeps "
-                             "`example_index` (slimtune's Collator(keep_index=True))")
+        if ("ref_loss" in needs or self.stale_scores) and not from_dataset:
+            raise ValueError("reference and stale losses are looked up by dataset index: use a collator that "
+                             "keeps `example_index` (slimtune's Collator(keep_index=True))")
         size = len(index)
         labels = batch["labels"]
         signals: dict[str, Tensor] = {"loss": torch.full((size,), math.nan, device=labels.device)}
         extras: dict[str, Any] = {}
-        if needs:
+        if needs and self.stale_scores:
+            signals["loss"] = self._stale_loss[index].to(labels.device)
+            self.candidates_scored += size
+        elif needs:
             model = self.model_wrapped
             was_training = model.training
             model.eval()  # deterministic scores; dropout would also draw from the training RNG
@@ -548,17 +617,25 @@ class SelectionMixin:
             progress=self.state.global_step / max(1, self.state.max_steps), extras=extras, **signals)
 
     def _factor_head(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """The LM head's weight for ``logit_factors``, or None where the logits are not linear in it (checked
-        once, on the first batch)."""
-        model = self.accelerator.unwrap_model(self.model)
+        """The LM head's whole weight for ``logit_factors`` (gathered where FSDP or ZeRO-3 shards it), or None
+        where the logits are not linear in it (checked once, on the first batch)."""
+        model = self.model_wrapped  # the forward and the gather run through whatever wraps the model
         if not self._head_checked:
             self._head_checked = True
             self._head_is_linear = logits_are_linear(model, batch)
             if not self._head_is_linear:
                 logger.warning("the model's logits are not last hidden state @ head weight; policies asking "
                                "for logit factors get the full logits")
+        if not self._head_is_linear:
+            return None
+        if self._gathered_head is not None:
+            return self._gathered_head
         # Fetched each time rather than kept: a full fine-tune replaces and updates it.
-        return model.get_output_embeddings().weight if self._head_is_linear else None
+        weight = full_head_weight(model)
+        layer = output_layer(model)
+        if weight is not layer.weight and not layer.weight.requires_grad:
+            self._gathered_head = weight  # a sharded frozen head (LoRA): one gather for the run
+        return weight
 
     @staticmethod
     def _rows(batch: dict[str, Any], mask: Tensor, rows: Tensor, weights: Tensor | None) -> dict[str, Any]:
@@ -583,11 +660,31 @@ class SelectionMixin:
         weights = inputs.pop(ROW_WEIGHTS, None)
         index = inputs.pop("example_index", None)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        record = getattr(self.policy, "record_training_losses", None)
+        receivers = [receive for receive in (getattr(self.policy, "record_training_losses", None),
+                                             self._record_stale_losses if self.stale_scores else None) if receive]
         with row_weighted_gradients(unwrapped, weights), \
-                training_row_losses(unwrapped, None if record is None or index is None
-                                    else lambda losses: record(index, losses)):
+                training_row_losses(unwrapped, None if not receivers or index is None
+                                    else lambda losses: [receive(index, losses) for receive in receivers]):
             return super().training_step(model, inputs, *args, **kwargs)
+
+    def _record_stale_losses(self, index: Tensor, losses: Tensor) -> None:
+        index, losses = index.cpu(), losses.detach().float().cpu()
+        self._stale_loss[index] = losses
+        if self.args.world_size > 1:
+            self._stale_news.append((index, losses))
+
+    def _share_stale_losses(self) -> None:
+        """Every rank's newly recorded training losses, on every rank: a row trained on one rank may be a
+        candidate on another (global selection repacks rows; each epoch's sampler deals them anew). Called at
+        the same points on every rank (each selection, each checkpoint)."""
+        if not self.stale_scores or self.args.world_size <= 1:
+            return
+        news: list[list[tuple[Tensor, Tensor]] | None] = [None] * self.args.world_size
+        torch.distributed.all_gather_object(news, self._stale_news)
+        self._stale_news = []
+        for rank_news in news:  # rank order: a row trained on two ranks at once keeps the later rank's loss
+            for index, losses in rank_news:
+                self._stale_loss[index] = losses
 
     def _get_train_sampler(self, train_dataset=None):
         # A policy that prunes whole epochs (InfoBatch) decides which rows the Trainer's data loader draws.
@@ -624,6 +721,7 @@ class SelectionMixin:
             result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             self._log_file.close()
+        self._share_stale_losses()  # the last step's, which no later selection exchanged
         self._sum_counters_over_ranks()
         if self.args.should_save:
             write_json(Path(self.args.output_dir) / "selection_summary.json",
@@ -676,8 +774,11 @@ class SelectionMixin:
         # Written before the Trainer's files, so a checkpoint the Trainer considers complete has it.
         folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
+        self._share_stale_losses()
         state = {"policy": self.policy.state_dict(), "rows_streamed": self._rows_streamed,
                  **{name: getattr(self, name) for name in COUNTERS}}
+        if self.stale_scores:
+            state["stale_loss"] = self._stale_loss
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(folder / self._rank_name("selection_state", "pt"), buffer.getvalue())
@@ -690,6 +791,8 @@ class SelectionMixin:
             state = torch.load(path, weights_only=True)  # plain tensors and numbers: no code unpickled
             self.policy.load_state_dict(state.pop("policy"))
             self._rows_streamed = state.pop("rows_streamed")
+            if "stale_loss" in state:
+                self._stale_loss = state.pop("stale_loss")
             for name, value in state.items():
                 setattr(self, name, value)
         else:
@@ -748,7 +851,8 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
                  model: str | None = None, settings: TrainSettings | None = None, warmup_steps: int = 0,
                  trainer_class: type[SelectionMixin] = SelectiveTrainer,
                  holdout: Sequence[Example] | None = None, global_selection: bool = False,
-                 training_args: Any = None, callbacks: Sequence[Any] | None = None) -> TrainResult:
+                 stale_scores: bool = False, training_args: Any = None,
+                 callbacks: Sequence[Any] | None = None) -> TrainResult:
     """Fine-tune as :func:`slimtune.train.train` does, backpropagating the K = ``keep`` rows of every
     candidate batch of B = ``settings.batch_size`` that ``policy`` (a Policy or a registered name) chooses.
 
@@ -757,8 +861,10 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
     trains on (none of them may be in ``examples``); by default the policy's ``holdout`` share of
     ``examples``, drawn with the run's seed and removed from training. Their ids go to
     ``output_dir/holdout_ids.json``. ``global_selection``: choose each optimiser step's K among the candidates
-    of all its micro-batches on all ranks (see :meth:`SelectionMixin._select_globally`).
-    ``training_args``, ``callbacks``: the user's, as :func:`slimtune.train.train` takes them.
+    of all its micro-batches on all ranks (see :meth:`SelectionMixin._select_globally`). ``stale_scores``:
+    score candidates with their losses from their last training forward, running no scoring forward (see
+    the module's docstring). ``training_args``, ``callbacks``: the user's, as :func:`slimtune.train.train`
+    takes them.
     """
     settings = settings or TrainSettings()
     policy = get_policy(policy) if isinstance(policy, str) else policy
@@ -770,7 +876,8 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
     return train(examples, model=model, settings=settings, training_args=training_args, callbacks=callbacks,
                  trainer_class=trainer_class,
                  trainer_kwargs={"policy": policy, "keep": keep, "warmup_steps": warmup_steps,
-                                 "max_length": settings.max_length, "global_selection": global_selection})
+                                 "max_length": settings.max_length, "global_selection": global_selection,
+                                 "stale_scores": stale_scores})
 
 
 def split_holdout(examples: Sequence[Example], holdout: Sequence[Example] | None, share: float,

@@ -469,7 +469,31 @@ class SLAPPolicy(Policy):
 
     # -- the two granularities -----------------------------------------------------------------------------
     def choose(self, batch: CandidateBatch, k: int) -> Tensor:
+        return self._choose(self.features(batch), k)
+
+    def row_features(self, batch: CandidateBatch) -> dict[str, Any]:
+        """:meth:`features` as global selection gathers them: per row loss, task, sketch and representation,
+        and the batch's Gauss-Newton block as a total over its rows, (1, D, D), which
+        :meth:`choose_pooled` adds up over the step's batches and divides by the rows pooled."""
         feats = self.features(batch)
+        out: dict[str, Any] = {"loss": feats.loss, "tasks": feats.tasks}
+        for name in ("sketch", "rep"):
+            if getattr(feats, name) is not None:
+                out[name] = getattr(feats, name)
+        if feats.curvature is not None:
+            out["curvature_total"] = (len(feats) * feats.curvature).unsqueeze(0)
+        return out
+
+    def choose_pooled(self, features: dict[str, Any], k: int) -> Tensor:
+        """The step's K among every micro-batch's candidates on every rank, by the same steps 2-6 as
+        :meth:`choose` on one batch of them all: the window grows by all of them (in pooled order), the
+        strata, g_ref and H are the pool's. Every rank gets the same features, so every rank chooses alike."""
+        total = features.get("curvature_total")
+        feats = RowFeatures(features["loss"], list(features["tasks"]), features.get("sketch"),
+                            features.get("rep"), None if total is None else total.sum(0) / len(features["loss"]))
+        return self._choose(feats, k)
+
+    def _choose(self, feats: RowFeatures, k: int) -> Tensor:
         self._window_loss.extend(feats.loss.tolist())
         self._window_tasks.extend(feats.tasks)
         window = torch.tensor(list(self._window_loss))
