@@ -422,10 +422,6 @@ def test_a_damaged_cached_bench_result_is_named_and_recomputed(tmp_path, data, u
     assert cell_rows(out) == cell_rows(whole_out)
 
 
-@pytest.mark.xfail(strict=True, reason="online/trainer.py _load_selection_state: torch.load(path, "
-                   "weights_only=True) with no checksum: a changed byte in a tensor of selection_state.pt "
-                   "restores the policy's memory silently wrong on resume; it should check a checksum saved "
-                   "beside it and raise an error naming the file")
 def test_a_damaged_online_selection_state_is_named_on_resume(tmp_path, data, uninterrupted, monkeypatch):
     from slimtune.data import load_examples
     from slimtune.online import get_policy

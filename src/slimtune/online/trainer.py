@@ -88,7 +88,7 @@ from slimtune.features.losses import score_losses
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch, Policy
 from slimtune.train import TrainResult, TrainSettings, train
-from slimtune.utils import atomic_write_bytes, write_json
+from slimtune.utils import checked_problem, write_checked, write_json
 
 if TYPE_CHECKING:
     from slimtune.data.example import Example
@@ -781,13 +781,17 @@ class SelectionMixin:
             state["stale_loss"] = self._stale_loss
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write_bytes(folder / self._rank_name("selection_state", "pt"), buffer.getvalue())
+        write_checked(folder / self._rank_name("selection_state", "pt"), buffer.getvalue())
         super()._save_checkpoint(model, trial)
 
     def _load_selection_state(self, checkpoint: str) -> int:
         """Restore the policy's memories and the counters; returns the checkpoint's step."""
         path = Path(checkpoint) / self._rank_name("selection_state", "pt")
         if path.exists():
+            damage = checked_problem(path)  # weights_only refuses code, not a changed number
+            if damage is not None:
+                raise ValueError(f"{damage}: the policy's memories cannot be restored from it; resume from an "
+                                 f"earlier checkpoint (delete {Path(checkpoint).name}) or start the run afresh")
             state = torch.load(path, weights_only=True)  # plain tensors and numbers: no code unpickled
             self.policy.load_state_dict(state.pop("policy"))
             self._rows_streamed = state.pop("rows_streamed")
@@ -825,7 +829,7 @@ class SelectionMixin:
         key = digest.hexdigest()
         path = Path(self.args.output_dir) / "ref_losses.pt"
         with self.args.main_process_first(desc="reference losses"):
-            if path.exists():
+            if path.exists() and checked_problem(path) is None:  # a damaged cache is computed again
                 cached = torch.load(path, weights_only=True)
                 if cached["key"] == key:
                     return cached["loss"]
@@ -839,7 +843,7 @@ class SelectionMixin:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 buffer = io.BytesIO()
                 torch.save({"key": key, "loss": losses}, buffer)
-                atomic_write_bytes(path, buffer.getvalue())
+                write_checked(path, buffer.getvalue())
         return losses
 
 
