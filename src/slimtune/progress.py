@@ -116,6 +116,11 @@ def silence_loading_noise() -> None:
     if _level == "verbose":
         return
     import logging
+    import warnings
+
+    # deprecations inside transformers/peft calls that users cannot act on, printed on every model load
+    for message in (r".*is_gradient_checkpointing.*", r".*past_key_values.*"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:

@@ -15,8 +15,10 @@ named in a warning, discarded and built again (seconds for ``tiny``, half a minu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from slimtune.progress import verbosity
 from slimtune.utils import (
     FOLDER_CHECKSUMS,
     atomic_write_text,
@@ -108,7 +111,9 @@ def _embedded_model_dir() -> Path:
 
         gguf = embedded_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers' GGUF reader draws a tqdm bar of its own that no verbosity setting turns off
+        with contextlib.redirect_stderr(io.StringIO()) if verbosity() != "verbose" else contextlib.nullcontext():
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained; a fresh model with the same weights does not.
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
