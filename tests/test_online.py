@@ -67,10 +67,8 @@ def selective_trainer(tmp_path, examples, policy, keep, warmup_steps=0, **args):
     return trainer, dataset
 
 
-def test_the_log_names_exactly_the_rows_that_were_backpropagated(tmp_path, shared_data):
-    examples = gsm8k_examples(shared_data, 12)
-    trainer, dataset = selective_trainer(tmp_path, examples, UDSPolicy(), 0.5, warmup_steps=1,
-                                         include_num_input_tokens_seen="non_padding")
+def record_backpropagated_rows(trainer, dataset) -> list[list[int]]:
+    """A list the trainer's model fills, at each forward with grad, with the dataset rows of its batch."""
     row_of = {tuple(row["input_ids"]): i for i, row in enumerate(dataset.rows)}
     backpropagated = []
 
@@ -80,6 +78,14 @@ def test_the_log_names_exactly_the_rows_that_were_backpropagated(tmp_path, share
             backpropagated.append([row_of[tuple(r[m.bool()].tolist())] for r, m in zip(ids, mask)])
 
     trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    return backpropagated
+
+
+def test_the_log_names_exactly_the_rows_that_were_backpropagated(tmp_path, shared_data):
+    examples = gsm8k_examples(shared_data, 12)
+    trainer, dataset = selective_trainer(tmp_path, examples, UDSPolicy(), 0.5, warmup_steps=1,
+                                         include_num_input_tokens_seen="non_padding")
+    backpropagated = record_backpropagated_rows(trainer, dataset)
     trainer.train()
     log = read_selection_log(tmp_path / "run")
     assert [step["chosen"] for step in log] == backpropagated
@@ -102,15 +108,7 @@ def test_global_selection_keeps_the_k_best_of_every_micro_batch_of_a_step_in_ful
     trainer = SelectiveTrainer(model=model, args=training_arguments(run), train_dataset=dataset,
                                data_collator=Collator(tokenizer.pad_token_id, keep_index=True),
                                policy=get_policy("big-loss"), keep=0.5, global_selection=True)
-    row_of = {tuple(row["input_ids"]): i for i, row in enumerate(dataset.rows)}
-    backpropagated = []
-
-    def record(module, args, kwargs):
-        if torch.is_grad_enabled():
-            ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-            backpropagated.append([row_of[tuple(r[m.bool()].tolist())] for r, m in zip(ids, mask)])
-
-    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    backpropagated = record_backpropagated_rows(trainer, dataset)
     trainer.train()
     log = read_selection_log(tmp_path / "run")
     assert [len(step["index"]) for step in log] == [8, 8]  # 2 micro-batches of 4 candidates a step

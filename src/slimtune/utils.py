@@ -80,15 +80,22 @@ def folder_damage(directory: str | os.PathLike) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return f"{listing}: unreadable"
     for name, expected in files.items():
-        path = directory / name
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return f"{path}: missing"
-        if size != expected["bytes"]:
-            return f"{path}: {size} bytes, {expected['bytes']} written"
-        if not checksum_matches(path, expected["crc32"]):
-            return f"{path}: checksum mismatch"
+        problem = file_problem(directory / name, expected["bytes"], expected["crc32"])
+        if problem is not None:
+            return problem
+    return None
+
+
+def file_problem(path: Path, size: int, crc32: int) -> str | None:
+    """What is wrong with ``path`` against the size and CRC-32 recorded when it was written, or None."""
+    try:
+        found = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path}: missing"
+    if found != size:
+        return f"{path}: {found} bytes, {size} written"
+    if not checksum_matches(path, crc32):
+        return f"{path}: checksum mismatch (the bytes changed after they were written)"
     return None
 
 
@@ -110,14 +117,9 @@ def checked_problem(path: str | os.PathLike) -> str | None:
         return None
     try:
         expected = json.loads(record.read_text())
-        size = path.stat().st_size
     except (OSError, ValueError) as err:
-        return f"{path}: unreadable ({err})"
-    if size != expected["bytes"]:
-        return f"{path}: {size} bytes, {expected['bytes']} written"
-    if not checksum_matches(path, expected["crc32"]):
-        return f"{path}: checksum mismatch (the bytes changed after they were written)"
-    return None
+        return f"{record}: unreadable ({err})"
+    return file_problem(path, expected["bytes"], expected["crc32"])
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
