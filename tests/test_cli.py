@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from slimtune.cli import app
@@ -120,3 +121,14 @@ def test_loss_at_a_short_max_length_scores_every_row_of_a_real_pool(tmp_path, sh
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
     assert manifest["unscored"] == 0 and all(e["score"] is not None for e in manifest["examples"])
+
+
+@pytest.mark.parametrize("method", ["random", "length", "kcenter"])
+def test_every_model_free_method_selects_through_the_cli(tmp_path, method):
+    """The CLI hands every selector the same arguments (allow_unscored among them): each must take them."""
+    pool, out = tmp_path / "pool.jsonl", tmp_path / "sel"
+    write_pool(pool, ROWS)
+    result = runner.invoke(app, ["select", "--method", method, "--budget", "3", "--data", str(pool), "--out",
+                                 str(out)])
+    assert result.exit_code == 0, result.output
+    assert sum(r["kept"] for r in json.loads((out / "manifest.json").read_text())["examples"]) == 3

@@ -138,3 +138,12 @@ def test_wandb_offline_writes_its_run_files_and_the_selection_stats(tmp_path, sh
     # 8 rows in candidate batches of 4, keeping 2 of each: half of what streamed was trained
     assert logged[-1]["selection/chosen"] == 4 and logged[-1]["selection/kept_share"] == 0.5
     assert logged[-1]["selection/scoring_seconds"] > 0
+
+
+def test_train_takes_a_datasets_dataset(tmp_path, shared_data):
+    from datasets import Dataset
+
+    rows = [{"messages": [dict(m) for m in ex.messages]} for ex in gsm8k_examples(shared_data, 4)]
+    result = train(Dataset.from_list(rows), model="tiny", settings=settings(tmp_path, "ds", epochs=1))
+    saved = json.loads((result.output_dir / "slimtune_train.json").read_text())
+    assert saved["examples"] == 4 and saved["trained_rows"] == 4

@@ -244,6 +244,7 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
     """
     from transformers import Trainer
 
+    examples = as_examples(examples)  # a datasets.Dataset becomes examples once, for every use below
     settings = settings or TrainSettings()
     given = user_set_fields(training_args)
     args = training_arguments(settings, user=training_args)
@@ -251,7 +252,7 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lm, tokenizer = prepare_model(model, settings, device=args.device)
-    dataset = TokenizedDataset(as_examples(examples), tokenizer, settings.max_length)
+    dataset = TokenizedDataset(examples, tokenizer, settings.max_length)
     if len(dataset) == 0:
         raise ValueError(f"nothing to train on: {dataset.stats.summary()}")
     whole_warmup(args, settings, len(dataset), given)

@@ -44,7 +44,6 @@ log = logging.getLogger("slimtune.models")
 DEFAULT_MODEL = "smollm2"
 TINY_MODEL = "tiny"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: file path -> (size, mtime_ns, inode) of cached model files whose checksum this process has verified
 
 
 def embedded_gguf_path() -> Path:

@@ -83,6 +83,7 @@ from torch import Tensor
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from slimtune.data import as_examples
 from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.features.losses import score_losses
 from slimtune.online import get_policy
@@ -870,6 +871,7 @@ def train_online(examples: Sequence[Example], policy: Policy | str, keep: float 
     the module's docstring). ``training_args``, ``callbacks``: the user's, as :func:`slimtune.train.train`
     takes them.
     """
+    examples = as_examples(examples)
     settings = settings or TrainSettings()
     policy = get_policy(policy) if isinstance(policy, str) else policy
     if getattr(policy, "requires_reference", False) and policy.reference_model is None:

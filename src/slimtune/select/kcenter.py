@@ -13,7 +13,8 @@ from torch import Tensor
 from slimtune.data.example import Example
 from slimtune.features.embeddings import knn, model_embeddings, stored_embeddings, stored_minilm_embeddings
 from slimtune.models import choose_device
-from slimtune.select.base import Budget, Cost, Selection, Selector
+from slimtune.select.base import Cost, Selector
+from slimtune.select.submodular import GreedyToBudget
 
 
 def farthest_point_order(embeddings: Tensor, k: int, *, start: int = 0,
@@ -39,7 +40,7 @@ def farthest_point_order(embeddings: Tensor, k: int, *, start: int = 0,
 
 
 @dataclass
-class KCenterSelector(Selector):
+class KCenterSelector(GreedyToBudget, Selector):
     """Greedy k-center: choose k examples so that every example is close to a chosen one, by minimising
     max_i min_{j in S} ||e_i - e_j|| greedily (Gonzalez, 1985, a 2-approximation), the core-set selection of
     Sener & Savarese (ICLR 2018, "Active Learning for Convolutional Neural Networks: A Core-Set Approach").
@@ -68,23 +69,13 @@ class KCenterSelector(Selector):
         if self.embedding not in ("minilm", "model"):
             raise ValueError(f"embedding must be 'minilm' or 'model'; got {self.embedding!r}")
 
-    def select(self, pool: Sequence[Example], budget: Budget | float | int | str, *,
-               target: Sequence[Example] | None = None,
-               existing: Sequence[Example] | None = None) -> Selection:
-        # The greedy loop costs one pass over the pool per pick, so it runs to the budget, not the pool size.
-        self._picks = Budget.parse(budget).resolve(len(pool)) if pool else 0
-        try:
-            return super().select(pool, budget, target=target, existing=existing)
-        finally:
-            del self._picks
-
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         device = choose_device(self.device)
         embeddings = self._embed(list(pool) + list(existing or []), cost).to(device)
         points, centres = embeddings[:len(pool)], embeddings[len(pool):]
         covered = knn(points, centres, 1, device=str(device))[0][:, 0] if len(centres) else None
         start = int(np.random.default_rng(self.seed).integers(len(pool)))
-        picks = getattr(self, "_picks", len(pool))
+        picks = self.greedy_picks(len(pool))  # one pass over the pool per pick: stop at the budget
         order, nearest = farthest_point_order(points, picks, start=start, covered=covered)
         # picked rows hold +inf, so the unpicked ones are the head of the ascending sort
         full = order + torch.argsort(nearest.cpu(), stable=True)[:len(pool) - len(order)].tolist()

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from slimtune.online.base import CandidateBatch, TopKPolicy
+from slimtune.online.base import CandidateBatch, TopKPolicy, top_k
 
 
 def gram_nuclear_norm(gram: Tensor) -> Tensor:
@@ -173,7 +173,7 @@ class UDSPolicy(TopKPolicy):
 
     def choose_pooled(self, features: dict[str, Tensor], k: int) -> Tensor:
         self._last_scores = self._score(features)
-        chosen = torch.topk(self._last_scores, min(k, len(self._last_scores))).indices
+        chosen = top_k(self._last_scores, k)  # the per-batch choice's tie order, so both modes pick alike
         self._remember(features["sketch"][chosen])
         return chosen
 
