@@ -12,7 +12,7 @@ PACKAGE = Path(slimtune.__file__).parent
 
 #: Top-level part of a module's name -> its floor. ``select/`` and ``online/`` share a floor and do not import
 #: each other; the CLI's helpers (``config``: --config files, ``cachecli``: the cache commands) sit just below it.
-FLOORS = {"utils": 0, "progress": 0, "data": 1, "models": 2, "features": 3, "train": 4, "select": 5, "online": 5,
+FLOORS = {"utils": 0, "progress": 0.5, "data": 1, "models": 2, "features": 3, "train": 4, "select": 5, "online": 5,
           "evaluate": 6, "bench": 7, "config": 8, "cachecli": 8, "cli": 9, "__main__": 10}
 
 

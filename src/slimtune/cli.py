@@ -272,7 +272,7 @@ def select(
         _fail(str(err))
     selection.skipped = skipped
     from slimtune.bench.pictures import clear_kept_report, selection_rows, write_kept_report
-    from slimtune.features.store import distributed_rank_world
+    from slimtune.utils import distributed_rank_world
 
     if distributed_rank_world()[0] != 0:  # every process of a launch holds the same selection: one writes it
         return

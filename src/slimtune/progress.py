@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from slimtune.utils import distributed_rank_world
+
 T = TypeVar("T")
 LEVELS = ("quiet", "normal", "verbose")
 _level = os.environ.get("SLIMTUNE_VERBOSITY", "normal")
@@ -44,16 +46,8 @@ def verbosity() -> str:
     return _level
 
 
-def _is_main_process() -> bool:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", 0)) == 0
-
-
 def _shows() -> bool:
-    return _level != "quiet" and _is_main_process()
+    return _level != "quiet" and distributed_rank_world()[0] == 0
 
 
 def note(message: str) -> None:

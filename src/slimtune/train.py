@@ -68,12 +68,13 @@ class TrainResult:
     encode_summary: str
 
 
-def training_arguments(settings: TrainSettings, rows: int | None = None, *,
-                       user: TrainingArguments | Mapping[str, Any] | None = None, **overrides: Any):
-    """The Trainer's arguments for ``settings``. Give ``rows`` (the training set's length) for whole warm-up steps
-    (:func:`warmup_steps`); without it the Trainer rounds ``warmup_ratio`` of the run up itself.
+def training_arguments(settings: TrainSettings, *, user: TrainingArguments | Mapping[str, Any] | None = None,
+                       **overrides: Any):
+    """The Trainer's arguments for ``settings``; :func:`whole_warmup` then sets whole warm-up steps once the
+    training set's length is known (the Trainer would round ``warmup_ratio`` of the run up itself).
 
-    Precedence, highest first: ``overrides`` (slimtune's own callers), the user's ``user`` arguments (a
+    Precedence, highest first: ``overrides`` (tests and callers building their own Trainer), the user's
+    ``user`` arguments (a
     ``TrainingArguments``, or a subclass such as TRL's ``SFTConfig``, or a dict of its fields), ``settings``,
     the Trainer's defaults. Of a ``TrainingArguments`` object only the fields that differ from a default-built
     one of its class count as set, so slimtune fills the rest (``report_to`` included: ``"none"`` by default).
@@ -101,8 +102,6 @@ def training_arguments(settings: TrainSettings, rows: int | None = None, *,
                                             if k not in given or k in overrides})
     else:
         args = TrainingArguments(**{**kwargs, **given, **overrides})
-    if rows is not None and "warmup_steps" not in overrides:
-        whole_warmup(args, settings, rows, given)
     return args
 
 

@@ -183,6 +183,15 @@ def cache_dir() -> Path:
     return path
 
 
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed's when initialised, else the launcher's env."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def runs_on_cpu() -> bool:
     """Whether this process computes on the CPU: no GPU, or accelerate told to use the CPU."""
     import torch

@@ -63,7 +63,13 @@ import torch
 from torch import Tensor
 
 from slimtune.progress import stage
-from slimtune.utils import atomic_write_bytes, checksum_matches, remember_verified, write_json
+from slimtune.utils import (
+    atomic_write_bytes,
+    checksum_matches,
+    distributed_rank_world,
+    remember_verified,
+    write_json,
+)
 
 log = logging.getLogger("slimtune.store")
 
@@ -79,13 +85,6 @@ _POLL = 0.2
 _UNREADABLE_CLAIM = 10.0
 
 #: path -> (size, mtime_ns, inode) of shard files whose checksum this process has verified
-
-
-def distributed_rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process: torch.distributed's when initialised, else the launcher's env."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def store_timeout() -> float:
