@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The fault tests fork the runs they kill; the child of a process whose OpenMP thread pool has started can hang
+# on a lock another pool thread held at the fork (seen here: a forked run waited forever with 2 threads). One
+# intra-op thread from the start means no pool exists to fork.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 
