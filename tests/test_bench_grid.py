@@ -84,7 +84,7 @@ def test_an_eval_asking_for_option_rows_gets_them_first_and_keeps_targets_apart(
     p3 = data.evals["p3"]
     assert [len(ex.metadata.get("options") or ()) for ex in p3][2:] == [0] * 8  # exactly 2 are option-scored
     assert all(1 < len(ex.metadata["options"]) <= 8 for ex in p3[:2])
-    assert not {ex.id for ex in p3} & {ex.id for ex in data.targets}
+    assert not {ex.id for ex in p3} & {ex.id for ex in data.all_targets}
     assert not {ex.id for ex in p3} & {ex.id for ex in data.pool}
 
     path.write_text(GRID.replace("p3: {n: 2, options: 1, max_options: 5}",
@@ -93,13 +93,13 @@ def test_an_eval_asking_for_option_rows_gets_them_first_and_keeps_targets_apart(
         build_bench_data(load_config(path))
 
 
-def test_shipped_grids_load_by_name_and_cpu_small_runs_every_registered_method():
+def test_shipped_grids_load_by_name_and_between_them_run_every_registered_method():
     from slimtune.online import POLICIES
     from slimtune.select import SELECTORS
 
-    grids = {name: load_config(name) for name in ("cpu-quick", "cpu-small", "gpu")}
+    grids = {name: load_config(name) for name in ("cpu-quick", "cpu-small", "cpu-targeted", "gpu")}
     assert {name: grid.name for name, grid in grids.items()} == {name: name for name in grids}
-    in_grid = {method.name for method in grids["cpu-small"].methods}
+    in_grid = {method.name for name in ("cpu-small", "cpu-targeted") for method in grids[name].methods}
     always = {"random", "uniform"}  # the grid adds random itself; uniform is random drawn online
     assert (set(SELECTORS) | set(POLICIES)) - always <= in_grid
 
@@ -142,7 +142,7 @@ def test_a_grid_takes_the_users_pool_and_eval_sets(tmp_path):
     assert [(ev.task, ev.data) for ev in config.evals] == [("support", str(dev)), ("gsm8k", None)]
     data = build_bench_data(config)
     assert len(data.pool) == 6 and {ex.metadata["source"] for ex in data.pool} == {"pool"}
-    assert len(data.evals["support"]) == 2 and {ex.metadata["source"] for ex in data.targets} >= {"dev"}
+    assert len(data.evals["support"]) == 2 and {ex.metadata["source"] for ex in data.all_targets} >= {"dev"}
 
 
 POOL_LINE, EVAL_ENTRY = "pool: {data: POOL, size: 6, max_length: 96}", "support: {data: EVAL, n: 2}"
@@ -156,7 +156,7 @@ POOL_LINE, EVAL_ENTRY = "pool: {data: POOL, size: 6, max_length: 96}", "support:
     (POOL_LINE, "pool: {data: '', size: 6}", "pool: data: expected a non-empty string"),
     (EVAL_ENTRY, "support: {n: 2}", "eval: support: not a recipe .* needs data:"),
     (EVAL_ENTRY, "support: {data: EVAL, n: 2, shape: alpaca}", r"eval: support: unknown keys \['shape'\]"),
-    ("gsm8k: {n: 2}", "gsm8k: {n: 2, split: test}", "eval: gsm8k: split and subset apply to data:"),
+    ("gsm8k: {n: 2}", "gsm8k: {n: 2, subset: main}", "eval: gsm8k: subset applies to data:"),
     (EVAL_ENTRY, "support: {data: EVAL, n: two}", "eval: support: n: expected a positive number of rows"),
 ])
 def test_a_grid_config_error_names_the_key(tmp_path, old, new, message):
@@ -164,3 +164,52 @@ def test_a_grid_config_error_names_the_key(tmp_path, old, new, message):
     path.write_text(USER_GRID.replace(old, new).replace("POOL", "pool.jsonl").replace("EVAL", "dev.jsonl"))
     with pytest.raises(ValueError, match=f"{path}: {message}"):
         load_config(path)
+
+
+TARGETED_GRID = """
+name: tiny-targeted
+model: tiny
+pool: {sizes: {p3: 12, tatoeba: 12}, exclude: [p3:sciq], max_length: 96}
+eval: {tatoeba:deu-eng: {n: 3, max_new_tokens: 4, generate: [random, best]}, p3:sciq: {n: 3, split: all}}
+per_target: true
+target_per_task: 2
+train: {epochs: 1, batch_size: 4, lora_r: 2, lora_alpha: 4}
+budgets: [0.25]
+seeds: [0, 1]
+full_seeds: [0]
+methods: [length, oracle]
+"""
+
+
+@pytest.mark.usefixtures("shared_data")
+def test_a_targeted_grid_selects_per_target_and_keeps_held_out_targets_out_of_the_pool(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(TARGETED_GRID)
+    config = load_config(path)
+    data = build_bench_data(config)
+    assert not any(ex.task.startswith("sciq") for ex in data.pool)  # the absent target is absent
+    everything = {ex.id for rows in (*data.evals.values(), *data.targets.values()) for ex in rows}
+    assert not everything & {ex.id for ex in data.pool}
+    assert {task: len(rows) for task, rows in data.targets.items()} == {"tatoeba:deu-eng": 2, "p3:sciq": 2}
+
+    run_grid(path, out_dir=tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "results.csv").set_index("cell")
+    # the oracle selects once per target; random and length once for both
+    assert {c for c in table.index if c.startswith("oracle")} == {
+        f"oracle-{t}-b0.25-s{s}" for t in ("tatoeba-deu-eng", "p3-sciq") for s in (0, 1)}
+    assert {c for c in table.index if c.startswith("random")} == {"random-b0.25-s0", "random-b0.25-s1"}
+    # a targeted cell is evaluated on its own target only; an untargeted one on both
+    assert pd.isna(table.loc["oracle-p3-sciq-b0.25-s0", "tatoeba:deu-eng/loss"])
+    assert table.loc["random-b0.25-s0", ["tatoeba:deu-eng/loss", "p3:sciq/loss"]].notna().all()
+    # the oracle kept the target's own rows first: every Tatoeba German -> English row of the pool
+    from slimtune.select import Selection
+
+    kept = Selection.load(tmp_path / "out" / "selections" / "oracle-tatoeba-deu-eng-b0.25-s0").subset(data.pool)
+    own = [ex for ex in data.pool if ex.task == "deu-eng"]
+    assert {ex.id for ex in own} <= {ex.id for ex in kept}
+    assert all(ex.metadata["source"] == "tatoeba" for ex in kept)
+    targets = pd.read_csv(tmp_path / "out" / "targets.csv")
+    assert set(targets["target"]) == {"tatoeba:deu-eng", "p3:sciq"}
+    oracle = targets[targets["method"] == "oracle"]
+    assert all(share == pytest.approx(1.0) for share in oracle["oracle_share"].dropna())
+    assert "## Targets" in (tmp_path / "out" / "report.md").read_text()

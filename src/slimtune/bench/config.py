@@ -25,6 +25,19 @@ The pool and the eval sets may be the user's own instead of the built-in recipes
 pool: {data: my_pool.jsonl, size: 400, max_length: 256, seed: 0}   # size: a seeded draw (default: all rows)
 eval: {support: {data: acme/support-chats, split: test, n: 32}}     # targets come from the rows after n
 ```
+
+A targeted grid (``per_target: true``) treats every eval set as a separate target, the job of a user who has a
+few examples of one task and a large pool: each targeted method (one that needs a target, or DELIFT's ``flmi``)
+selects for each eval set from that set's ``target_per_task`` examples and its cells are evaluated on that set
+alone; untargeted methods train once per budget and seed and are evaluated on every set. ``pool: exclude`` keeps
+the rows of recipe specs out of the pool, so that a target can be absent from it (its eval may then read the
+recipe's ``split: all``):
+
+```yaml
+pool: {sizes: {p3: 500, tatoeba: 300}, exclude: [p3:sciq]}
+eval: {p3:sciq: {n: 100, split: all}, tatoeba:deu-eng: {n: 96}}
+per_target: true
+```
 """
 
 from __future__ import annotations
@@ -64,6 +77,8 @@ class MethodSpec:
 #: Keys that name the user's own data; left out of fingerprints when unset, so that cells cached before they
 #: existed are still found.
 DATA_KEYS = ("data", "size", "split", "subset")
+#: Keys added since, left out of fingerprints when unset for the same reason.
+OPTIONAL_KEYS = (*DATA_KEYS, "exclude")
 
 
 @dataclass
@@ -79,11 +94,14 @@ class PoolSpec:
     size: int | None = None
     split: str | None = None
     subset: str | None = None
+    #: Recipe specs (``p3:sciq``) whose rows never enter the pool.
+    exclude: tuple[str, ...] | None = None
 
     def describe(self) -> str:
         if self.data:
             return f"{self.data}{f' split {self.split}' if self.split else ''}"
-        return ", ".join(f"{source} {size}" for source, size in self.sizes.items())
+        without = f" (without {', '.join(self.exclude)})" if self.exclude else ""
+        return ", ".join(f"{source} {size}" for source, size in self.sizes.items()) + without
 
 
 @dataclass
@@ -128,6 +146,8 @@ class GridConfig:
     #: Seeds of the full-data reference; defaults to ``seeds``. Methods are judged against the random band, which
     #: carries the seed spread, so a CPU grid can afford full data at one seed and save two full fine-tunes.
     full_seeds: list[int] | None = None
+    #: Every eval set is its own target (module docstring).
+    per_target: bool = False
     out_dir: str | None = None
     source: str | None = None
 
@@ -137,7 +157,8 @@ class GridConfig:
         return _digest({"slimtune": __version__, "model": self.model, "pool": _fields(self.pool),
                         "train": dataclasses.asdict(self.train),
                         "evals": [_fields(e) for e in self.evals],
-                        "target_per_task": self.target_per_task, "parts": parts})
+                        "target_per_task": self.target_per_task, "parts": parts,
+                        **({"per_target": True} if self.per_target else {})})
 
 
 #: The grids shipped with slimtune, which ``slimtune bench cpu-small`` finds by name.
@@ -197,11 +218,12 @@ def load_config(path: str | Path) -> GridConfig:
                       seeds=[int(s) for s in raw.get("seeds", [0])],
                       target_per_task=int(raw.get("target_per_task", 3)),
                       full_seeds=None if full_seeds is None else [int(s) for s in full_seeds],
+                      per_target=bool(raw.get("per_target", False)),
                       out_dir=raw.get("out_dir"),
                       source=str(path))
 
 
-_POOL_KEYS = {"sizes", "max_length", "corrupt", "seed", *DATA_KEYS}
+_POOL_KEYS = {"sizes", "max_length", "corrupt", "seed", "exclude", *DATA_KEYS}
 _EVAL_KEYS = {"n", "generate", "max_new_tokens", "options", "max_options", "data", "split", "subset"}
 
 
@@ -231,12 +253,21 @@ def _pool(path: Path, raw: Any) -> PoolSpec:
     size = raw.get("size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"{path}: pool: size: expected a positive number of rows, got {size!r}")
+    exclude = raw.get("exclude")
+    if exclude is not None:
+        if not isinstance(exclude, list) or not all(isinstance(spec, str) and is_recipe(spec) for spec in exclude):
+            raise ValueError(f"{path}: pool: exclude: expected a list of recipe specs such as [p3:sciq], "
+                             f"got {exclude!r}")
+        if "data" in raw:
+            raise ValueError(f"{path}: pool: exclude: applies to recipe pools (sizes); leave the rows out of "
+                             "your own pool file instead")
+        raw = {**raw, "exclude": tuple(exclude)}
     corrupt = raw.get("corrupt") or {}
     return PoolSpec(sizes={str(k): int(v) for k, v in (raw.get("sizes") or {}).items()},
                     max_length=int(raw.get("max_length", 256)), seed=int(raw.get("seed", 0)),
                     corrupt_share=float(corrupt.get("share", 0.0)),
                     corrupt_kinds=tuple(corrupt.get("kinds", ("swap", "truncate"))),
-                    **{key: raw[key] for key in DATA_KEYS if key in raw})
+                    **{key: raw[key] for key in (*DATA_KEYS, "exclude") if key in raw})
 
 
 def _eval(path: Path, task: str, spec: Any) -> EvalSpec:
@@ -255,8 +286,9 @@ def _eval(path: Path, task: str, spec: Any) -> EvalSpec:
         if not is_recipe(task):
             raise ValueError(f"{where}: not a recipe ({', '.join(RECIPES)}); an eval set of your own needs data: "
                              "(a file, folder or Hub id)")
-        if "split" in spec or "subset" in spec:
-            raise ValueError(f"{where}: split and subset apply to data:; a recipe's eval rows are its test split")
+        if "subset" in spec:
+            raise ValueError(f"{where}: subset applies to data:; a recipe's options go in its name "
+                             "(tatoeba:deu-eng, p3:sciq)")
     n = spec.get("n", 16)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{where}: n: expected a positive number of rows, got {n!r}")
@@ -268,7 +300,7 @@ def _eval(path: Path, task: str, spec: Any) -> EvalSpec:
 
 def _fields(spec: PoolSpec | EvalSpec) -> dict[str, Any]:
     return {key: value for key, value in dataclasses.asdict(spec).items()
-            if key not in DATA_KEYS or value is not None}
+            if key not in OPTIONAL_KEYS or value is not None}
 
 
 def _digest(obj: Any) -> str:

@@ -24,8 +24,14 @@ from slimtune.data.report import seeded_sample
 class BenchData:
     pool: list[Example]
     evals: dict[str, list[Example]]
-    targets: list[Example]
+    #: Target examples per eval set: what a targeted method is shown of that task.
+    targets: dict[str, list[Example]]
     corrupted_ids: set[str]
+
+    @property
+    def all_targets(self) -> list[Example]:
+        """Every eval set's targets, for a grid that selects once for all of them."""
+        return [ex for rows in self.targets.values() for ex in rows]
 
 
 def _with_response(example: Example, response: str, kind: str) -> Example:
@@ -58,30 +64,42 @@ def corrupt(pool: list[Example], share: float, kinds: tuple[str, ...], seed: int
 
 
 def build_bench_data(config: GridConfig) -> BenchData:
-    """Pool rows come from each source's training split, evaluation and target rows from its held-out split,
-    so no evaluation row is ever in the pool."""
+    """Evaluation and target rows come from each eval set's held-out split (or the split it names); pool rows
+    from each source's training split, without any evaluation or target row and without the rows of
+    ``pool.exclude``, so no evaluation row is ever in the pool. A recipe eval set with too few held-out rows
+    for its targets takes the rest from the recipe's training split (kept out of the pool like the others)."""
     spec = config.pool
+    evals, targets = {}, {}
+    for ev in config.evals:
+        wanted = ev.n + config.target_per_task
+        rows = (load_examples(ev.data, split=ev.split, subset=ev.subset).examples if ev.data
+                else load_recipe(ev.task, split=ev.split or "test"))
+        if ev.options:
+            held_out = _options_first(rows, ev, spec.seed)[:wanted]
+        else:
+            held_out = seeded_sample(rows, wanted, spec.seed)
+        if len(held_out) < wanted and not ev.data and (ev.split or "test") == "test":
+            held_out += seeded_sample(load_recipe(ev.task, split="train"), wanted - len(held_out), spec.seed)
+        if len(held_out) < wanted:
+            raise ValueError(f"eval: {ev.task}: {ev.data or ev.task} has {len(held_out)} usable rows; n "
+                             f"({ev.n}) and target_per_task ({config.target_per_task}) need {wanted}")
+        evals[ev.task] = held_out[: ev.n]
+        targets[ev.task] = held_out[ev.n:]
+    banned = {ex.id for rows in (*evals.values(), *targets.values()) for ex in rows}
+    for excluded in spec.exclude or ():
+        banned |= {ex.id for ex in load_recipe(excluded, split="train")}
     pool: list[Example] = []
     if spec.data:
         pool = load_examples(spec.data, split=spec.split, subset=spec.subset, limit=spec.size,
                              seed=spec.seed).examples
     for source, size in spec.sizes.items():
-        pool += load_recipe(source, split="train", limit=size, seed=spec.seed)
+        rows = load_recipe(source, split="train")
+        pool += seeded_sample([ex for ex in rows if ex.id not in banned], size, spec.seed)
+    leaked = sorted(ev_task for ev_task, rows in evals.items() if {ex.id for ex in rows} & {ex.id for ex in pool})
+    if leaked:
+        raise ValueError(f"eval: {', '.join(leaked)}: evaluation rows are in the pool (your pool file holds them); "
+                         "a benchmark must evaluate on rows it never trains on")
     pool, corrupted = corrupt(pool, spec.corrupt_share, spec.corrupt_kinds, spec.seed)
-    evals, targets = {}, []
-    for ev in config.evals:
-        wanted = ev.n + config.target_per_task
-        rows = (load_examples(ev.data, split=ev.split, subset=ev.subset).examples if ev.data
-                else load_recipe(ev.task, split="test"))
-        if ev.options:
-            held_out = _options_first(rows, ev, spec.seed)[:wanted]
-        else:
-            held_out = seeded_sample(rows, wanted, spec.seed)
-        if ev.data and len(held_out) < wanted:
-            raise ValueError(f"eval: {ev.task}: {ev.data} has {len(held_out)} usable rows; n ({ev.n}) and "
-                             f"target_per_task ({config.target_per_task}) need {wanted}")
-        evals[ev.task] = held_out[: ev.n]
-        targets += held_out[ev.n:]
     return BenchData(pool=pool, evals=evals, targets=targets, corrupted_ids=corrupted)
 
 

@@ -99,6 +99,73 @@ def verdicts(config: GridConfig, summary: pd.DataFrame) -> list[str]:
     return lines
 
 
+#: What a targeted method must do in a ``per_target`` grid (issue 17's targets, reported as met or not).
+MARGIN_IN_SE = 3.0
+ORACLE_SHARE = 0.8
+GRID_ORACLE = "oracle"
+
+
+def targeted_table(config: GridConfig, summary: pd.DataFrame) -> pd.DataFrame:
+    """Per target and budget, each method's held-out target loss against random's and the domain oracle's.
+
+    ``margin_se``: random's mean loss minus the method's, in standard errors of that difference
+    (sqrt(se_random^2 + se_method^2), over seeds); ``oracle_share``: the share of the oracle's gain over random
+    that the method recovers, (random - method) / (random - oracle); ``vs_full``: the method's loss minus full
+    data's (negative: the subset beat training on every row)."""
+    rows = []
+    full = summary[summary["method"] == "full"]
+    for ev in config.evals:
+        metric = f"{ev.task}/loss"
+        if metric not in summary:
+            continue
+        full_loss = float(full[metric].iloc[0]) if not full.empty else math.nan
+        for budget in config.budgets:
+            at = summary[(summary["budget"] == budget)].dropna(subset=[metric]).set_index("method")
+            if "random" not in at.index:
+                continue
+            r_mean, r_se = float(at.loc["random", metric]), float(at.loc["random", f"{metric}_se"])
+            oracle_gain = r_mean - float(at.loc[GRID_ORACLE, metric]) if GRID_ORACLE in at.index else math.nan
+            for method, row in at.iterrows():
+                loss, se = float(row[metric]), float(row[f"{metric}_se"])
+                spread = math.hypot(r_se, se)
+                gain = r_mean - loss
+                rows.append({"target": ev.task, "budget": budget, "method": method, "loss": loss, "se": se,
+                             "gain_over_random": gain,
+                             "margin_se": gain / spread if spread > 0 else math.nan,
+                             "oracle_share": gain / oracle_gain if oracle_gain and oracle_gain > 0 else math.nan,
+                             "vs_full": loss - full_loss})
+    return pd.DataFrame(rows)
+
+
+def targeted_verdicts(config: GridConfig, table: pd.DataFrame, judged: tuple[str, ...]) -> list[str]:
+    """Whether each ``judged`` method beat random by more than :data:`MARGIN_IN_SE` standard errors on every
+    target and budget, recovered :data:`ORACLE_SHARE` of the oracle's gain, and whether at the largest budget
+    the best method reached full data's loss on each target."""
+    lines = []
+    if table.empty:
+        return lines
+    for method in judged:
+        mine = table[table["method"] == method]
+        if mine.empty:
+            continue
+        beat = mine["margin_se"] > MARGIN_IN_SE
+        recovered = mine["oracle_share"] >= ORACLE_SHARE
+        worst = mine.loc[mine["margin_se"].idxmin()] if mine["margin_se"].notna().any() else None
+        lines.append(f"{method}: beat random by more than {MARGIN_IN_SE:g} s.e. on {int(beat.sum())} of "
+                     f"{len(mine)} target-budget pairs" + (f" (weakest: {worst['target']} at {worst['budget']:g}, "
+                     f"{worst['margin_se']:.1f} s.e.)" if worst is not None else "") +
+                     f"; recovered >= {ORACLE_SHARE:.0%} of the oracle's gain on {int(recovered.sum())} of "
+                     f"{len(mine)} (median {mine['oracle_share'].median():.0%}).")
+    top = max(config.budgets)
+    for target, group in table[(table["budget"] == top) & ~table["method"].isin(["random", GRID_ORACLE])
+                               ].groupby("target"):
+        best = group.loc[group["loss"].idxmin()]
+        relation = "at or below" if best["vs_full"] <= 0 else "above"
+        lines.append(f"{target} at {top:g}: the best method, {best['method']}, reached {best['loss']:.4g}, "
+                     f"{relation} full data's {best['loss'] - best['vs_full']:.4g}.")
+    return lines
+
+
 def png_bytes(fig) -> bytes:
     """A matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
@@ -198,9 +265,19 @@ def write_report(config: GridConfig, rows: list[dict[str, Any]], out: Path) -> P
     md = [f"# slimtune bench: {config.name}", "",
           f"Model `{config.model}`; pool of {int(table['pool_size'].iloc[0])} rows "
           f"({config.pool.describe()}); budgets {config.budgets}; "
-          f"seeds {config.seeds}; config `{config.source}`.", "", "## Summary", "",
-          *[f"- {line}" for line in lines], "", "## Quality and cost (mean over seeds)", "",
-          _markdown_table(cost), ""]
+          f"seeds {config.seeds}; config `{config.source}`.", ""]
+    targeted = targeted_table(config, summary) if config.per_target else pd.DataFrame()
+    if not targeted.empty:
+        judged = tuple(m.label for m in config.methods if m.label != GRID_ORACLE and m.name != GRID_ORACLE)
+        md += ["## Targets", "", "Each eval set is a separate target: targeted methods selected for it from its "
+               f"{config.target_per_task} target examples. margin_se: random's loss minus the method's, in "
+               "standard errors of the difference; oracle_share: the share of the domain oracle's gain over random "
+               "recovered; vs_full: loss minus full data's.", "",
+               *[f"- {line}" for line in targeted_verdicts(config, targeted, judged)], "",
+               _markdown_table(targeted), ""]
+        atomic_write_text(out / "targets.csv", targeted.to_csv(index=False))
+    md += ["## Summary", "", *[f"- {line}" for line in lines], "", "## Quality and cost (mean over seeds)", "",
+           _markdown_table(cost), ""]
     if not corrupt.empty:
         md += ["## Corrupted rows kept", "",
                f"Share of corrupted rows in the pool: {float(pool_share.iloc[0]):.3f}. A method that filters "

@@ -37,22 +37,37 @@ class Cell:
     method: MethodSpec
     budget: float | None
     seed: int
+    #: The eval set a targeted method selects for, in a ``per_target`` grid.
+    target: str | None = None
 
     @property
     def name(self) -> str:
+        target = "" if self.target is None else f"-{self.target.replace(':', '-')}"
         budget = "" if self.budget is None else f"-b{self.budget:g}"
-        return f"{self.method.label}{budget}-s{self.seed}"
+        return f"{self.method.label}{target}{budget}-s{self.seed}"
 
 
 def grid_cells(config: GridConfig) -> list[Cell]:
     """The untrained model, full data per full seed, random at every budget and seed, then every method
-    (once per seed, without a budget, for an online policy that sets its own)."""
+    (once per seed, without a budget, for an online policy that sets its own; once per eval set for a
+    targeted method in a ``per_target`` grid)."""
     cells = [Cell(UNTRAINED, None, config.seeds[0])]
     cells += [Cell(FULL, None, seed) for seed in config.full_seeds or config.seeds]
     for method in [RANDOM, *config.methods]:
         budgets = [None] if _sets_own_budget(method) else config.budgets
-        cells += [Cell(method, budget, seed) for budget in budgets for seed in config.seeds]
+        targets = [ev.task for ev in config.evals] if config.per_target and is_targeted(method) else [None]
+        cells += [Cell(method, budget, seed, target) for target in targets for budget in budgets
+                  for seed in config.seeds]
     return cells
+
+
+def is_targeted(method: MethodSpec) -> bool:
+    """Whether the method selects for target examples: it needs them, or it is DELIFT's mutual information."""
+    from slimtune.select import selector_class
+
+    if method.online or method.name in ("random", "full", "untrained"):
+        return False
+    return selector_class(method.name).needs_target or method.params.get("objective") == "flmi"
 
 
 def _sets_own_budget(method: MethodSpec) -> bool:
@@ -81,7 +96,8 @@ class GridRunner:
         return self._data
 
     def cell_key(self, cell: Cell) -> str:
-        return self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), str(cell.seed))
+        target = () if cell.target is None else (cell.target,)
+        return self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), str(cell.seed), *target)
 
     def run(self) -> list[dict[str, Any]]:
         rows = []
@@ -131,13 +147,14 @@ class GridRunner:
         by_name = {cell.name: cell for cell in cells}
         for budget in self.config.budgets:
             losses: dict[str, list[float]] = {}
-            for row in rows:
-                if row["budget"] == budget and row["method"] not in ALWAYS:
+            for row in rows:  # a targeted cell of another target has no loss on this task
+                if row["budget"] == budget and row["method"] not in ALWAYS and f"{spec.task}/loss" in row:
                     losses.setdefault(row["method"], []).append(row[f"{spec.task}/loss"])
             if not losses:
                 continue
             best = min(losses, key=lambda method: statistics.fmean(losses[method]))
-            for row in [r for r in rows if r["budget"] == budget and r["method"] == best]:
+            for row in [r for r in rows if r["budget"] == budget and r["method"] == best
+                        and r.get("target") in (None, spec.task)]:
                 if _has_task_metrics(row, spec.task):
                     continue
                 cell = by_name[row["cell"]]
@@ -157,6 +174,7 @@ class GridRunner:
         data, config = self.data, self.config
         row: dict[str, Any] = {"cell": cell.name, "method": cell.method.label, "method_name": cell.method.name,
                                "online": cell.method.online, "budget": cell.budget, "seed": cell.seed,
+                               "target": cell.target,
                                "pool_size": len(data.pool), "selection_seconds": 0.0, "selection_tokens": 0,
                                "training_seconds": 0.0, "trained_tokens": 0, "examples_trained": 0}
         if cell.method is UNTRAINED:
@@ -206,8 +224,10 @@ class GridRunner:
         from slimtune.select import Selection, get_selector, selector_class
 
         seed_part = f"-s{cell.seed}" if _selector_is_seeded(cell.method) else ""
-        path = self.out / "selections" / f"{cell.method.label}-b{cell.budget:g}{seed_part}"
-        key = self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), seed_part)
+        target_part = "" if cell.target is None else f"-{cell.target.replace(':', '-')}"
+        path = self.out / "selections" / f"{cell.method.label}{target_part}-b{cell.budget:g}{seed_part}"
+        key = self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), seed_part,
+                                      *(() if cell.target is None else (cell.target,)))
         key_file = path / "key.txt"
         manifest = path / "manifest.json"
         stored = key_file.read_text().split(" ") if key_file.exists() else []
@@ -226,8 +246,10 @@ class GridRunner:
             # but nothing built by an earlier run elsewhere makes a selection look cheaper than it is.
             params.setdefault("cache_dir", str(self.out / "cache"))
         selector = get_selector(cell.method.name, **self._with_seed(cell, params, online=False))
-        targeted = selector.needs_target or params.get("objective") == "flmi"
-        selection = selector.select(self.data.pool, cell.budget, target=self.data.targets if targeted else None)
+        target = None
+        if is_targeted(cell.method):
+            target = self.data.all_targets if cell.target is None else self.data.targets[cell.target]
+        selection = selector.select(self.data.pool, cell.budget, target=target)
         selection.save(path, self.data.pool)
         # written last, with the manifest's checksum: a selection without its key is not trusted
         atomic_write_text(key_file, f"{key} {zlib.crc32(manifest.read_bytes())}")
@@ -254,6 +276,8 @@ class GridRunner:
         metrics: dict[str, Any] = {}
         start = time.perf_counter()
         for spec in self.config.evals:
+            if cell.target is not None and spec.task != cell.target:
+                continue
             generate = spec.generate is None or cell.method.label in spec.generate or \
                 cell.method.name in spec.generate
             metrics.update(self._evaluate_task(spec, model, tokenizer, generate=generate))

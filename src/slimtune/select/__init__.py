@@ -11,6 +11,7 @@ from slimtune.utils import load_registered
 SELECTORS: dict[str, str] = {
     "random": "slimtune.select.heuristics:RandomSelector",
     "length": "slimtune.select.heuristics:LengthSelector",
+    "oracle": "slimtune.select.heuristics:DomainOracleSelector",
     "loss": "slimtune.select.heuristics:LossSelector",
     "ifd": "slimtune.select.heuristics:IFDSelector",
     "kcenter": "slimtune.select.kcenter:KCenterSelector",

@@ -54,6 +54,28 @@ class RandomSelector(Selector):
 
 
 @dataclass
+class DomainOracleSelector(Selector):
+    """The "domain oracle" of a targeted benchmark: rows of the target's own task first, then rows of its
+    source data set, then the rest, each group in seeded random order. It knows what no real selector is told
+    (the pool's ``source`` and ``task`` labels), so its gain over random is the most that knowing the target's
+    domain can buy, and a targeted method is judged by the share of that gain it recovers.
+
+    score = 2 [task and source of a target] + 1 [source of a target, task of none] + u,  u ~ U[0, 1) seeded.
+    """
+
+    name: ClassVar[str] = "oracle"
+    needs_target: ClassVar[bool] = True
+    seed: int = 0
+
+    def score(self, pool, *, target=None, existing=None, cost: Cost) -> np.ndarray:
+        tasks = {(ex.metadata.get("source"), ex.task) for ex in target}
+        sources = {source for source, _ in tasks}
+        level = np.array([2.0 if (ex.metadata.get("source"), ex.task) in tasks else
+                          1.0 if ex.metadata.get("source") in sources else 0.0 for ex in pool])
+        return level + np.random.default_rng(self.seed).random(len(pool))
+
+
+@dataclass
 class LengthSelector(Selector):
     """Keep the longest (or shortest) responses: score = len(y) in the model's tokens or in characters.
 
