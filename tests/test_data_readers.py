@@ -282,6 +282,11 @@ def test_saved_datasets_folder(tmp_path):
     assert _responses(load_examples(both, split="test")) == ["Blue"]
     with pytest.raises(ValueError, match="has no split 'dev'; it has train, test"):
         load_examples(both, split="dev")
+    # a subset would otherwise be dropped without a word, and the user would select from the wrong rows
+    with pytest.raises(ValueError, match="hf_pool: subset 'main' names a configuration of a Hub data set"):
+        load_examples(folder, subset="main")
+    with pytest.raises(ValueError, match=r"subset 'main' names a configuration .* a datasets object is one"):
+        load_examples(Dataset.from_list(RECORDS), subset="main")
 
 
 def test_paths_that_cannot_be_read(tmp_path):

@@ -322,3 +322,15 @@ def test_a_selection_leaves_no_budget_behind_for_the_next_call(monkeypatch):
     (scores, order), (fresh_scores, fresh_order) = (s.score(pool_b, cost=Cost()) for s in (used, fresh))
     assert order == fresh_order and len(order) == len(pool_b)
     np.testing.assert_array_equal(scores, fresh_scores)
+
+
+def test_delift_keeps_its_embeddings_and_neighbours_where_its_cache_arguments_say(gsm8k, translations, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "global"))
+    pool = gsm8k[:4] + translations[:4]
+    get_selector("delift", model="tiny", sparse_k=3, max_text_tokens=24, cache_dir=str(tmp_path / "mine")).select(
+        pool, 2)
+    kinds = {path.name.split("-")[0] for path in (tmp_path / "mine" / "features").iterdir()}
+    assert {"embeddings", "neighbours"} <= kinds
+    get_selector("delift", model="tiny", sparse_k=3, max_text_tokens=24, cache=False).select(pool, 2)
+    assert not (tmp_path / "global" / "features").exists()  # neither selection wrote to the global cache

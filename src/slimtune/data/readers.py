@@ -167,6 +167,9 @@ def _open_source(data: Any, *, split: str | None, subset: str | None) -> _Rows:
 
         if not isinstance(data, (Dataset, IterableDataset, DatasetDict, IterableDatasetDict)):
             raise TypeError(f"expected a path, a Hub id or a datasets.Dataset, got {type(data).__name__}")
+        if subset:
+            raise ValueError(f"subset {subset!r} names a configuration of a Hub data set; a datasets object is "
+                             "one configuration already (load the one you want with load_dataset(id, subset))")
         name = data.info.dataset_name if isinstance(data, (Dataset, IterableDataset)) else None
         return _dataset_rows(data, f"dataset {name}" if name else "dataset", name or "dataset", split)
     path = Path(data)
@@ -180,6 +183,10 @@ def _open_source(data: Any, *, split: str | None, subset: str | None) -> _Rows:
                          "data files the script reads, or at a folder holding them")
     if path.is_dir() and is_datasets_folder(path):
         from datasets import load_from_disk
+
+        if subset:
+            raise ValueError(f"{path}: subset {subset!r} names a configuration of a Hub data set; a folder "
+                             "written by save_to_disk holds one configuration (choose a split with --split)")
 
         return _dataset_rows(load_from_disk(str(path)), f"dataset {data}", path.name, split)
     if path.exists():

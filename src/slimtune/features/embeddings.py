@@ -120,26 +120,29 @@ def model_embeddings(model, tokenizer, examples: Sequence[Example], *, prompt_on
 
 
 def stored_embeddings(examples: Sequence[Example], embed: Callable[[Sequence[Example]], Tensor],
-                      encoder: Mapping[str, Any], *, shard_rows: int = 4096) -> Tensor:
+                      encoder: Mapping[str, Any], *, shard_rows: int = 4096,
+                      cache: bool | str | os.PathLike = True) -> Tensor:
     """``embed(examples[lo:hi])`` for every shard of ``shard_rows`` rows, through a feature store keyed by the
     examples and ``encoder`` (what names the encoder and its settings): under ``accelerate launch`` /
     ``torchrun`` each process embeds its share and all read every row; a rerun reuses the stored rows.
-    Shard boundaries do not depend on the number of processes, so neither do the vectors."""
+    Shard boundaries do not depend on the number of processes, so neither do the vectors. ``cache``: True for
+    the store under the slimtune cache, a folder for a store root elsewhere, False for a temporary store."""
     if not examples:
         return embed(examples)
     key = {"kind": "embeddings", "version": 1, "rows": pool_hash(list(examples)), "encoder": dict(encoder),
            "shard_rows": shard_rows}
-    store = FeatureStore.keyed(key)
-    store.fill(["embeddings"], len(examples), shard_rows, lambda lo, hi: {"embeddings": embed(examples[lo:hi])})
-    return torch.from_numpy(np.asarray(store.open("embeddings", len(examples))))
+    with FeatureStore.cached(key, cache) as store:
+        store.fill(["embeddings"], len(examples), shard_rows,
+                   lambda lo, hi: {"embeddings": embed(examples[lo:hi])})
+        return torch.from_numpy(np.asarray(store.open("embeddings", len(examples))))
 
 
 def stored_minilm_embeddings(examples: Sequence[Example], *, prompt_only: bool = False, device: str | None = None,
-                             shard_rows: int = 4096) -> Tensor:
+                             shard_rows: int = 4096, cache: bool | str | os.PathLike = True) -> Tensor:
     """:func:`minilm_embeddings` through :func:`stored_embeddings`: each process of a launch embeds its share."""
     return stored_embeddings(
         examples, lambda part: minilm_embeddings(part, prompt_only=prompt_only, device=device),
-        {"model": "all-MiniLM-L6-v2", "prompt_only": prompt_only}, shard_rows=shard_rows)
+        {"model": "all-MiniLM-L6-v2", "prompt_only": prompt_only}, shard_rows=shard_rows, cache=cache)
 
 
 def cosine_kernel(a: Tensor, b: Tensor, *, chunk_size: int | None = None,

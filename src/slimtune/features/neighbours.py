@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -106,13 +105,11 @@ def nearest_neighbours(queries: Tensor, candidates: Tensor, k: int, *, cache: bo
         cosines, indices = _exact_top(queries[lo:hi], candidates, found.long(), k)
         return {"cosines": cosines, "indices": indices}
 
-    if cache is False:
-        with tempfile.TemporaryDirectory(prefix="slimtune-neighbours-") as tmp:
-            return _filled(FeatureStore(tmp), len(queries), shard_rows, compute)
     key = {"kind": "neighbours", "version": _FORMAT_VERSION, "queries": _digest(queries),
            "candidates": _digest(candidates), "k": k, "shard_rows": shard_rows,
            "search": "exact" if engine == "torch" or len(candidates) <= EXACT_LIMIT else f"ivf-{NPROBE}"}
-    return _filled(FeatureStore.keyed(key, None if cache is True else cache), len(queries), shard_rows, compute)
+    with FeatureStore.cached(key, cache) as store:
+        return _filled(store, len(queries), shard_rows, compute)
 
 
 def _filled(store: FeatureStore, n: int, shard_rows: int, compute) -> tuple[Tensor, Tensor]:

@@ -53,7 +53,7 @@ import socket
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,20 @@ class FeatureStore:
         if not (path / "key.json").exists():
             write_json(path / "key.json", dict(key))
         return store
+
+    @classmethod
+    @contextmanager
+    def cached(cls, key: Mapping[str, Any], cache: bool | str | os.PathLike = True) -> Iterator[FeatureStore]:
+        """The store for ``key`` as a caller's ``cache`` argument asks: True for the slimtune cache, a folder for
+        a store root elsewhere, False for a store in a temporary folder, gone when the block ends (arrays read
+        from it stay valid: their memory maps outlive the files' names)."""
+        if cache is False:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix=f"slimtune-{key.get('kind', 'features')}-") as tmp:
+                yield cls(tmp)
+        else:
+            yield cls.keyed(key, None if cache is True else cache)
 
     @property
     def key(self) -> dict[str, Any]:

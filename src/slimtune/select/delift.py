@@ -195,7 +195,7 @@ class DeliftSelector(_FacilityLocationSelector):
             return None
         from slimtune.features.embeddings import stored_minilm_embeddings
 
-        return stored_minilm_embeddings(examples, device=self.device)
+        return stored_minilm_embeddings(examples, device=self.device, cache=self._store_root())
 
     def _kernel(self, rows, cols, row_emb, col_emb, cost: Cost, name: str) -> UtilityMatrix:
         from slimtune.features.neighbours import nearest_neighbours, require_dense_fits
