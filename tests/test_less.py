@@ -33,12 +33,15 @@ def pool(shared_data):
     return [ex for pair in zip(math, french) for ex in pair]
 
 
+SMALL_TRAINING = {"epochs": 2, "batch_size": 2, "grad_accum": 1, "learning_rate": 1e-3,
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+
+
 def small_less(cache, **kw):
     """LESS at test scale: the tiny model, a rank-4 LoRA, a fifth of the pool for a 2-epoch warm-up."""
-    base = dict(model="tiny", warmup_fraction=0.2, epochs=2, batch_size=2, grad_accum=1, learning_rate=1e-3,
-                lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=128, proj_dim=512, shard_rows=6,
-                grad_batch_size=4, cache_dir=str(cache))
-    return LessSelector(**{**base, **kw})
+    base = dict(model="tiny", warmup_fraction=0.2, training=SMALL_TRAINING, max_length=128, proj_dim=512,
+                shard_rows=6, grad_batch_size=4, cache_dir=str(cache))
+    return get_selector("less", **{**base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -72,12 +72,15 @@ def test_a_row_whose_prompt_fills_the_window_gets_a_finite_loss_score(tiny):
 
 
 def test_less_scores_a_row_whose_prompt_fills_the_window(tmp_path):
+    from slimtune.models import LoraSettings
     from slimtune.select.less import LessSelector
+    from slimtune.train import TrainSettings
 
     pool = [chat("What is 2+2?", "4"), chat(" ".join(["context"] * 400) + " So, what is 3+3?", "6"),
             chat("Name a colour.", "Blue")]
-    less = LessSelector(model="tiny", warmup=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=32,
-                        proj_dim=256, grad_batch_size=2, cache_dir=str(tmp_path), device="cpu")
+    fresh_lora = TrainSettings(lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    less = LessSelector(model="tiny", warmup=False, training=fresh_lora, max_length=32, proj_dim=256,
+                        grad_batch_size=2, cache_dir=str(tmp_path), device="cpu")
     selection = less.select(pool, 3, target=[chat("What is 5+5?", "10")])
     assert np.isfinite(selection.scores).all() and not selection.cost.unscored
 
