@@ -183,6 +183,16 @@ CASES = {
                          "--param: method 'length': unit must be one of"),
     "-p unknown key": ([*SELECT, "--method", "random", "--budget", "2", "-p", "bogus=1"],
                        "has no parameter bogus"),
+    "-p unknown nested key": ([*SELECT, "--method", "less", "--budget", "2", "--target", "{pool}", "-p",
+                               "training.lora.rr=4"], "--param: method 'less' has no parameter training.lora.rr; "
+                               "training.lora takes: alpha, dropout, r, target_modules"),
+    "-p nested wrong type": ([*SELECT, "--method", "less", "--budget", "2", "--target", "{pool}", "-p",
+                              "training.epochs=many"], "--param training.epochs=\"many\": method 'less' takes "
+                              "float for training.epochs"),
+    "-p nested key the selector sets": ([*SELECT, "--method", "less", "--budget", "2", "--target", "{pool}",
+                                         "-p", "training.seed=3"], "training.seed: the selector sets this"),
+    "-p key under a value": ([*SELECT, "--method", "random", "--budget", "2", "-p", "seed=1", "-p", "seed.x=2"],
+                             "'seed.x=2': seed is given a value"),
     "target missing": ([*SELECT, "--method", "less", "--budget", "2"], "--target: method 'less'"),
     "target empty": ([*SELECT, "--method", "less", "--budget", "2", "--target", "{empty}"],
                      "--target {empty}: holds no examples"),
