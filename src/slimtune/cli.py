@@ -41,7 +41,9 @@ SplitOpt = Annotated[str | None, typer.Option(help="The split of a dataset (Hub 
 DataSubsetOpt = Annotated[str | None, typer.Option("--data-subset", help="The subset (configuration name) of a "
                                                    "Hub dataset that has several.")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Method parameter as key=value "
-                                                    "(repeatable); values are parsed as JSON when they can be.")]
+                                                    "(repeatable); values are parsed as JSON when they can be; a "
+                                                    "dotted key sets one value of nested settings "
+                                                    "(less: training.epochs=2, training.lora.r=16).")]
 
 
 def _print_version(value: bool) -> None:
