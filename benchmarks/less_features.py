@@ -291,7 +291,8 @@ def layers_agreement(choices: list[int]) -> dict:
     ids = {ex.id for ex in pool}
     targets = [ex for ex in load_recipe("gsm8k", split="train", limit=len(pool) + 50, seed=1)
                if ex.id not in ids][:4]
-    settings = {**dict(DemoSettings().less), "epochs": 1}
+    less = DemoSettings().less
+    settings = {**less, "training": {**less["training"], "epochs": 1.0}}
     runs = {}
     with tempfile.TemporaryDirectory() as cache:
         for layers in [None, *choices]:
@@ -373,7 +374,7 @@ def machine() -> str:
 
 def layers_note(layers: dict) -> str:
     sources = ", ".join(f"{k} {v}" for k, v in layers["pool_sources"].items())
-    return (f"- layers: LESS with the demo's settings (LoRA r={layers['settings']['lora_r']}, d = "
+    return (f"- layers: LESS with the demo's settings (LoRA r={layers['settings']['training']['lora']['r']}, d = "
             f"{layers['settings']['proj_dim']}, max length {layers['settings']['max_length']}) but one warm-up "
             f"epoch (one checkpoint), on {layers['pool']} rows of the bundled sample ({sources}) against "
             f"{layers['targets']} GSM8K questions; each row of the layers table is a separate selection sharing the "

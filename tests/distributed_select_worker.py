@@ -24,7 +24,7 @@ METHODS = {
     "ifd": ("ifd", {**TINY, "batch_size": 4, "shard_rows": 7}),
     "kcenter-model": ("kcenter", {**TINY, "embedding": "model", "batch_size": 4, "shard_rows": 7}),
     "kcenter-minilm": ("kcenter", {"shard_rows": 7, "seed": 2}),
-    "less": ("less", {**TINY, "warmup": False, "lora_r": 4, "lora_alpha": 8, "proj_dim": 256,
+    "less": ("less", {**TINY, "warmup": False, "training": {"lora": {"r": 4, "alpha": 8}}, "proj_dim": 256,
                       "grad_batch_size": 4, "shard_rows": 7}),
     "delift-sparse": ("delift", {"model": "tiny", "sparse_k": 4, "max_text_tokens": 32}),
     "delift-se": ("delift-se", {}),

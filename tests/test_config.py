@@ -54,6 +54,27 @@ def test_a_bad_config_file_stops_naming_the_file_and_the_key(tmp_path, text, nam
     assert str(config) in result.output and named in flat(result)
 
 
+def test_a_nested_mapping_of_params_sets_keys_of_a_nested_settings_field(tmp_path, pool, monkeypatch):
+    """``param: {training: {lora: {r: 4}}}`` sets LESS's warm-up LoRA rank and keeps the rest of its settings;
+    a misspelt nested key stops the command naming it in dotted form."""
+    import numpy as np
+
+    from slimtune.select.less import LessSelector
+
+    monkeypatch.setattr(LessSelector, "score", lambda self, pool, **kw: np.zeros(len(pool)))  # no model run
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: less\nmodel: tiny\nbudget: 2\ndata: {pool}\ntarget: {pool}\n"
+                      f"out: {tmp_path / 'sel'}\nparam:\n  training: {{epochs: 1, lora: {{r: 4}}}}\n")
+    result = runner.invoke(app, ["select", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    training = json.loads((tmp_path / "sel" / "manifest.json").read_text())["params"]["training"]
+    assert (training["epochs"], training["learning_rate"], training["lora"]["r"], training["lora"]["alpha"]) == \
+        (1, 2e-5, 4, 512)
+    config.write_text(config.read_text().replace("{r: 4}", "{rr: 4}"))
+    result = runner.invoke(app, ["select", "--config", str(config)])
+    assert result.exit_code == 2 and "has no parameter training.lora.rr" in flat(result)
+
+
 def test_train_and_eval_read_config_files_too(tmp_path, pool):
     config = tmp_path / "train.yaml"
     config.write_text(f"data: {pool}\nout: {tmp_path / 'run'}\nmodel: tiny\ntraining-arg:\n  warmup_ratios: 0.1\n")

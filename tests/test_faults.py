@@ -33,9 +33,9 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or torch.cuda.is_availab
                                 reason="needs fork() and a CPU-only torch")
 ROWS, TARGETS = 16, 2
 
-LESS_PARAMS = {"warmup_fraction": 0.5, "epochs": 2, "batch_size": 4, "grad_accum": 1, "lora_r": 4,
-               "lora_alpha": 8, "learning_rate": 1e-3, "proj_dim": 64, "max_length": 64, "shard_rows": 4,
-               "grad_batch_size": 4}
+LESS_PARAMS = {"warmup_fraction": 0.5, "training.epochs": 2, "training.batch_size": 4, "training.grad_accum": 1,
+               "training.lora.r": 4, "training.lora.alpha": 8, "training.learning_rate": 1e-3, "proj_dim": 64,
+               "max_length": 64, "shard_rows": 4, "grad_batch_size": 4}
 ONLINE_ARGS = ["--online", "uds", "--keep", "0.5", "--batch-size", "4", "--epochs", "2", "--max-length", "64",
                "--lora-r", "4", "--lora-alpha", "8", "--lr", "0.001"]
 GRID = """

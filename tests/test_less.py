@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -6,8 +7,9 @@ import pytest
 from slimtune.data.example import make_example, pool_hash
 from slimtune.features.gradients import FEATURES, NORMS
 from slimtune.features.store import FeatureStore
-from slimtune.select import get_selector
+from slimtune.select import Selection, get_selector
 from slimtune.select.less import LessSelector, run_checkpoints
+from slimtune.train import TrainSettings
 
 
 def gsm8k(shared_data, split, rows):
@@ -33,12 +35,15 @@ def pool(shared_data):
     return [ex for pair in zip(math, french) for ex in pair]
 
 
+SMALL_TRAINING = {"epochs": 2, "batch_size": 2, "grad_accum": 1, "learning_rate": 1e-3,
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+
+
 def small_less(cache, **kw):
     """LESS at test scale: the tiny model, a rank-4 LoRA, a fifth of the pool for a 2-epoch warm-up."""
-    base = dict(model="tiny", warmup_fraction=0.2, epochs=2, batch_size=2, grad_accum=1, learning_rate=1e-3,
-                lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=128, proj_dim=512, shard_rows=6,
-                grad_batch_size=4, cache_dir=str(cache))
-    return LessSelector(**{**base, **kw})
+    base = dict(model="tiny", warmup_fraction=0.2, training=SMALL_TRAINING, max_length=128, proj_dim=512,
+                shard_rows=6, grad_batch_size=4, cache_dir=str(cache))
+    return get_selector("less", **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +125,79 @@ def test_checkpoint_weights_are_the_epochs_mean_learning_rates(tmp_path):
     checkpoints = run_checkpoints(tmp_path)
     assert [c.weight for c in checkpoints] == pytest.approx([4 / 9, 3 / 9, 2 / 9])
     assert [c.path.name for c in checkpoints] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_a_selector_rebuilt_from_its_saved_manifest_equals_the_one_that_selected(warm, pool, tmp_path):
+    cache, _, selection = warm
+    selection.save(tmp_path / "sel", pool)
+    params = dict(Selection.load(tmp_path / "sel").params)
+    assert params["training"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
+    params.pop("budget")
+    assert get_selector("less", **params) == small_less(cache)
+
+
+def test_the_default_warm_up_is_the_papers_and_a_nested_mapping_changes_only_the_keys_it_names():
+    paper = LessSelector().training
+    assert (paper.epochs, paper.learning_rate, paper.lr_scheduler, paper.warmup_ratio, paper.weight_decay,
+            paper.batch_size * paper.grad_accum) == (4, 2e-5, "linear", 0.03, 0.0, 32)
+    assert (paper.lora.r, paper.lora.alpha, paper.lora.dropout) == (128, 512, 0.1)
+    changed = get_selector("less", training={"epochs": 1, "lora": {"r": 16}}).training
+    assert changed == replace(paper, epochs=1, lora=replace(paper.lora, r=16))
+    with pytest.raises(TypeError, match=r"no parameter training\.lora\.rr; it takes: alpha, dropout, r"):
+        get_selector("less", training={"lora": {"rr": 16}})
+    with pytest.raises(ValueError, match=r"training\.seed: the selector sets this"):
+        get_selector("less", training={"seed": 3})
+    with pytest.raises(ValueError, match=r"training\.lora must be LoRA settings"):
+        LessSelector(training=TrainSettings(lora=None))
+
+
+class _NoTraining(Exception):
+    pass
+
+
+def test_the_warm_up_folder_changes_with_every_training_value(tmp_path, pool, shared_data, monkeypatch):
+    """The cached warm-up is keyed by every warm-up setting: the same settings find the same folder, a change
+    anywhere in ``training`` (a top-level number or one of the LoRA's) another."""
+    import slimtune.select.less as less
+
+    folders = []
+
+    def record(subset, *, model, settings):
+        folders.append(settings.output_dir)
+        raise _NoTraining
+
+    monkeypatch.setattr(less, "train", record)
+    target = gsm8k(shared_data, "test", slice(0, 1))
+    for training in (SMALL_TRAINING, SMALL_TRAINING, {**SMALL_TRAINING, "learning_rate": 2e-3},
+                     {**SMALL_TRAINING, "lora": {**SMALL_TRAINING["lora"], "dropout": 0.1}}):
+        with pytest.raises(_NoTraining):
+            small_less(tmp_path, training=training).select(pool, 2, target=target)
+    assert folders[0] == folders[1] and len(set(folders)) == 3
+
+
+def test_dotted_params_on_the_command_line_set_the_warm_up(tmp_path, pool, shared_data):
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    files = {}
+    for name, rows in (("pool", pool), ("target", gsm8k(shared_data, "test", slice(0, 2)))):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"messages": list(ex.messages)}) + "\n" for ex in rows))
+    cache, out = tmp_path / "cache", tmp_path / "sel"
+    params = {"training.epochs": 1, "training.batch-size": 2, "training.grad_accum": 1, "training.lora.r": 4,
+              "training.lora.alpha": 8, "warmup_fraction": 0.2, "proj_dim": 256, "max_length": 128,
+              "cache_dir": str(cache)}
+    result = CliRunner().invoke(app, ["select", "--method", "less", "--model", "tiny", "--budget", "4",
+                                      "--data", str(files["pool"]), "--target", str(files["target"]),
+                                      "--out", str(out), *[a for k, v in params.items() for a in ("-p", f"{k}={v}")]])
+    assert result.exit_code == 0, result.output
+    [warmup] = (cache / "less-warmup").iterdir()
+    [checkpoint] = warmup.glob("checkpoint-*")  # one epoch, one checkpoint
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["r"] == 4
+    training = json.loads((out / "manifest.json").read_text())["params"]["training"]
+    assert (training["epochs"], training["batch_size"], training["learning_rate"]) == (1, 2, 2e-5)
+    assert training["lora"] == {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": None}
 
 
 def test_less_is_registered_and_refuses_unknown_options():

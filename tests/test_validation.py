@@ -72,12 +72,15 @@ def test_a_row_whose_prompt_fills_the_window_gets_a_finite_loss_score(tiny):
 
 
 def test_less_scores_a_row_whose_prompt_fills_the_window(tmp_path):
+    from slimtune.models import LoraSettings
     from slimtune.select.less import LessSelector
+    from slimtune.train import TrainSettings
 
     pool = [chat("What is 2+2?", "4"), chat(" ".join(["context"] * 400) + " So, what is 3+3?", "6"),
             chat("Name a colour.", "Blue")]
-    less = LessSelector(model="tiny", warmup=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=32,
-                        proj_dim=256, grad_batch_size=2, cache_dir=str(tmp_path), device="cpu")
+    fresh_lora = TrainSettings(lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    less = LessSelector(model="tiny", warmup=False, training=fresh_lora, max_length=32, proj_dim=256,
+                        grad_batch_size=2, cache_dir=str(tmp_path), device="cpu")
     selection = less.select(pool, 3, target=[chat("What is 5+5?", "10")])
     assert np.isfinite(selection.scores).all() and not selection.cost.unscored
 
@@ -180,6 +183,16 @@ CASES = {
                          "--param: method 'length': unit must be one of"),
     "-p unknown key": ([*SELECT, "--method", "random", "--budget", "2", "-p", "bogus=1"],
                        "has no parameter bogus"),
+    "-p unknown nested key": ([*SELECT, "--method", "less", "--budget", "2", "--target", "{pool}", "-p",
+                               "training.lora.rr=4"], "--param: method 'less' has no parameter training.lora.rr; "
+                               "training.lora takes: alpha, dropout, r, target_modules"),
+    "-p nested wrong type": ([*SELECT, "--method", "less", "--budget", "2", "--target", "{pool}", "-p",
+                              "training.epochs=many"], "--param training.epochs=\"many\": method 'less' takes "
+                              "float for training.epochs"),
+    "-p nested key the selector sets": ([*SELECT, "--method", "less", "--budget", "2", "--target", "{pool}",
+                                         "-p", "training.seed=3"], "training.seed: the selector sets this"),
+    "-p key under a value": ([*SELECT, "--method", "random", "--budget", "2", "-p", "seed=1", "-p", "seed.x=2"],
+                             "'seed.x=2': seed is given a value"),
     "target missing": ([*SELECT, "--method", "less", "--budget", "2"], "--target: method 'less'"),
     "target empty": ([*SELECT, "--method", "less", "--budget", "2", "--target", "{empty}"],
                      "--target {empty}: holds no examples"),

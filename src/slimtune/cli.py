@@ -41,7 +41,9 @@ SplitOpt = Annotated[str | None, typer.Option(help="The split of a dataset (Hub 
 DataSubsetOpt = Annotated[str | None, typer.Option("--data-subset", help="The subset (configuration name) of a "
                                                    "Hub dataset that has several.")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Method parameter as key=value "
-                                                    "(repeatable); values are parsed as JSON when they can be.")]
+                                                    "(repeatable); values are parsed as JSON when they can be; a "
+                                                    "dotted key sets one value of nested settings "
+                                                    "(less: training.epochs=2, training.lora.r=16).")]
 
 
 def _print_version(value: bool) -> None:
@@ -92,15 +94,25 @@ def _load(spec: str, shape: str | None = None, skip_bad: bool = False, split: st
 
 
 def _params(pairs: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs as a mapping; a dotted key (``training.lora.r=16``) sets one value of a nested
+    settings field, so ``training`` becomes ``{"lora": {"r": 16}}``."""
     params: dict[str, Any] = {}
     for pair in pairs or []:
-        key, sep, value = pair.partition("=")
+        key, sep, text = pair.partition("=")
         if not sep:
             raise typer.BadParameter(f"'{pair}' is not key=value", param_hint="--param")
         try:
-            params[key.replace("-", "_")] = json.loads(value)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            params[key.replace("-", "_")] = value
+            value = text
+        *outer, leaf = key.replace("-", "_").split(".")
+        into = params
+        for depth, name in enumerate(outer, start=1):
+            into = into.setdefault(name, {})
+            if not isinstance(into, dict):
+                raise typer.BadParameter(f"'{pair}': {'.'.join(outer[:depth])} is given a value, not settings "
+                                         "to set a key of", param_hint="--param")
+        into[leaf] = value
     return params
 
 
@@ -294,32 +306,6 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _typed(cls: type, params: dict[str, Any], what: str, option: str) -> dict[str, Any]:
-    """``params`` checked against the fields of the dataclass ``cls``: unknown keys and values of the wrong
-    type stop the command; ints given for float fields and numbers for str fields are converted."""
-    import dataclasses
-    import typing
-
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(params) - fields
-    if unknown:
-        _fail(f"{option}: {what} has no parameter {', '.join(sorted(unknown))}; it takes: "
-              f"{', '.join(sorted(fields)) or 'none'}")
-    try:
-        hints = typing.get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation only a type checker can resolve: leave values unchecked
-        hints = {}
-    typed = {}
-    for key, value in params.items():
-        hint = hints.get(key, Any)
-        converted = _as_type(value, hint)
-        if converted is _WRONG_TYPE:
-            shown = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            _fail(f"{option} {key}={json.dumps(value)}: {what} takes {shown} for {key}")
-        typed[key] = converted
-    return typed
-
-
 _WRONG_TYPE = object()
 
 
@@ -363,10 +349,23 @@ def _as_type(value: Any, hint: Any) -> Any:
 
 
 def _build(cls: type, params: dict[str, Any], what: str, option: str):
-    """An instance of ``cls`` from checked ``params``; a value its own checks refuse stops the command."""
-    params = _typed(cls, params, what, option)
+    """An instance of the dataclass ``cls`` from ``params`` (nested mappings for nested settings): unknown keys
+    and values of the wrong type stop the command, named in dotted form (``training.lora.r``); ints given for
+    float fields and numbers for str fields are converted; a value the class's own checks refuse stops it too."""
+    from slimtune.utils import UnknownParameters, build_dataclass
+
+    def typed(key: str, value: Any, hint: Any) -> Any:
+        converted = _as_type(value, hint)
+        if converted is _WRONG_TYPE:
+            shown = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            _fail(f"{option} {key}={json.dumps(value)}: {what} takes {shown} for {key}")
+        return converted
+
     try:
-        return cls(**params)
+        return build_dataclass(cls, params, check=typed)
+    except UnknownParameters as err:
+        takes = f"{err.scope} takes" if err.scope else "it takes"
+        _fail(f"{option}: {what} has no parameter {', '.join(err.keys)}; {takes}: {', '.join(err.known) or 'none'}")
     except (ValueError, TypeError) as err:
         _fail(f"{option}: {what}: {err}")
 

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,72 @@ def load_registered(registry: dict[str, str], name: str, kind: str, base: type |
                                  and dataclasses.is_dataclass(found)):
         raise ValueError(f"{kind} '{name}' is not a dataclass subclass of {base.__module__}.{base.__name__}")
     return found
+
+
+class UnknownParameters(TypeError):
+    """Keys a dataclass has no field for; ``keys`` are dotted from the outermost dataclass
+    (``training.lora.rr``) and ``scope`` is the dotted field they were given under ("" at the top)."""
+
+    def __init__(self, cls: type, scope: str, keys: list[str], known: list[str]):
+        self.scope, self.keys, self.known = scope, keys, known
+        super().__init__(f"{cls.__name__}{f' ({scope})' if scope else ''} has no parameter {', '.join(keys)}; "
+                         f"it takes: {', '.join(known) or 'none'}")
+
+
+def build_dataclass(cls: type, params: Mapping[str, Any],
+                    check: Callable[[str, Any, Any], Any] | None = None) -> Any:
+    """``cls(**params)``, where a mapping given for a field that holds a dataclass (typed ``X`` or ``X | None``)
+    becomes that dataclass, recursively, on top of the field's default: ``{"training": {"lora": {"r": 16}}}``
+    changes one number of a nested settings object and keeps the rest, and the plain dicts of a manifest, a
+    YAML file or ``--param training.lora.r=16`` come back as the objects they describe. ``check(dotted_key,
+    value, type_hint)`` returns every other value as the field takes it (or raises). Unknown keys raise
+    :class:`UnknownParameters`."""
+    return _build_dataclass(cls, params, None, check, "")
+
+
+def _build_dataclass(cls: type, params: Mapping[str, Any], base: Any, check, scope: str) -> Any:
+    import dataclasses
+    import typing
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise UnknownParameters(cls, scope, [f"{scope}.{key}" if scope else key for key in unknown], sorted(fields))
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation only a type checker can resolve: leave values as given
+        hints = {}
+    values = {}
+    for key, value in params.items():
+        hint, dotted = hints.get(key, Any), f"{scope}.{key}" if scope else key
+        nested = _dataclass_held(hint)
+        if nested is not None and isinstance(value, Mapping):
+            start = getattr(base, key) if base is not None else _field_default(fields[key])
+            values[key] = _build_dataclass(nested, value, start if isinstance(start, nested) else None, check,
+                                           dotted)
+        else:
+            values[key] = check(dotted, value, hint) if check else value
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def _dataclass_held(hint: Any) -> type | None:
+    """The dataclass a field typed ``hint`` holds: ``X`` or ``X | None`` with ``X`` a dataclass, else None."""
+    import dataclasses
+    import types
+    import typing
+
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    return options[0] if len(options) == 1 and isinstance(options[0], type) and \
+        dataclasses.is_dataclass(options[0]) else None
+
+
+def _field_default(field: Any) -> Any:
+    import dataclasses
+
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def cache_dir() -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -41,9 +41,10 @@ class DemoSettings:
     # adapter. Extraction is most of LESS's cost: one checkpoint halves it and the top 4 layers cut its
     # backward pass to 4 of 30 layers; they put the same GSM8K rows first as all layers do on a mixed pool
     # (benchmarks/README.md, "LESS gradient features").
-    less: tuple[tuple[str, object], ...] = (("warmup_fraction", 0.1), ("epochs", 1), ("lora_r", 16),
-                                            ("lora_alpha", 64), ("learning_rate", 1e-4), ("grad_accum", 1),
-                                            ("proj_dim", 2048), ("max_length", 256), ("layers", 4))
+    less: dict[str, object] = field(default_factory=lambda: {
+        "warmup_fraction": 0.1, "training": {"epochs": 1.0, "learning_rate": 1e-4, "grad_accum": 1,
+                                             "lora": {"r": 16, "alpha": 64}},
+        "proj_dim": 2048, "max_length": 256, "layers": 4})
 
 
 def run_demo(out: Path, *, model: str = "smollm2", console: Console | None = None,
@@ -66,7 +67,7 @@ def run_demo(out: Path, *, model: str = "smollm2", console: Console | None = Non
 
     results = {"untuned": _evaluate_cached(out / "untuned.json", model, None, evals, settings, console)}
     subsets = {}
-    for label, selector in (("LESS", get_selector("less", model=model, **dict(settings.less))),
+    for label, selector in (("LESS", get_selector("less", model=model, **settings.less)),
                             ("random", get_selector("random", seed=settings.seed))):
         sel_dir = out / f"select-{label}"
         console.rule(f"[bold]{label}: selecting {settings.budget:.0%} of the pool")

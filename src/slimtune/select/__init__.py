@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from slimtune.select.base import Budget, Cost, Selection, Selector, UnscoredRowsError
-from slimtune.utils import load_registered
+from slimtune.utils import build_dataclass, load_registered
 
 #: name -> "module:Class". Modules load lazily so a method's heavy imports cost nothing until it is used.
 SELECTORS: dict[str, str] = {
@@ -27,9 +27,9 @@ def selector_class(name: str) -> type[Selector]:
 
 
 def get_selector(name: str, **params: Any) -> Selector:
-    """Build the method ``name`` with ``params`` (its dataclass fields); unknown parameters are an error."""
-    cls = selector_class(name)
-    return cls(**params)
+    """Build the method ``name`` with ``params`` (its dataclass fields; a dict for a nested settings field, such
+    as LESS's ``training``, changes the keys it names); unknown parameters are an error."""
+    return build_dataclass(selector_class(name), params)
 
 
 __all__ = ["SELECTORS", "Budget", "Cost", "Selection", "Selector", "UnscoredRowsError", "get_selector",

@@ -80,7 +80,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -130,7 +130,9 @@ class Checkpoint:
 class LessSelector(GreedyToBudget, Selector):
     """LESS (see the module docstring for the algorithm and every choice made). ``diverse``: pick by
     facility-location mutual information over the LESS kernel (each row's ``diverse_k`` nearest rows)
-    instead of the top scores."""
+    instead of the top scores. ``training``: the warm-up's settings, nested as :class:`TrainSettings` (the
+    paper's by default; ``training={"epochs": 1, "lora": {"r": 16}}`` through :func:`get_selector` or
+    ``-p training.epochs=1`` changes those numbers and keeps the rest)."""
 
     name: ClassVar[str] = "less"
     needs_target: ClassVar[bool] = True
@@ -139,16 +141,9 @@ class LessSelector(GreedyToBudget, Selector):
     warmup: bool = True
     checkpoints: str | None = None
     warmup_fraction: float = 0.05
-    epochs: int = 4
-    learning_rate: float = 2e-5
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.03
-    batch_size: int = 8
-    grad_accum: int = 4
-    lora_r: int = 128
-    lora_alpha: int = 512
-    lora_dropout: float = 0.1
-    target_modules: list[str] | None = None
+    training: TrainSettings = field(default_factory=lambda: TrainSettings(
+        epochs=4.0, learning_rate=2e-5, lr_scheduler="linear", warmup_ratio=0.03, batch_size=8, grad_accum=4,
+        weight_decay=0.0, lora=LoraSettings(r=128, alpha=512, dropout=0.1)))
     max_length: int = 512
     projector: str = "sparse"
     proj_dim: int = 8192
@@ -165,7 +160,20 @@ class LessSelector(GreedyToBudget, Selector):
     device_map: str | None = None
     seed: int = 0
 
+    #: Warm-up settings the selector sets itself: its own ``max_length``, ``seed`` and ``device``, and what the
+    #: features need (a checkpoint per epoch, the learning rate of every step) or must not show (its folder).
+    OWN_TRAINING: ClassVar[tuple[str, ...]] = ("output_dir", "max_length", "seed", "device", "save_checkpoints",
+                                               "logging_steps", "progress")
+
     def __post_init__(self):
+        if self.training.lora is None:
+            raise ValueError("training.lora must be LoRA settings: LESS's features are the LoRA weights' gradients")
+        unset = TrainSettings()
+        owned = [name for name in self.OWN_TRAINING if getattr(self.training, name) != getattr(unset, name)]
+        if owned:
+            raise ValueError(f"training.{', training.'.join(owned)}: the selector sets this for the warm-up "
+                             "(its cache folder, a checkpoint every epoch, a log line every step); give max_length, "
+                             "seed and device to the selector itself")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}; got {self.aggregate!r}")
         if self.layers is not None and self.layers < 1:
@@ -265,11 +273,8 @@ class LessSelector(GreedyToBudget, Selector):
         rng = np.random.default_rng(self.seed)
         size = max(1, round(self.warmup_fraction * len(pool)))
         subset = [pool[i] for i in sorted(rng.choice(len(pool), size=size, replace=False))]
-        settings = TrainSettings(
-            epochs=self.epochs, learning_rate=self.learning_rate, batch_size=self.batch_size,
-            grad_accum=self.grad_accum, max_length=self.max_length, warmup_ratio=self.warmup_ratio,
-            lr_scheduler=self.lr_scheduler, weight_decay=0.0, seed=self.seed, lora=self._lora(),
-            save_checkpoints=True, logging_steps=1, device=self.device, progress=False)
+        settings = replace(self.training, max_length=self.max_length, seed=self.seed, device=self.device,
+                           save_checkpoints=True, logging_steps=1, progress=False)
         key = {"kind": "less-warmup", "model": self.model, "subset": pool_hash(subset),
                "settings": {k: v for k, v in asdict(settings).items() if k not in ("output_dir", "progress")}}
         run = self._root() / "less-warmup" / f"{pool_hash(subset)}-{key_digest(key)}"
@@ -287,16 +292,12 @@ class LessSelector(GreedyToBudget, Selector):
         details.update(warmup_run=str(run), warmup_rows=len(subset))
         return run
 
-    def _lora(self) -> LoraSettings:
-        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                            target_modules=self.target_modules)
-
     # -- steps 2-3: features -------------------------------------------------------------------------------
     def _load(self, checkpoint: Checkpoint):
         model, tokenizer = load_model(self.model, device=self.device, device_map=self.device_map)
         if checkpoint.path is None:
             torch.manual_seed(self.seed)  # the fresh LoRA's A factors are random: seed them
-            return apply_lora(model, self._lora()), tokenizer
+            return apply_lora(model, self.training.lora), tokenizer
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, checkpoint.path, is_trainable=True), tokenizer
@@ -307,7 +308,7 @@ class LessSelector(GreedyToBudget, Selector):
         device = next(model.parameters()).device
         projector = make_projector(self.projector, self.proj_dim, self.seed)
         state = (_fingerprint(checkpoint.path) if checkpoint.path is not None
-                 else {"fresh_lora": asdict(self._lora()), "seed": self.seed})
+                 else {"fresh_lora": asdict(self.training.lora), "seed": self.seed})
         common = {"model": self.model, "state": state, "projector": projector.identity(device),
                   "max_length": self.max_length, "batch_size": self.grad_batch_size,
                   "shard_rows": self.shard_rows, "dtype": self.feature_dtype,
