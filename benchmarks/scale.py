@@ -236,12 +236,13 @@ def measure(stage: str, pool: str, model: str, out: str) -> None:
         state.destroy_process_group()
 
 
-def run_measurement(stage: str, rows: int, processes: int, work: Path, model: Path) -> dict:
+def run_measurement(stage: str, rows: int, processes: int, work: Path, model: Path,
+                    threads: int | None = None) -> dict:
     """One (stage, n, processes) measurement in a fresh process or torchrun job, with a cache of its own."""
     run = work / "runs" / f"{stage}-{rows}-{processes}"
     shutil.rmtree(run, ignore_errors=True)
     (run / "cache").mkdir(parents=True)
-    threads = max(1, len(os.sched_getaffinity(0)) // processes)
+    threads = threads or max(1, len(os.sched_getaffinity(0)) // processes)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     command = [*(launcher if processes > 1 else [sys.executable]), __file__, "--measure", stage,
                str(pool_file(work, rows)), str(model), str(run / "report")]
@@ -364,6 +365,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--work", type=Path, default=None,
                         help="pools, model and per-run caches (default: scale/ under slimtune's cache)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per process (default: the cores split among the processes; 1 on a busy "
+                             "machine, where a second thread spin-waits for a core it does not get)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier measurements instead of resuming")
     parser.add_argument("--report", action="store_true",
                         help="measure nothing: rewrite the README section from the results there are")
@@ -383,7 +387,7 @@ def main() -> None:
             for p in args.processes:
                 if key(stage, n, p) in results["measurements"]:
                     continue
-                m = run_measurement(stage, n, p, work, model)
+                m = run_measurement(stage, n, p, work, model, args.threads)
                 results["measurements"][key(stage, n, p)] = m
                 save_results(results)
                 print(f"{stage:9s} n={n:>9,} p={p} {m['seconds']:9.1f} s  CPU {m['cpu_s']:9.1f} s  "
