@@ -94,7 +94,8 @@ def profile(args) -> dict:
     def slap_step(batch: dict) -> torch.Tensor:
         """What SelectiveTrainer._select runs for SLAP: the scoring forward and the choice."""
         model.eval()
-        signals = forward_signals(model, batch, logits=head is None, hidden=True, trim_logits=trim)
+        signals = forward_signals(model, batch, logits=head is None, hidden=True, trim_logits=trim,
+                                  log_probs="logit_factors" in policy.needs())
         return policy.choose(candidates(batch, signals, head), k)
 
     steps = []
