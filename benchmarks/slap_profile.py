@@ -95,7 +95,7 @@ def profile(args) -> dict:
         """What SelectiveTrainer._select runs for SLAP: the scoring forward and the choice."""
         model.eval()
         signals = forward_signals(model, batch, logits=head is None, hidden=True, trim_logits=trim,
-                                  log_probs="logit_factors" in policy.needs())
+                                  log_probs="logit_factors" in policy.needs(), head=head)
         return policy.choose(candidates(batch, signals, head), k)
 
     steps = []

@@ -256,7 +256,12 @@ def response_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
     Only response positions go through the softmax, as one contiguous (tokens, V) block: several times faster
     than a cross-entropy over every padded position in the (B, V, T) layout.
     """
-    return torch.log_softmax(logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].float(), dim=-1)
+    return torch.log_softmax(at_response_positions(logits, labels).float(), dim=-1)
+
+
+def at_response_positions(values: Tensor, labels: Tensor) -> Tensor:
+    """(N, ...): ``values`` (B, T, ...) at the positions whose next label is a response token, row by row."""
+    return values[:, :-1][labels[:, 1:] != IGNORE_INDEX]
 
 
 def row_losses(log_probs: Tensor, labels: Tensor) -> Tensor:
@@ -271,23 +276,33 @@ def row_losses(log_probs: Tensor, labels: Tensor) -> Tensor:
 
 @torch.no_grad()
 def forward_signals(model: torch.nn.Module, batch: dict[str, Tensor], *, logits: bool, hidden: bool,
-                    trim_logits: bool, log_probs: bool = False) -> dict[str, Tensor]:
+                    trim_logits: bool, log_probs: bool = False, head: Tensor | None = None) -> dict[str, Tensor]:
     """One no-grad forward: each row's mean response loss, plus the logits (B, T, V), the last hidden state
     (B, T, H) and the loss's own log-softmax at the response positions (``response_log_probs``, N x V) when
     asked for.
 
     Without ``logits``, and when the model takes ``logits_to_keep`` (``trim_logits``), the LM head runs only
     from the batch's first response position on: the prompt's logits would be thrown away, and the head is a
-    large share of a small model's forward.
+    large share of a small model's forward. Given ``head``, the output layer's weight where the logits are
+    exactly last hidden state @ head.T, it runs on the response positions alone, as that product: no
+    (B, T, V) logits exist, and the prompts and padding of rows with shorter ones cost no head product.
     """
     labels = batch["labels"]
-    kwargs: dict[str, Any] = {"output_hidden_states": hidden}
-    if not logits and trim_logits:
+    factored = head is not None and not logits and trim_logits
+    kwargs: dict[str, Any] = {"output_hidden_states": hidden or factored}
+    if factored:
+        kwargs["logits_to_keep"] = 1  # the model's own head on one position; the response's are taken below
+    elif not logits and trim_logits:
         response = (labels != IGNORE_INDEX).any(0).nonzero()
         kwargs["logits_to_keep"] = labels.shape[1] - (max(int(response[0]) - 1, 0) if len(response) else 0)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-    aligned = labels[:, labels.shape[1] - out.logits.shape[1]:]
-    response = response_log_probs(out.logits, aligned)
+    if factored:
+        last = out.hidden_states[-1]
+        aligned = labels
+        response = torch.log_softmax((at_response_positions(last, labels) @ head.to(last.dtype).T).float(), dim=-1)
+    else:
+        aligned = labels[:, labels.shape[1] - out.logits.shape[1]:]
+        response = response_log_probs(out.logits, aligned)
     signals = {"loss": row_losses(response, aligned)}
     if log_probs:
         signals["response_log_probs"] = response
@@ -617,7 +632,7 @@ class SelectionMixin:
                 signals = forward_signals(
                     model, batch, logits="logits" in needs or ("logit_factors" in needs and head is None),
                     hidden="hidden" in needs or head is not None, trim_logits=self._trim_logits,
-                    log_probs="logit_factors" in needs)
+                    log_probs="logit_factors" in needs, head=head)
             finally:
                 model.train(was_training)
             if head is not None:
