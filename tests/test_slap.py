@@ -341,3 +341,38 @@ def test_pool_scoring_holds_a_bounded_number_of_curvature_blocks_and_scores_the_
         assert torch.equal(getattr(whole, name), getattr(folded, name))
     assert torch.allclose(whole.curvature, folded.curvature, rtol=1e-5, atol=1e-7)
     assert SLAPPolicy(strata=2).prune(whole, 0.5).tolist() == SLAPPolicy(strata=2).prune(folded, 0.5).tolist()
+
+
+def test_features_from_the_scoring_losss_log_probs_are_those_from_the_head(tiny, shared_data):
+    """The trainer hands SLAP the log-softmax its scoring loss took at the response positions, and SLAP reads
+    p_t from it instead of multiplying the hidden states by the head and taking the softmax again: the
+    same sketch, Gauss-Newton block and choice as from the head; a subset carries its own rows' tokens. Given
+    the head, the forward takes those log-probabilities from the head's product at the response positions
+    alone, and they are the ones the model's own logits give."""
+    from slimtune.data.tokenize import Collator, TokenizedDataset
+    from slimtune.online.trainer import forward_signals
+
+    model, tokenizer = tiny
+    dataset = TokenizedDataset(mixed_examples(shared_data, 6), tokenizer, 128)
+    batch = Collator(tokenizer.pad_token_id)([dataset[i] for i in range(6)])
+    signals = forward_signals(model, batch, logits=False, hidden=True, trim_logits=True, log_probs=True)
+    head = model.get_output_embeddings().weight.detach()
+    factored = forward_signals(model, batch, logits=False, hidden=True, trim_logits=True, log_probs=True, head=head)
+    for name in ("loss", "response_log_probs", "hidden"):
+        torch.testing.assert_close(factored[name], signals[name], rtol=1e-5, atol=1e-5)
+    common = dict(index=torch.arange(6), ids=list("abcdef"), tasks=["t"] * 6, input_ids=batch["input_ids"],
+                  attention_mask=batch["attention_mask"], labels=batch["labels"], loss=signals["loss"],
+                  token_count=(batch["labels"][:, 1:] != -100).sum(1), hidden=signals["hidden"])
+    from_log_probs = CandidateBatch(**common, response_log_probs=signals["response_log_probs"])
+    from_head = CandidateBatch(**common, extras={"head": head})
+    fast, reference = SLAPPolicy(strata=2), SLAPPolicy(strata=2)
+    got, want = fast.features(from_log_probs), reference.features(from_head)
+    torch.testing.assert_close(got.sketch, want.sketch, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.curvature, want.curvature, rtol=1e-4, atol=1e-7)
+    for _ in range(2):  # the second time with a window
+        assert fast.choose(from_log_probs, 3).tolist() == reference.choose(from_head, 3).tolist()
+    rows = [4, 1]
+    alone = forward_signals(model, {name: value[rows] for name, value in batch.items()}, logits=False,
+                            hidden=False, trim_logits=True, log_probs=True)
+    torch.testing.assert_close(from_log_probs.subset(rows).response_log_probs, alone["response_log_probs"],
+                               rtol=1e-4, atol=1e-5)

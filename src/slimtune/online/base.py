@@ -21,7 +21,9 @@ from torch import Tensor
 #: as it was before training), computed once over the training set and cached. ``logit_factors`` is the
 #: logits in factored form, ``hidden`` plus ``extras["head"]`` (V, H) with logits = hidden @ head.T, for
 #: policies that need only products of the logits with thin matrices (far cheaper than B x T x V); where the
-#: model's output layer is not exactly that linear map, the mechanism fills ``logits`` instead.
+#: model's output layer is not exactly that linear map, the mechanism fills ``logits`` instead. Either way it
+#: also fills ``response_log_probs``, the log-softmax its loss took at the response positions, so that a
+#: policy reading the predictive distribution there (SLAP) does not compute the logits and softmax again.
 SIGNALS = frozenset({"loss", "logits", "logit_factors", "hidden", "ref_loss", "embedding"})
 
 
@@ -35,6 +37,8 @@ class CandidateBatch:
     tokens. ``ref_loss`` is a reference model's loss (RHO-loss). ``index`` is each row's dataset index.
     ``loss`` is NaN when the policy asked for nothing (an empty ``needs()``): no scoring forward ran.
     ``progress`` is the share of training done, in [0, 1], for schedules such as InfoBatch's annealing.
+    ``response_log_probs`` (N, V) is the log-softmax of the logits at the N response positions, row by row and
+    in position order within a row (the order of ``response_mask.nonzero()``), as the scoring loss took it.
     """
 
     index: Tensor
@@ -50,6 +54,7 @@ class CandidateBatch:
     logits: Tensor | None = None
     hidden: Tensor | None = None
     ref_loss: Tensor | None = None
+    response_log_probs: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -65,8 +70,15 @@ class CandidateBatch:
     def subset(self, rows: Tensor | list[int]) -> CandidateBatch:
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.loss.device)
         picked: dict[str, Any] = {}
+        if self.response_log_probs is not None:  # per response token: each picked row's run of tokens
+            count = self.response_mask.sum(1).tolist()
+            start = [0, *torch.tensor(count).cumsum(0).tolist()]
+            picked["response_log_probs"] = torch.cat(
+                [self.response_log_probs[start[i]:start[i] + count[i]] for i in rows_t.tolist()])
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in picked:
+                continue
             if isinstance(value, Tensor):
                 picked[f.name] = value[rows_t.to(value.device)]
             elif isinstance(value, list):

@@ -107,7 +107,8 @@ def score_pool(model: torch.nn.Module, dataset: Dataset, collator, policy: SLAPP
                 head = weight if logits_are_linear(model, batch, weight) else None
             factored = "logit_factors" in needs
             signals = forward_signals(model, batch, logits="logits" in needs or (factored and head is None),
-                                      hidden="hidden" in needs or factored, trim_logits=trim)
+                                      hidden="hidden" in needs or factored, trim_logits=trim,
+                                      log_probs=factored, head=head)
             labels = batch["labels"]
             parts.append(policy.features(CandidateBatch(
                 index=torch.tensor(rows), ids=[examples[i].id if examples else str(i) for i in rows],

@@ -78,7 +78,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -247,14 +246,29 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 def response_losses(logits: Tensor, labels: Tensor) -> Tensor:
-    """Each row's mean cross-entropy over its response tokens, from logits aligned with ``labels``.
+    """Each row's mean cross-entropy over its response tokens, from logits aligned with ``labels``."""
+    return row_losses(response_log_probs(logits, labels), labels)
+
+
+def response_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
+    """The log-softmax at the response positions, (N, V), row by row, from logits aligned with ``labels``.
 
     Only response positions go through the softmax, as one contiguous (tokens, V) block: several times faster
     than a cross-entropy over every padded position in the (B, V, T) layout.
     """
+    return torch.log_softmax(at_response_positions(logits, labels).float(), dim=-1)
+
+
+def at_response_positions(values: Tensor, labels: Tensor) -> Tensor:
+    """(N, ...): ``values`` (B, T, ...) at the positions whose next label is a response token, row by row."""
+    return values[:, :-1][labels[:, 1:] != IGNORE_INDEX]
+
+
+def row_losses(log_probs: Tensor, labels: Tensor) -> Tensor:
+    """Each row's mean cross-entropy over its response tokens, from their :func:`response_log_probs`."""
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    token = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
+    token = -log_probs.gather(1, targets[mask].unsqueeze(1)).squeeze(1)
     rows = torch.arange(len(labels), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     total = torch.zeros(len(labels), device=token.device).index_add_(0, rows, token)
     return total / mask.sum(1).clamp_min(1)
@@ -262,21 +276,36 @@ def response_losses(logits: Tensor, labels: Tensor) -> Tensor:
 
 @torch.no_grad()
 def forward_signals(model: torch.nn.Module, batch: dict[str, Tensor], *, logits: bool, hidden: bool,
-                    trim_logits: bool) -> dict[str, Tensor]:
-    """One no-grad forward: each row's mean response loss, plus the logits (B, T, V) and the last hidden
-    state (B, T, H) when asked for.
+                    trim_logits: bool, log_probs: bool = False, head: Tensor | None = None) -> dict[str, Tensor]:
+    """One no-grad forward: each row's mean response loss, plus the logits (B, T, V), the last hidden state
+    (B, T, H) and the loss's own log-softmax at the response positions (``response_log_probs``, N x V) when
+    asked for.
 
     Without ``logits``, and when the model takes ``logits_to_keep`` (``trim_logits``), the LM head runs only
     from the batch's first response position on: the prompt's logits would be thrown away, and the head is a
-    large share of a small model's forward.
+    large share of a small model's forward. Given ``head``, the output layer's weight where the logits are
+    exactly last hidden state @ head.T, it runs on the response positions alone, as that product: no
+    (B, T, V) logits exist, and the prompts and padding of rows with shorter ones cost no head product.
     """
     labels = batch["labels"]
-    kwargs: dict[str, Any] = {"output_hidden_states": hidden}
-    if not logits and trim_logits:
+    factored = head is not None and not logits and trim_logits
+    kwargs: dict[str, Any] = {"output_hidden_states": hidden or factored}
+    if factored:
+        kwargs["logits_to_keep"] = 1  # the model's own head on one position; the response's are taken below
+    elif not logits and trim_logits:
         response = (labels != IGNORE_INDEX).any(0).nonzero()
         kwargs["logits_to_keep"] = labels.shape[1] - (max(int(response[0]) - 1, 0) if len(response) else 0)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-    signals = {"loss": response_losses(out.logits, labels[:, labels.shape[1] - out.logits.shape[1]:])}
+    if factored:
+        last = out.hidden_states[-1]
+        aligned = labels
+        response = torch.log_softmax((at_response_positions(last, labels) @ head.to(last.dtype).T).float(), dim=-1)
+    else:
+        aligned = labels[:, labels.shape[1] - out.logits.shape[1]:]
+        response = response_log_probs(out.logits, aligned)
+    signals = {"loss": row_losses(response, aligned)}
+    if log_probs:
+        signals["response_log_probs"] = response
     if logits:
         signals["logits"] = out.logits
     if hidden:
@@ -602,7 +631,8 @@ class SelectionMixin:
                 head = self._factor_head(batch) if "logit_factors" in needs else None
                 signals = forward_signals(
                     model, batch, logits="logits" in needs or ("logit_factors" in needs and head is None),
-                    hidden="hidden" in needs or head is not None, trim_logits=self._trim_logits)
+                    hidden="hidden" in needs or head is not None, trim_logits=self._trim_logits,
+                    log_probs="logit_factors" in needs, head=head)
             finally:
                 model.train(was_training)
             if head is not None:

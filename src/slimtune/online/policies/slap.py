@@ -51,11 +51,13 @@ Design choices the abstract leaves open, all ours:
     the rows at hand spread rather than how the loss curves (so its quadratic term is the squared alignment
     of S with those same gradients, confounded with the linear term), and has rank at most B (10 against
     D = 512), where G takes the model's own predictive distribution at every token. Cost, kept bounded without
-    truncating p: P_out diag(p_t) P_out^T is p_t against a fixed (d_out^2 x V) table of products of P_out's
-    columns, d_out^2 V multiply-adds per response token (256 V at 16 x 32, below the 576 V of the head's own
-    logits for SmolLM2), plus one D x D product per batch; the table is d_out^2 V floats (50 MB at V = 49k),
-    built once. p_t is the softmax the gradient sketch already takes from the scoring pass's hidden states or
-    logits: nothing of the forward is recomputed. It is damped by ``damping`` times its mean eigenvalue so
+    truncating p: P_out diag(p_t) P_out^T is symmetric, so it is p_t against a fixed table of the products of
+    P_out's rows a <= b, stacked under P_out itself so that one pass over p_t gives P_out p_t too:
+    (d_out + d_out (d_out + 1) / 2) V multiply-adds per response token (152 V at 16 x 32, a quarter of the
+    576 V of the head's own logits for SmolLM2), plus one D x D product per batch; the table is as many
+    floats times V (30 MB at V = 49k), built once. p_t is the exponential of the log-softmax the scoring
+    loss already took at the response positions: neither the logits nor their softmax are recomputed, and
+    the probabilities are held a chunk of tokens at a time. It is damped by ``damping`` times its mean eigenvalue so
     the damping is scale-free. A batch of aligned gradients keeps |g_S| large where different directions
     partly cancel, so redundant rows pay more curvature for the same alignment with g_ref.
   * g_ref is the mean gradient of all candidates: on-policy and with no validation set, the direction the full
@@ -145,12 +147,15 @@ class HeadSignals(NamedTuple):
 
 
 class SketchMaps(NamedTuple):
-    """P_out (d_out, V) and P_in (d_in, H) as matrices, and, for the curvature, the (d_out^2, V) table of
-    products of P_out's columns, P[a, v] P[b, v], so that P diag(p) P^T = (p @ products.T) reshaped."""
+    """P_out (d_out, V) and P_in (d_in, H) as matrices, and ``readout``: P_out's rows and, for the curvature,
+    the products of its rows' pairs a <= b, P[a, v] P[b, v], so that one product p @ readout.T gives both
+    P_out p and every entry of P_out diag(p) P_out^T; ``pairs`` (d_out^2,) maps entry (a, b) to its pair's
+    row (None without the curvature)."""
 
     out: Tensor
     inp: Tensor
-    products: Tensor | None
+    readout: Tensor
+    pairs: Tensor | None
 
 
 def sketch_maps(p_out: Projector, p_in: Projector, vocab: int, width: int, device: torch.device | str, *,
@@ -162,41 +167,62 @@ def sketch_maps(p_out: Projector, p_in: Projector, vocab: int, width: int, devic
                           for lo in range(0, n, chunk)]).T.contiguous()
 
     out = matrix(p_out, vocab)
-    products = (out.unsqueeze(1) * out.unsqueeze(0)).flatten(0, 1) if curvature else None
-    return SketchMaps(out, matrix(p_in, width), products)
+    if not curvature:
+        return SketchMaps(out, matrix(p_in, width), out, None)
+    # P diag(p) P^T is symmetric: the d(d+1)/2 pairs a <= b hold all of it, in little over half the products
+    first, second = torch.triu_indices(len(out), len(out), device=device)
+    pairs = torch.empty(len(out), len(out), dtype=torch.long, device=device)
+    pairs[first, second] = pairs[second, first] = torch.arange(len(first), device=device)
+    readout = torch.cat([out, out[first] * out[second]])
+    return SketchMaps(out, matrix(p_in, width), readout, pairs.flatten())
+
+
+#: Response tokens whose (tokens, V) probabilities are held at once: the sketch needs only their products
+#: with the thin ``readout``, so the probabilities never exist for the whole batch.
+TOKEN_CHUNK = 256
 
 
 def head_signals(hidden: Tensor, labels: Tensor, maps: SketchMaps, *, logits: Tensor | None = None,
-                 head: Tensor | None = None) -> HeadSignals:
+                 head: Tensor | None = None, log_probs: Tensor | None = None) -> HeadSignals:
     """Each row's LM-head gradient of its mean response loss, projected to (d_out x d_in) and flattened, and
-    (when ``maps`` holds the products table) the rows' mean Gauss-Newton block in that space.
+    (when ``maps`` has the curvature's ``pairs``) the rows' mean Gauss-Newton block in that space.
 
     grad_W_i = (1/T_i) sum_t d_t h_t^T with d_t = softmax(z_t) - onehot(y_t), so
     P_out grad_W_i P_in^T = (1/T_i) sum_t (P_out d_t)(P_in h_t)^T: only response positions are touched and
     the V x H gradient is never formed. The Gauss-Newton block uses the same p_t = softmax(z_t):
     (1/B) sum_i (1/T_i) sum_t (P_out diag(p_t) P_out^T - (P_out p_t)(P_out p_t)^T) kron (P_in h_t)(P_in h_t)^T.
-    z_t comes from ``logits`` (B, T, V) or, cheaper, as h_t @ ``head``.T at the response positions alone.
+    p_t is read from ``log_probs`` (N, V), the scoring loss's own log-softmax at the response positions (see
+    :class:`CandidateBatch`), or else from z_t: ``logits`` (B, T, V) or h_t @ ``head``.T at the response
+    positions alone.
     """
     targets = labels[:, 1:]
     rows, pos = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     n_rows = labels.shape[0]
     h = hidden[rows, pos].float()
-    z = logits[rows, pos].float() if logits is not None else h @ head.float().T
-    p = torch.softmax(z, dim=-1)
+    weight_t = head.float().T if log_probs is None and logits is None else None
+
+    def probs(lo: int, hi: int) -> Tensor:
+        if log_probs is not None:
+            return log_probs[lo:hi].float().exp()
+        z = logits[rows[lo:hi], pos[lo:hi]].float() if logits is not None else h[lo:hi] @ weight_t
+        return torch.softmax(z, dim=-1)
+
+    read = torch.cat([probs(lo, lo + TOKEN_CHUNK) @ maps.readout.T
+                      for lo in range(0, max(1, len(rows)), TOKEN_CHUNK)])
+    d_out, d_in = maps.out.shape[0], maps.inp.shape[0]
     u = h @ maps.inp.T
-    out_p = p @ maps.out.T
+    out_p = read[:, :d_out]
     out_delta = out_p - maps.out.T[targets[rows, pos]]  # P_out (p - onehot(y))
     outer = out_delta.unsqueeze(2) * u.unsqueeze(1)
-    sketch = torch.zeros(n_rows, outer[0].numel(), device=outer.device)
+    sketch = torch.zeros(n_rows, d_out * d_in, device=outer.device)
     sketch.index_add_(0, rows, outer.flatten(1))
     count = torch.bincount(rows, minlength=n_rows).clamp_min(1)
     sketch = sketch / count.unsqueeze(1)
-    if maps.products is None:
+    if maps.pairs is None:
         return HeadSignals(sketch, None)
     weight = (1.0 / (count[rows] * n_rows)).unsqueeze(1)  # (1/B)(1/T_i) for each token of row i
-    d_out, d_in = maps.out.shape[0], maps.inp.shape[0]
-    spread = (weight * (p @ maps.products.T)).T @ (u.unsqueeze(2) * u.unsqueeze(1)).flatten(1)
-    spread = spread.reshape(d_out, d_out, d_in, d_in).permute(0, 2, 1, 3).reshape(d_out * d_in, -1)
+    spread = (weight * read[:, d_out:]).T @ (u.unsqueeze(2) * u.unsqueeze(1)).flatten(1)
+    spread = spread[maps.pairs].reshape(d_out, d_out, d_in, d_in).permute(0, 2, 1, 3).reshape(d_out * d_in, -1)
     mean_part = (out_p.unsqueeze(2) * u.unsqueeze(1)).flatten(1)
     return HeadSignals(sketch, spread - (weight * mean_part).T @ mean_part)
 
@@ -360,12 +386,15 @@ class SLAPPolicy(Policy):
         batch's Gauss-Newton block when the curvature term is on."""
         sketch = rep = curvature = None
         if self._wants_sketch():
-            if batch.hidden is None or (batch.logits is None and "head" not in batch.extras):
-                raise ValueError("SLAP's gradient sketch needs hidden states and the logits or the LM head")
-            head = batch.extras.get("head")
-            vocab = batch.logits.shape[-1] if batch.logits is not None else head.shape[0]
+            head, log_probs = batch.extras.get("head"), batch.response_log_probs
+            if batch.hidden is None or (log_probs is None and batch.logits is None and head is None):
+                raise ValueError("SLAP's gradient sketch needs hidden states and the response log-probabilities, "
+                                 "the logits or the LM head")
+            vocab = (log_probs if log_probs is not None else batch.logits).shape[-1] if head is None \
+                else head.shape[0]
             maps = self.sketch_maps(vocab, batch.hidden.shape[-1], batch.hidden.device)
-            sketch, curvature = head_signals(batch.hidden, batch.labels, maps, logits=batch.logits, head=head)
+            sketch, curvature = head_signals(batch.hidden, batch.labels, maps, logits=batch.logits, head=head,
+                                             log_probs=log_probs)
             sketch = sketch.cpu()
             curvature = None if curvature is None else curvature.cpu()
         if self.diversity:
