@@ -223,7 +223,7 @@ def load_config(path: str | Path) -> GridConfig:
                       source=str(path))
 
 
-_POOL_KEYS = {"sizes", "max_length", "corrupt", "seed", "exclude", *DATA_KEYS}
+_POOL_KEYS = {"sizes", "max_length", "corrupt", "seed", *OPTIONAL_KEYS}
 _EVAL_KEYS = {"n", "generate", "max_new_tokens", "options", "max_options", "data", "split", "subset"}
 
 
@@ -267,7 +267,7 @@ def _pool(path: Path, raw: Any) -> PoolSpec:
                     max_length=int(raw.get("max_length", 256)), seed=int(raw.get("seed", 0)),
                     corrupt_share=float(corrupt.get("share", 0.0)),
                     corrupt_kinds=tuple(corrupt.get("kinds", ("swap", "truncate"))),
-                    **{key: raw[key] for key in (*DATA_KEYS, "exclude") if key in raw})
+                    **{key: raw[key] for key in OPTIONAL_KEYS if key in raw})
 
 
 def _eval(path: Path, task: str, spec: Any) -> EvalSpec:

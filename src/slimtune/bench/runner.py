@@ -42,9 +42,19 @@ class Cell:
 
     @property
     def name(self) -> str:
-        target = "" if self.target is None else f"-{self.target.replace(':', '-')}"
         budget = "" if self.budget is None else f"-b{self.budget:g}"
-        return f"{self.method.label}{target}{budget}-s{self.seed}"
+        return f"{self.method.label}{self.target_tag}{budget}-s{self.seed}"
+
+    @property
+    def target_tag(self) -> str:
+        """The target in a file name ("-tatoeba-deu-eng"); "" for a cell without one."""
+        return "" if self.target is None else f"-{self.target.replace(':', '-')}"
+
+    @property
+    def target_key(self) -> tuple[str, ...]:
+        """The target as a part of a fingerprint; none for a cell without one, so keys from before targets
+        existed still match."""
+        return () if self.target is None else (self.target,)
 
 
 def grid_cells(config: GridConfig) -> list[Cell]:
@@ -65,7 +75,7 @@ def is_targeted(method: MethodSpec) -> bool:
     """Whether the method selects for target examples: it needs them, or it is DELIFT's mutual information."""
     from slimtune.select import selector_class
 
-    if method.online or method.name in ("random", "full", "untrained"):
+    if method.online or method.name in ("full", "untrained"):  # the grid's own references, not selectors
         return False
     return selector_class(method.name).needs_target or method.params.get("objective") == "flmi"
 
@@ -96,8 +106,8 @@ class GridRunner:
         return self._data
 
     def cell_key(self, cell: Cell) -> str:
-        target = () if cell.target is None else (cell.target,)
-        return self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), str(cell.seed), *target)
+        return self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), str(cell.seed),
+                                       *cell.target_key)
 
     def run(self) -> list[dict[str, Any]]:
         rows = []
@@ -224,10 +234,8 @@ class GridRunner:
         from slimtune.select import Selection, get_selector, selector_class
 
         seed_part = f"-s{cell.seed}" if _selector_is_seeded(cell.method) else ""
-        target_part = "" if cell.target is None else f"-{cell.target.replace(':', '-')}"
-        path = self.out / "selections" / f"{cell.method.label}{target_part}-b{cell.budget:g}{seed_part}"
-        key = self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), seed_part,
-                                      *(() if cell.target is None else (cell.target,)))
+        path = self.out / "selections" / f"{cell.method.label}{cell.target_tag}-b{cell.budget:g}{seed_part}"
+        key = self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), seed_part, *cell.target_key)
         key_file = path / "key.txt"
         manifest = path / "manifest.json"
         stored = key_file.read_text().split(" ") if key_file.exists() else []
