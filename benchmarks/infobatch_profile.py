@@ -17,7 +17,7 @@ The first step pays one-off costs and is left out. Then one InfoBatch step of ea
     .venv/bin/python benchmarks/infobatch_profile.py --model tiny                    # ~1 min of CPU
     .venv/bin/python benchmarks/infobatch_profile.py --model smollm2 --layers 4      # ~5 min of CPU
 
-Prints the steps and their means; writes benchmarks/results/infobatch_profile_{model}{layers}.json
+Prints the steps and their means; writes benchmarks/results/infobatch_profile_{model}[-{layers}layers].json
 (``--results``).
 """
 
@@ -170,7 +170,8 @@ def main() -> None:
           f"s/step, ratio {result['ratio_logits']:.3f} (mean of {len(result['steps'])} steps, process CPU time)")
     print("parts of one InfoBatch step (cProfile, CPU s): "
           + ", ".join(f"{name} {seconds:.3f}" for name, seconds in result["parts"].items()))
-    results = args.results or HERE / "results" / f"infobatch_profile_{args.model}{args.layers or ''}.json"
+    layers = f"-{args.layers}layers" if args.layers else ""
+    results = args.results or HERE / "results" / f"infobatch_profile_{args.model}{layers}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"command": command_line("infobatch_profile.py", sys.argv[1:]), "machine": load,
                                    "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
