@@ -48,6 +48,7 @@ from readme import command_line, replace_section
 from transformers import Trainer, TrainerCallback
 
 from slimtune.data.example import make_example
+from slimtune.data.recipes import SAMPLE_DIR, shared_data_dir
 from slimtune.data.tokenize import Collator, TokenizedDataset
 from slimtune.features.losses import score_losses
 from slimtune.models import LoraSettings
@@ -57,7 +58,7 @@ from slimtune.online.trainer import STALE_SIGNALS, SelectiveTrainer, read_select
 from slimtune.train import TrainSettings, load_trained, train
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "gsm8k"
+DATA = (shared_data_dir() or SAMPLE_DIR) / "gsm8k"  # $SLIMTUNE_SHARED_DATA, ../shared/data, else the sample
 POLICIES = ["uniform", "big-loss", "grad-norm", "rho-loss", "infobatch", "uds", "slap"]
 MODES = ["step", "global", "stale"]
 SECTION = "## Online selection"

@@ -307,6 +307,53 @@ def test_row_weights_give_the_gradient_of_the_weighted_loss_through_the_parents_
     assert not torch.allclose(weighted, unweighted, rtol=1e-2)
 
 
+def test_row_losses_come_with_the_training_loss_leaving_its_value_and_gradient_as_they_were(tmp_path):
+    """Each row's loss, read off the model's own token-wise cross-entropy, equals the logits' reading; the loss
+    and the gradient are transformers' own, whether or not the Trainer passes the batch's token count. A model
+    whose loss is its own gets the rows' losses read off its logits."""
+    import functools
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from slimtune.online.trainer import response_losses, training_row_losses
+
+    model, _ = prepare_model("tiny", settings(tmp_path, "run", lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
+    base = model.get_base_model()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = mask[2, 5:] = 0  # right padding
+    labels = torch.where(mask.bool(), ids, IGNORE_INDEX)
+    labels[0, :4] = labels[1, :7] = labels[2, :2] = IGNORE_INDEX  # prompts of different lengths
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(**kw):
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+        out.loss.backward()
+        return out.loss.detach(), out.logits.detach(), torch.cat([p.grad.flatten() for p in trainable])
+
+    for kw in ({}, {"num_items_in_batch": torch.tensor(13)}):
+        loss, logits, gradient = step(**kw)
+        expected = response_losses(logits, labels)
+        received = []
+        with training_row_losses(model, received.append):
+            row_loss, _, row_gradient = step(**kw)
+        assert base.loss_function is ForCausalLMLoss  # put back
+        assert torch.equal(row_gradient, gradient) and torch.allclose(row_loss, loss, rtol=1e-6, atol=0)
+        assert len(received) == 1 and torch.allclose(received[0], expected, rtol=1e-6, atol=0)
+        with torch.no_grad(), training_row_losses(model, received.append):  # a scoring forward: not recorded
+            model(input_ids=ids, attention_mask=mask, labels=labels)
+        assert len(received) == 1
+
+    own = functools.partial(ForCausalLMLoss)
+    base.loss_function = own
+    received = []
+    with training_row_losses(model, received.append):
+        step()
+    assert base.loss_function is own and torch.allclose(received[0], expected, rtol=1e-6, atol=0)
+
+
 def test_infobatch_trains_pruned_epochs_in_full_batches_and_the_last_epoch_whole(tmp_path, shared_data):
     examples = gsm8k_examples(shared_data, 16)
     trainer, _ = selective_trainer(tmp_path, examples, get_policy("infobatch", seed=1), 0.25, num_train_epochs=8)
