@@ -142,8 +142,10 @@ def _exact_top(queries: Tensor, candidates: Tensor, found: Tensor, k: int) -> tu
     a row the candidates cannot settle is searched in float64 over every candidate."""
     missing = found < 0
     found = found.clamp_min(0)
-    cosines = torch.cat([torch.einsum("nd,nwd->nw", queries[lo:lo + _RANK_BLOCK].double(),
-                                      candidates[found[lo:lo + _RANK_BLOCK]].double())
+    # products summed element-wise, not by a matrix kernel: a BLAS kernel may round a column at the edge of its
+    # tile differently from one inside it, so equal rows would get cosines one ulp apart and ties would not be ties
+    cosines = torch.cat([(queries[lo:lo + _RANK_BLOCK, None].double()
+                          * candidates[found[lo:lo + _RANK_BLOCK]].double()).sum(-1)
                          for lo in range(0, len(queries), _RANK_BLOCK)])
     cosines[missing] = -torch.inf
     cosines, found = _ranked(cosines, found)
@@ -153,7 +155,7 @@ def _exact_top(queries: Tensor, candidates: Tensor, found: Tensor, k: int) -> tu
     unsure = (cosines[:, k - 1] - cosines[:, -1] <= 2 * slack) & (found.shape[1] < len(candidates))
     unsure |= ~torch.isfinite(cosines[:, k - 1])
     for row in torch.nonzero(unsure)[:, 0].tolist():
-        every = torch.cat([candidates[lo:lo + _RANK_BLOCK * 64].double() @ queries[row].double()
+        every = torch.cat([(candidates[lo:lo + _RANK_BLOCK * 64].double() * queries[row].double()).sum(-1)
                            for lo in range(0, len(candidates), _RANK_BLOCK * 64)])
         cosines[row, :k], found[row, :k] = (part[0, :k] for part in _ranked(
             every[None], torch.arange(len(candidates))[None]))
