@@ -90,8 +90,9 @@ def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path
         assert states[0]["window_tasks"] == states[1]["window_tasks"]
         assert torch.allclose(torch.tensor(states[0]["window_loss"]), torch.tensor(states[1]["window_loss"]),
                               rtol=1e-3, atol=1e-3)
-    else:
-        assert torch.allclose(states[0], states[1], rtol=1e-3, atol=1e-3)
+    else:  # UDS's memory sums logits products of magnitude ~1e4: rounding differs with the batch shape (1 x 16
+        # or 2 x 8) by ~1e-7 of that scale, more than 1e-3 absolute on an entry near 0
+        assert torch.allclose(states[0], states[1], rtol=1e-3, atol=1e-5 * float(states[1].abs().max()))
 
 
 def test_uds_and_slap_score_an_fsdp2_sharded_model_as_the_whole_one(tmp_path, shared_data):
