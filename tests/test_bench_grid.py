@@ -44,6 +44,21 @@ def test_corruption_swaps_responses_between_rows_and_truncates_others():
 def test_two_method_grid_on_the_tiny_model_writes_the_table_and_reuses_every_cell(tmp_path, monkeypatch):
     path = tmp_path / "grid.yaml"
     path.write_text(GRID)
+    import slimtune.evaluate.tasks as tasks
+
+    in_best_pass, plain_target_loss, plain_best_pass = [], tasks.target_loss, GridRunner._generate_for_best
+
+    def best_pass(self, *args):
+        in_best_pass.append(True)
+        plain_best_pass(self, *args)
+        in_best_pass.clear()
+
+    def target_loss(*args, **kwargs):
+        assert not in_best_pass, "the generation pass for the best method recomputed a held-out loss"
+        return plain_target_loss(*args, **kwargs)
+
+    monkeypatch.setattr(GridRunner, "_generate_for_best", best_pass)
+    monkeypatch.setattr(tasks, "target_loss", target_loss)
     report = run_grid(path, out_dir=tmp_path / "out")
     table = pd.read_csv(tmp_path / "out" / "results.csv")
     assert sorted(table["cell"]) == sorted(["untrained-s0", "full-s0", "random-b0.5-s0", "length-b0.5-s0",

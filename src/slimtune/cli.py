@@ -629,7 +629,8 @@ def evaluate_cmd(
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N examples only.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length (default: per task, 256 for "
                                                        "GSM8K, 64 for translation).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size for scoring and generation.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Batch size for scoring (generation takes at least 32 "
+                                               "prompts at a time).")] = 8,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,
     shape: ShapeOpt = None,

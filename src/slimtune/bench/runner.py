@@ -174,7 +174,7 @@ class GridRunner:
                     row = self.run_cell(cell)
                 model, tokenizer = load_trained(run_dir)
                 start = time.perf_counter()
-                row.update(self._evaluate_task(spec, model, tokenizer, generate=True))
+                row.update(self._evaluate_task(spec, model, tokenizer, generate=True, loss=False))
                 row["eval_seconds"] += time.perf_counter() - start
                 self._finish(cell, row, rows)
 
@@ -292,13 +292,19 @@ class GridRunner:
         metrics["eval_seconds"] = time.perf_counter() - start
         return metrics
 
-    def _evaluate_task(self, spec: EvalSpec, model, tokenizer, *, generate: bool) -> dict[str, Any]:
-        """``<task>/<metric>`` values: loss always, the task's own metrics (generation, options) if ``generate``."""
+    def _evaluate_task(self, spec: EvalSpec, model, tokenizer, *, generate: bool,
+                       loss: bool = True) -> dict[str, Any]:
+        """``<task>/<metric>`` values: loss (unless the row has it already), the task's own metrics (generation,
+        options) if ``generate``."""
         from slimtune.evaluate import evaluate
+        from slimtune.evaluate.tasks import LOSS_METRICS, resolve_task
 
+        examples = self.data.evals[spec.task]
+        metrics = set(LOSS_METRICS) if loss else set()
+        if generate:
+            metrics.update(resolve_task(spec.task, examples).metrics)
         kwargs = {"max_new_tokens": spec.max_new_tokens} if spec.max_new_tokens else {}
-        report = evaluate(model, tokenizer, {spec.task: self.data.evals[spec.task]},
-                          metrics=None if generate else ("loss",), **kwargs)
+        report = evaluate(model, tokenizer, {spec.task: examples}, metrics=metrics, **kwargs)
         return {f"{spec.task}/{name}": value for name, value in report.metrics[spec.task].items()}
 
 
