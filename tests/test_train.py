@@ -46,6 +46,31 @@ def test_same_seed_gives_the_same_adapter(tmp_path, shared_data):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_logits_of_prompt_positions_are_skipped_and_training_ends_where_whole_logits_end(tmp_path, shared_data,
+                                                                                         monkeypatch, tiny):
+    from safetensors.torch import load_file
+
+    import slimtune.train as training
+
+    examples = gsm8k_examples(shared_data, 8)
+    model, tokenizer = tiny
+    data = TokenizedDataset(examples, tokenizer, 160)
+    batch = Collator(tokenizer.pad_token_id, trim_logits=True)([data[i] for i in range(4)])
+    whole = Collator(tokenizer.pad_token_id)([data[i] for i in range(4)])
+    first = int((whole["labels"] != -100).any(dim=0).nonzero()[0])
+    assert batch["logits_to_keep"] == whole["input_ids"].shape[1] - first + 1 < whole["input_ids"].shape[1]
+    assert torch.equal(batch["labels"], whole["labels"][:, first - 1:])
+    assert model(**batch).logits.shape[1] == batch["logits_to_keep"]
+    assert float(model(**batch).loss) == pytest.approx(float(model(**whole).loss), rel=1e-6)
+
+    trimmed = train(examples, model="tiny", settings=settings(tmp_path, "trimmed", epochs=1))
+    monkeypatch.setattr(training, "accepts_logits_to_keep", lambda model: False)
+    plain = train(examples, model="tiny", settings=settings(tmp_path, "whole", epochs=1))
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (trimmed, plain))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert trimmed.final_loss == pytest.approx(plain.final_loss, rel=1e-6)
+
+
 def test_a_one_step_run_updates_the_model(tmp_path, shared_data):
     from safetensors.torch import load_file
 

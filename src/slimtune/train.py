@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from slimtune.data import as_examples
 from slimtune.data.example import Example, pool_hash
 from slimtune.data.tokenize import Collator, TokenizedDataset
+from slimtune.features.losses import accepts_logits_to_keep
 from slimtune.models import LoraSettings, apply_lora, choose_device, load_model
 from slimtune.progress import compact_log_line, show_log_line, stage
 from slimtune.utils import seed_everything, write_json
@@ -260,8 +261,11 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
     extra = dict(trainer_kwargs or {})
     if callbacks:
         extra["callbacks"] = [*(extra.get("callbacks") or []), *callbacks]
+    # Only the stock Trainer with the model's own loss: a subclass or a loss function may read every logit.
+    trim = (cls is Trainer and "compute_loss_func" not in extra and not args.label_smoothing_factor
+            and accepts_logits_to_keep(lm))
     trainer = cls(model=lm, args=args, train_dataset=dataset,
-                  data_collator=Collator(tokenizer.pad_token_id, keep_index=keep_index), **extra)
+                  data_collator=Collator(tokenizer.pad_token_id, keep_index=keep_index, trim_logits=trim), **extra)
     show_progress(trainer, f"training {model or 'smollm2'} on {len(dataset)} rows", live=settings.progress)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(out, {

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import io
 import itertools
 import json
@@ -88,7 +87,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from slimtune.data import as_examples
 from slimtune.data.tokenize import IGNORE_INDEX
-from slimtune.features.losses import score_losses
+from slimtune.features.losses import accepts_logits_to_keep, score_losses
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch, Policy
 from slimtune.train import TrainResult, TrainSettings, train
@@ -287,11 +286,6 @@ def with_example_index(dataset):
             or "example_index" in dataset[0]:
         return dataset
     return IndexedRows(dataset)
-
-
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def response_losses(logits: Tensor, labels: Tensor) -> Tensor:
