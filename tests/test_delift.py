@@ -206,6 +206,17 @@ def test_fl_picks_one_of_each_duplicate_group_before_any_second_copy(gsm8k, tran
     assert sorted(i.split("-")[0] for i in selection.kept_ids) == ["0", "1", "2", "3"]
 
 
+def test_delift_se_keeps_its_embeddings_in_the_cache_dir_it_is_given(gsm8k, translations, tmp_path):
+    # A bench grid gives every selector its own cache_dir, so embeddings an earlier run left in the user
+    # cache cannot make this grid's selection look free.
+    pool = [ex for pair in zip(gsm8k[:3], translations[:3]) for ex in pair]
+    plain = get_selector("delift-se").select(pool, 2)
+    cached = get_selector("delift-se", cache_dir=str(tmp_path)).select(pool, 2)
+    assert cached.kept_ids == plain.kept_ids
+    assert [p.name.split("-")[0] for p in (tmp_path / "features").iterdir()] == ["embeddings"]
+    assert get_selector("delift-se", cache=False).select(pool, 2).kept_ids == plain.kept_ids
+
+
 def test_flmi_with_a_target_task_picks_that_task_first(gsm8k, translations, full_shared_data):
     # On the bundled sample's rows the gsm8k target's second pick is a translation: a fact about the full data.
     pool = [ex for pair in zip(gsm8k[:6], translations[:6]) for ex in pair]

@@ -91,6 +91,16 @@ class _FacilityLocationSelector(GreedyToBudget, Selector):
     epsilon: float = 0.01
     seed: int = 0
     device: str | None = None
+    cache: bool = True
+    cache_dir: str | None = None
+
+    def _store_root(self) -> bool | Path:
+        """Where kernels, neighbours and embeddings are kept: ``cache_dir/features`` if given (a benchmark
+        grid's own folder, so nothing an earlier run built makes its selection look cheaper), else the
+        user cache, or nowhere without ``cache``."""
+        if self.cache and self.cache_dir:
+            return Path(self.cache_dir) / "features"
+        return self.cache
 
     def __post_init__(self):
         _check("objective", self.objective, OBJECTIVES)
@@ -153,7 +163,7 @@ class DeliftSelector(_FacilityLocationSelector):
     ``sparse_k``: neighbours per row by all-MiniLM-L6-v2 embedding (None = dense, n^2 pairs).
     ``optimizer``: "lazy" (the authors'), "stochastic" (``epsilon``, ``seed``) or "naive".
     ``max_text_tokens`` clips each prompt and response; ``batch_tokens`` bounds a forward's padded tokens;
-    ``cache`` keeps kernel blocks so an interrupted run resumes, under ``cache_dir`` (default
+    ``cache`` keeps kernel blocks (and embeddings) so an interrupted run resumes, under ``cache_dir`` (default
     ``slimtune.models.cache_dir()``, as for LESS) in ``features/``. Default budget: 30% of the pool.
     """
 
@@ -164,8 +174,6 @@ class DeliftSelector(_FacilityLocationSelector):
     query_direction: str = "query-in-context"
     max_text_tokens: int | None = 256
     batch_tokens: int = 8192
-    cache: bool = True
-    cache_dir: str | None = None
     dtype: str | None = None
     device_map: str | None = None
 
@@ -184,11 +192,6 @@ class DeliftSelector(_FacilityLocationSelector):
                                             max_text_tokens=self.max_text_tokens,
                                             batch_tokens=self.batch_tokens, cache=self._store_root())
         return self._loaded
-
-    def _store_root(self) -> bool | Path:
-        if self.cache and self.cache_dir:
-            return Path(self.cache_dir) / "features"
-        return self.cache
 
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
         if self.sparse_k is None:
@@ -251,7 +254,8 @@ class DeliftSESelector(_FacilityLocationSelector):
         from slimtune.features.embeddings import stored_minilm_embeddings
 
         start = time.perf_counter()
-        embeddings = stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device)
+        embeddings = stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device,
+                                              cache=self._store_root())
         cost.details["embedding_seconds"] = time.perf_counter() - start
         return embeddings
 
