@@ -71,6 +71,39 @@ def test_logits_of_prompt_positions_are_skipped_and_training_ends_where_whole_lo
     assert trimmed.final_loss == pytest.approx(plain.final_loss, rel=1e-6)
 
 
+def test_group_by_length_batches_rows_of_similar_length_and_still_trains_on_every_row(tmp_path, shared_data):
+    from transformers import Trainer
+
+    from slimtune.data.example import make_example
+
+    long_rows = gsm8k_examples(shared_data, 16)
+    short_rows = [make_example([{"role": "user", "content": f"Say {word} {n}."},
+                                {"role": "assistant", "content": f"{word} {n}"}], task="echo")
+                  for word in ("yes", "no", "maybe", "never") for n in range(4)]
+    examples = [row for pair in zip(long_rows, short_rows) for row in pair]
+    # the Trainer sorts random groups of 4 batches (more for a larger set, up to 50) by length
+
+    def padded_positions(group_by_length):
+        batches = []
+
+        class Recording(Trainer):
+            def training_step(self, model, inputs, *args, **kwargs):
+                batches.append((inputs["input_ids"].numel(), int(inputs["attention_mask"].sum()),
+                                sorted(inputs["example_index"].tolist())))
+                return super().training_step(model, inputs, *args, **kwargs)
+
+        result = train(examples, model="tiny", trainer_class=Recording,
+                       settings=settings(tmp_path, f"grouped-{group_by_length}", epochs=1, batch_size=2,
+                                         group_by_length=group_by_length))
+        assert sorted(i for *_, rows in batches for i in rows) == list(range(32))
+        assert result.examples_seen == 32
+        return sum(padded for padded, *_ in batches), sum(real for _, real, _ in batches)
+
+    grouped, grouped_real = padded_positions(True)
+    mixed, mixed_real = padded_positions(False)
+    assert grouped_real == mixed_real and grouped < 0.8 * mixed
+
+
 def test_a_one_step_run_updates_the_model(tmp_path, shared_data):
     from safetensors.torch import load_file
 

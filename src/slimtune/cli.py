@@ -474,6 +474,8 @@ def train(
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
     checkpoints: Annotated[bool, typer.Option(help="Save a checkpoint every epoch, so a run stopped or killed "
                                               "goes on from its last checkpoint when run again.")] = True,
+    group_by_length: Annotated[bool, typer.Option(help="Batch rows of similar length together (less padding; "
+                                                  "the Trainer's length-grouped sampler).")] = False,
     online: Annotated[str | None, typer.Option(help="Online selection: uds, slap, big-loss, grad-norm, rho-loss, "
                                                "infobatch, uniform, or pkg.module:Class for a Policy "
                                                "of your own.")] = None,
@@ -534,7 +536,7 @@ def train(
         output_dir=str(out), epochs=epochs, max_steps=max_steps, learning_rate=lr,
         batch_size=candidates or batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed,
         lora=LoraSettings(r=lora_r, alpha=lora_alpha) if lora_r > 0 else None, device=device,
-        save_checkpoints=checkpoints)
+        save_checkpoints=checkpoints, group_by_length=group_by_length)
     console.print(f"training {model} on {len(examples)} examples -> {out}")
     if policy is None:
         result = run_training(examples, model=model, settings=settings, training_args=user_args)

@@ -54,6 +54,9 @@ class TrainSettings:
     device: str | None = None
     dtype: str | None = None
     gradient_checkpointing: bool = False
+    #: Batches of rows of similar length (the Trainer's length-grouped sampler: random groups, longest first):
+    #: a random batch of mixed rows pads to its longest, about a third more positions on a mixed pool.
+    group_by_length: bool = False
     progress: bool = True
 
 
@@ -97,6 +100,10 @@ def training_arguments(settings: TrainSettings, *, user: TrainingArguments | Map
     )
     if settings.gradient_checkpointing:  # the argument is being renamed; pass it only when asked for
         kwargs["gradient_checkpointing"] = True
+    if settings.group_by_length:  # a flag before transformers 5, one of several sampling strategies since
+        sampling = {f.name for f in dataclasses.fields(TrainingArguments)}
+        kwargs |= ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in sampling
+                   else {"group_by_length": True})
     given = user_set_fields(user)
     if isinstance(user, TrainingArguments):
         args = dataclasses.replace(user, **{k: v for k, v in {**kwargs, **overrides}.items()
