@@ -151,6 +151,19 @@ def test_a_killed_run_resumes_from_its_blocks_and_gives_the_uninterrupted_result
     assert fresh.stats["blocks_from_cache"] == 0
 
 
+def test_kernels_over_the_same_targets_share_their_no_example_pass(peaky, gsm8k, translations, tmp_path):
+    """FLMI's pool kernel and pool-vs-task kernel score the same pool rows alone: the second reads them."""
+    model, tokenizer = peaky
+    pool, task = gsm8k[:6], translations[:2]
+    utility = InContextUtility(model, tokenizer, max_text_tokens=24, cache=tmp_path)
+    utility.kernel(pool)
+    against_task = utility.kernel(pool, task)
+    assert against_task.stats["blocks_from_cache"] == 1  # the no-example block; the pairs are new
+    assert against_task.stats["forward_sequences"] == 12
+    alone = InContextUtility(model, tokenizer, max_text_tokens=24, cache=False).kernel(pool, task)
+    np.testing.assert_allclose(against_task.values, alone.values, rtol=1e-6, atol=1e-9)
+
+
 def test_token_counts_match_the_tokens_actually_run(peaky, gsm8k, translations):
     model, tokenizer = peaky
     targets, contexts = gsm8k[:4], translations[:5]

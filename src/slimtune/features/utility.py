@@ -30,7 +30,8 @@ Cost and how it is cut:
   no-example pass shares its template prefix the same way. A model for which a cached prefix does not
   reproduce the plain forward is detected once and run on whole sequences;
 - suffixes are sorted by length and batched under a token budget, which keeps padding small;
-- the no-example pass runs once per target;
+- the no-example pass runs once per target, stored apart from the pairs: a pool's pool kernel and its kernel
+  against a task's examples (FLMI, FLCG) share it;
 - the decoder's hidden states go through the LM head only at the positions that predict response tokens
   (with a 49k vocabulary the head costs more than the 135M-parameter body for short rows); a model whose
   logits are more than head(hidden) (soft-capping, scaling) is detected once and gets full logits instead,
@@ -68,6 +69,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -498,10 +500,10 @@ class InContextUtility:
             return run("with", lo, hi, groups)
 
         start = time.perf_counter()
-        with self._store(targets, contexts, neighbours) as store:
-            done = [store.fill(["alone"], len(targets), self.block_pairs, alone),
+        with self._store(targets, contexts, neighbours) as (alone_store, store):
+            done = [alone_store.fill(["alone"], len(targets), self.block_pairs, alone),
                     store.fill(["with"], pairs.n, self.block_pairs, paired)]
-            d_alone = np.asarray(store.open("alone", len(targets)))[:, 0]
+            d_alone = np.asarray(alone_store.open("alone", len(targets)))[:, 0]
             d_with = np.asarray(store.open("with", pairs.n))[:, 0]
         values = pairs.kernel(d_alone, d_with)
         target_key, context_key = _content_keys(targets, contexts)
@@ -513,19 +515,22 @@ class InContextUtility:
         return UtilityMatrix(values, neighbours, len(contexts), stats, self_pairs)
 
     @contextlib.contextmanager
-    def _store(self, targets, contexts, neighbours) -> Iterator[FeatureStore]:
-        """The feature store for this kernel: keyed by everything its values depend on; with ``cache=False``
-        a temporary one, gone when the kernel is read."""
+    def _store(self, targets, contexts, neighbours) -> Iterator[tuple[FeatureStore, FeatureStore]]:
+        """The feature stores of this kernel, keyed by everything their values depend on: the no-example
+        distances by the targets alone (a pool's pool kernel and its kernel against a task's examples share
+        them), the pair distances by targets, contexts and neighbours too. With ``cache=False`` temporary
+        ones, gone when the kernel is read."""
         if self.cache is False:
             with tempfile.TemporaryDirectory(prefix="slimtune-delift-") as tmp:
-                yield FeatureStore(tmp)
+                yield FeatureStore(Path(tmp) / "alone"), FeatureStore(Path(tmp) / "with")
             return
-        key = {"kind": "delift-kernel", "version": _FORMAT_VERSION, "targets": pool_hash(list(targets)),
-               "contexts": pool_hash(list(contexts)),
-               "neighbours": None if neighbours is None else hashlib.sha256(neighbours.tobytes()).hexdigest(),
-               "model": self.fingerprint(), "distance": self.distance,
-               "max_text_tokens": self.max_text_tokens, "block_pairs": self.block_pairs}
-        yield FeatureStore.keyed(key, None if self.cache is True else self.cache)
+        root = None if self.cache is True else self.cache
+        alone = {"kind": "delift-alone", "version": _FORMAT_VERSION, "targets": pool_hash(list(targets)),
+                 "model": self.fingerprint(), "distance": self.distance,
+                 "max_text_tokens": self.max_text_tokens, "block_pairs": self.block_pairs}
+        paired = {**alone, "kind": "delift-kernel", "contexts": pool_hash(list(contexts)),
+                  "neighbours": None if neighbours is None else hashlib.sha256(neighbours.tobytes()).hexdigest()}
+        yield FeatureStore.keyed(alone, root), FeatureStore.keyed(paired, root)
 
 
 class _Pairs:
