@@ -108,6 +108,15 @@ def test_an_eval_asking_for_option_rows_gets_them_first_and_keeps_targets_apart(
         build_bench_data(load_config(path))
 
 
+def test_a_seed_pinned_in_a_methods_params_makes_one_selection_for_every_seed():
+    from slimtune.bench.config import MethodSpec
+    from slimtune.bench.runner import _selector_is_seeded
+
+    assert _selector_is_seeded(MethodSpec(name="less", label="less", online=False, params={}))
+    assert not _selector_is_seeded(MethodSpec(name="less", label="less", online=False, params={"seed": 0}))
+    assert not _selector_is_seeded(MethodSpec(name="length", label="length", online=False, params={}))
+
+
 def test_shipped_grids_load_by_name_and_between_them_run_every_registered_method():
     from slimtune.online import POLICIES
     from slimtune.select import SELECTORS
@@ -173,6 +182,9 @@ POOL_LINE, EVAL_ENTRY = "pool: {data: POOL, size: 6, max_length: 96}", "support:
     (EVAL_ENTRY, "support: {data: EVAL, n: 2, shape: alpaca}", r"eval: support: unknown keys \['shape'\]"),
     ("gsm8k: {n: 2}", "gsm8k: {n: 2, subset: main}", "eval: gsm8k: subset applies to data:"),
     (EVAL_ENTRY, "support: {data: EVAL, n: two}", "eval: support: n: expected a positive number of rows"),
+    (EVAL_ENTRY, "support: {data: EVAL, n: 2, generate_seeds: 0}", "eval: support: generate_seeds: expected a "
+                                                                    "non-empty list of seeds"),
+    ("train: {epochs: 1, batch_size: 4}", "train: {epochs: 1, batch: 4}", "train: expected a mapping of"),
 ])
 def test_a_grid_config_error_names_the_key(tmp_path, old, new, message):
     path = tmp_path / "grid.yaml"
@@ -185,7 +197,8 @@ TARGETED_GRID = """
 name: tiny-targeted
 model: tiny
 pool: {sizes: {p3: 12, tatoeba: 12}, exclude: [p3:sciq], max_length: 96}
-eval: {tatoeba:deu-eng: {n: 3, max_new_tokens: 4, generate: [random, best]}, p3:sciq: {n: 3, split: all}}
+eval: {tatoeba:deu-eng: {n: 3, max_new_tokens: 4, generate: [random, best], generate_seeds: [0]},
+       p3:sciq: {n: 3, split: all}}
 per_target: true
 target_per_task: 2
 train: {epochs: 1, batch_size: 4, lora_r: 2, lora_alpha: 4}
@@ -216,6 +229,11 @@ def test_a_targeted_grid_selects_per_target_and_keeps_held_out_targets_out_of_th
     # a targeted cell is evaluated on its own target only; an untargeted one on both
     assert pd.isna(table.loc["oracle-p3-sciq-b0.25-s0", "tatoeba:deu-eng/loss"])
     assert table.loc["random-b0.25-s0", ["tatoeba:deu-eng/loss", "p3:sciq/loss"]].notna().all()
+    # generation only at the seeds the eval names, for the cells it names and for the best; loss everywhere
+    chrf = table["tatoeba:deu-eng/chrf"].dropna()
+    assert "random-b0.25-s0" in chrf.index and not any(cell.endswith("-s1") for cell in chrf.index)
+    assert any(cell.startswith(("length", "oracle")) for cell in chrf.index)
+    assert table.filter(like="-s1", axis=0)["tatoeba:deu-eng/loss"].notna().sum() == 3
     # the oracle kept the target's own rows first: every Tatoeba German -> English row of the pool
     from slimtune.select import Selection
 

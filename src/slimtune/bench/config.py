@@ -111,6 +111,8 @@ class EvalSpec:
     #: Labels whose cells get generation metrics (None: every cell). ``best`` adds, after the grid, the cells
     #: of the method with the lowest held-out loss on this task at each budget.
     generate: tuple[str, ...] | None = None
+    #: Seeds whose cells get those generation metrics (None: every seed). Held-out loss is on every cell.
+    generate_seeds: tuple[int, ...] | None = None
     max_new_tokens: int | None = None
     #: How many of the ``n`` rows list answer options (exactly; the rest list none), so that option accuracy
     #: is measured, and the most options such a row may list (option scoring costs a forward pass per option).
@@ -129,7 +131,10 @@ class TrainSpec:
     batch_size: int = 8
     lora_r: int = 8
     lora_alpha: int = 16
+    lora_dropout: float = 0.05
     max_steps: int = -1
+    #: Batches of rows of similar length (:attr:`slimtune.train.TrainSettings.group_by_length`).
+    group_by_length: bool = False
 
 
 @dataclass
@@ -155,7 +160,7 @@ class GridConfig:
         """Hash of what a cell's result depends on besides its method: model, pool, training, evaluation, and
         the slimtune version, so cached cells from a release with different training or scoring are not reused."""
         return _digest({"slimtune": __version__, "model": self.model, "pool": _fields(self.pool),
-                        "train": dataclasses.asdict(self.train),
+                        "train": _fields(self.train),
                         "evals": [_fields(e) for e in self.evals],
                         "target_per_task": self.target_per_task, "parts": parts,
                         **({"per_target": True} if self.per_target else {})})
@@ -214,7 +219,7 @@ def load_config(path: str | Path) -> GridConfig:
     if full_seeds is not None and (not isinstance(full_seeds, list) or not full_seeds):
         raise ValueError(f"{path}: full_seeds must be a non-empty list of seeds, got {full_seeds!r}")
     return GridConfig(name=str(raw.get("name", path.stem)), model=str(raw.get("model", "smollm2")), pool=pool,
-                      evals=evals, train=TrainSpec(**(raw.get("train") or {})), methods=methods, budgets=budgets,
+                      evals=evals, train=_train(path, raw.get("train") or {}), methods=methods, budgets=budgets,
                       seeds=[int(s) for s in raw.get("seeds", [0])],
                       target_per_task=int(raw.get("target_per_task", 3)),
                       full_seeds=None if full_seeds is None else [int(s) for s in full_seeds],
@@ -224,7 +229,14 @@ def load_config(path: str | Path) -> GridConfig:
 
 
 _POOL_KEYS = {"sizes", "max_length", "corrupt", "seed", *OPTIONAL_KEYS}
-_EVAL_KEYS = {"n", "generate", "max_new_tokens", "options", "max_options", "data", "split", "subset"}
+_EVAL_KEYS = {"n", "generate", "generate_seeds", "max_new_tokens", "options", "max_options", "data", "split", "subset"}
+
+
+def _train(path: Path, raw: Any) -> TrainSpec:
+    known = {f.name for f in dataclasses.fields(TrainSpec)}
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise ValueError(f"{path}: train: expected a mapping of {sorted(known)}, got {raw!r}")
+    return TrainSpec(**raw)
 
 
 def _pool(path: Path, raw: Any) -> PoolSpec:
@@ -292,15 +304,26 @@ def _eval(path: Path, task: str, spec: Any) -> EvalSpec:
     n = spec.get("n", 16)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{where}: n: expected a positive number of rows, got {n!r}")
+    seeds = spec.get("generate_seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise ValueError(f"{where}: generate_seeds: expected a non-empty list of seeds, got {seeds!r}")
     return EvalSpec(task=task, n=n, generate=tuple(spec["generate"]) if spec.get("generate") is not None else None,
+                    generate_seeds=None if seeds is None else tuple(seeds),
                     max_new_tokens=spec.get("max_new_tokens"), options=int(spec.get("options", 0)),
                     max_options=spec.get("max_options"), data=spec.get("data"), split=spec.get("split"),
                     subset=spec.get("subset"))
 
 
-def _fields(spec: PoolSpec | EvalSpec) -> dict[str, Any]:
+#: Fields added after grids were cached, with their defaults: left out of fingerprints while they hold the
+#: default, so those cells stay valid.
+_LATER_FIELDS = {"generate_seeds": None, "group_by_length": False, "lora_dropout": 0.05}
+
+
+def _fields(spec: PoolSpec | EvalSpec | TrainSpec) -> dict[str, Any]:
     return {key: value for key, value in dataclasses.asdict(spec).items()
-            if key not in OPTIONAL_KEYS or value is not None}
+            if not (key in OPTIONAL_KEYS and value is None)
+            and not (key in _LATER_FIELDS and value == _LATER_FIELDS[key])}
 
 
 def _digest(obj: Any) -> str:

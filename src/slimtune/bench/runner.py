@@ -87,9 +87,16 @@ def _sets_own_budget(method: MethodSpec) -> bool:
 
 
 def _selector_is_seeded(method: MethodSpec) -> bool:
+    """Whether the selection follows the cell's seed: the selector takes a seed and the config does not pin one
+    (a pinned seed, like the LESS authors' fixed warm-up ``data_seed``, makes one selection for every seed)."""
     from slimtune.select import selector_class
 
-    return "seed" in {f.name for f in dataclasses.fields(selector_class(method.name))}
+    return "seed" in {f.name for f in dataclasses.fields(selector_class(method.name))} and \
+        "seed" not in method.params
+
+
+def _generates_at(spec: EvalSpec, seed: int) -> bool:
+    return spec.generate_seeds is None or seed in spec.generate_seeds
 
 
 class GridRunner:
@@ -149,9 +156,10 @@ class GridRunner:
             rows.append(row)
 
     def _generate_for_best(self, spec: EvalSpec, cells: list[Cell], rows: list[dict[str, Any]]) -> None:
-        """Generation metrics of ``spec``'s task for every seed of the method whose held-out loss on that task
-        is lowest (mean over seeds) at each budget. The cells' adapters are in ``runs/<cell>/``, so this only
-        evaluates, and each row is rewritten as soon as it has them: a killed pass resumes where it stopped."""
+        """Generation metrics of ``spec``'s task, at its ``generate_seeds``, of the method whose held-out loss
+        on that task is lowest (mean over seeds) at each budget. The cells' adapters are in ``runs/<cell>/``, so
+        this only evaluates, and each row is rewritten as soon as it has them: a killed pass resumes where it
+        stopped."""
         from slimtune.train import load_trained
 
         by_name = {cell.name: cell for cell in cells}
@@ -164,7 +172,7 @@ class GridRunner:
                 continue
             best = min(losses, key=lambda method: statistics.fmean(losses[method]))
             for row in [r for r in rows if r["budget"] == budget and r["method"] == best
-                        and r.get("target") in (None, spec.task)]:
+                        and r.get("target") in (None, spec.task) and _generates_at(spec, r["seed"])]:
                 if _has_task_metrics(row, spec.task):
                     continue
                 cell = by_name[row["cell"]]
@@ -210,7 +218,9 @@ class GridRunner:
         settings = TrainSettings(
             output_dir=str(run_dir), epochs=spec.epochs, max_steps=spec.max_steps, learning_rate=spec.learning_rate,
             batch_size=spec.batch_size, max_length=self.config.pool.max_length, seed=cell.seed,
-            lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha), progress=False)
+            lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout),
+            group_by_length=spec.group_by_length,
+            progress=False)
         pool = self.data.pool
         if cell.method.online:
             from slimtune.online import get_policy
@@ -286,8 +296,8 @@ class GridRunner:
         for spec in self.config.evals:
             if cell.target is not None and spec.task != cell.target:
                 continue
-            generate = spec.generate is None or cell.method.label in spec.generate or \
-                cell.method.name in spec.generate
+            generate = (spec.generate is None or cell.method.label in spec.generate
+                        or cell.method.name in spec.generate) and _generates_at(spec, cell.seed)
             metrics.update(self._evaluate_task(spec, model, tokenizer, generate=generate))
         metrics["eval_seconds"] = time.perf_counter() - start
         return metrics
