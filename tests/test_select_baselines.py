@@ -384,3 +384,21 @@ def test_a_dense_kernel_that_cannot_fit_is_refused_before_it_starts_with_the_siz
     with pytest.raises(MemoryError, match=r"100,000 x 100,000 kernel needs about 111.8 GiB.*sparse_k"):
         require_dense_fits(100_000, 100_000, 12, available=8 << 30)
     require_dense_fits(1_000, 1_000, 12, available=8 << 30)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **cache: LossSelector(model="tiny", **cache),
+    lambda **cache: IFDSelector(model="tiny", drop_above_one=False, **cache),
+    lambda **cache: KCenterSelector(embedding="model", model="tiny", **cache),
+], ids=["loss", "ifd", "kcenter"])
+def test_stored_features_go_where_the_cache_arguments_say_and_nowhere_else(make, pool, tmp_path):
+    # A bench grid hands every selector its own cache_dir: scores an earlier run left in the user cache must
+    # not make a grid's selection look cheaper, and the grid's must not fill the user's cache.
+    user_features = tmp_path / "cache" / "features"
+    mine = make(cache_dir=str(tmp_path / "mine")).select(pool, 3)
+    assert [path.name.split("-")[0] for path in (tmp_path / "mine" / "features").iterdir()]
+    assert not user_features.exists()
+    again = make(cache=False).select(pool, 3)
+    assert not user_features.exists() and again.kept == mine.kept
+    make().select(pool, 3)
+    assert list(user_features.iterdir())  # by default the slimtune cache, as before

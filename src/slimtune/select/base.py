@@ -91,6 +91,23 @@ class Cost:
         self.unscored.update(other.unscored)
 
 
+@dataclass
+class StoredFeatures:
+    """For selectors whose features (kernels, embeddings, losses) go through a keyed feature store, so a
+    repeated or interrupted run reuses them: under ``cache_dir/features`` if given (a benchmark grid's own
+    folder, so nothing an earlier run built elsewhere makes a selection look cheaper), else the slimtune
+    cache; with ``cache=False`` in a temporary folder, gone once read."""
+
+    cache: bool = True
+    cache_dir: str | None = None
+
+    def _store_root(self) -> bool | Path:
+        """The ``cache`` argument of :meth:`FeatureStore.cached <slimtune.features.store.FeatureStore.cached>`."""
+        if self.cache and self.cache_dir:
+            return Path(self.cache_dir) / "features"
+        return self.cache
+
+
 class UnscoredRowsError(ValueError):
     """Rows the method could not score would be among the kept ones; the message has the count and cause."""
 

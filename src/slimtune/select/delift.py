@@ -50,7 +50,6 @@ import time
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -58,7 +57,7 @@ import torch
 
 from slimtune.data.example import Example
 from slimtune.features.utility import InContextUtility, TokenCount, UtilityMatrix
-from slimtune.select.base import Budget, Cost, Selection, Selector
+from slimtune.select.base import Budget, Cost, Selection, Selector, StoredFeatures
 from slimtune.select.submodular import (
     FacilityLocation,
     FLConditionalGain,
@@ -79,7 +78,7 @@ def _check(name: str, value, allowed: tuple) -> None:
 
 
 @dataclass
-class _FacilityLocationSelector(GreedyToBudget, Selector):
+class _FacilityLocationSelector(GreedyToBudget, StoredFeatures, Selector):
     """What DELIFT and DELIFT(SE) share: the objectives, the greedy run and the scores; subclasses give
     the kernels (:meth:`_kernel`, rows x columns, unscaled)."""
 
@@ -91,16 +90,6 @@ class _FacilityLocationSelector(GreedyToBudget, Selector):
     epsilon: float = 0.01
     seed: int = 0
     device: str | None = None
-    cache: bool = True
-    cache_dir: str | None = None
-
-    def _store_root(self) -> bool | Path:
-        """Where kernels, neighbours and embeddings are kept: ``cache_dir/features`` if given (a benchmark
-        grid's own folder, so nothing an earlier run built makes its selection look cheaper), else the
-        user cache, or nowhere without ``cache``."""
-        if self.cache and self.cache_dir:
-            return Path(self.cache_dir) / "features"
-        return self.cache
 
     def __post_init__(self):
         _check("objective", self.objective, OBJECTIVES)

@@ -22,7 +22,7 @@ from slimtune.data.example import Example
 from slimtune.data.tokenize import IGNORE_INDEX, EncodeStats, encode_example, last_turn_only
 from slimtune.features.losses import score_rows
 from slimtune.features.store import FeatureStore
-from slimtune.select.base import Cost, Selector
+from slimtune.select.base import Cost, Selector, StoredFeatures
 
 
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -105,10 +105,10 @@ class LengthSelector(Selector):
 
 
 @dataclass
-class _ResponseLossSelector(Selector):
+class _ResponseLossSelector(StoredFeatures, Selector):
     """What loss and IFD share: the model, and one batched pass scoring each row's mean response loss.
 
-    Losses are computed ``shard_rows`` rows at a time through a keyed feature store (under the slimtune cache):
+    Losses are computed ``shard_rows`` rows at a time through a keyed feature store (:class:`StoredFeatures`):
     under ``accelerate launch`` / ``torchrun`` each process scores its share of the shards and every process
     reads them all, and a repeated or interrupted run reuses the shards already stored.
     """
@@ -147,11 +147,11 @@ class _ResponseLossSelector(Selector):
         n = len(next(iter(named_rows.values())))
         key = {"kind": "response-losses", "version": 1, "model": weights_fingerprint(model),
                "rows": _rows_digest(named_rows), "batch_size": self.batch_size, "shard_rows": self.shard_rows}
-        store = FeatureStore.keyed(key)
-        store.fill(list(named_rows), n, self.shard_rows, lambda lo, hi: {
-            name: self._score_rows(model, tokenizer, rows[lo:hi], cost)[:, None]
-            for name, rows in named_rows.items()})
-        return {name: np.asarray(store.open(name, n))[:, 0] for name in named_rows}
+        with FeatureStore.cached(key, self._store_root()) as store:
+            store.fill(list(named_rows), n, self.shard_rows, lambda lo, hi: {
+                name: self._score_rows(model, tokenizer, rows[lo:hi], cost)[:, None]
+                for name, rows in named_rows.items()})
+            return {name: np.asarray(store.open(name, n))[:, 0] for name in named_rows}
 
     def _conditioned_rows(self, pool: Sequence[Example], tokenizer, cost: Cost) -> list[dict[str, list[int]]]:
         """Each example as trained (chat template, cut from the left to ``max_length``), labels on y only."""

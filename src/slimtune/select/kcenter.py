@@ -13,7 +13,7 @@ from torch import Tensor
 from slimtune.data.example import Example
 from slimtune.features.embeddings import knn, model_embeddings, stored_embeddings, stored_minilm_embeddings
 from slimtune.models import choose_device
-from slimtune.select.base import Cost, Selector
+from slimtune.select.base import Cost, Selector, StoredFeatures
 from slimtune.select.submodular import GreedyToBudget
 
 
@@ -40,7 +40,7 @@ def farthest_point_order(embeddings: Tensor, k: int, *, start: int = 0,
 
 
 @dataclass
-class KCenterSelector(GreedyToBudget, Selector):
+class KCenterSelector(GreedyToBudget, StoredFeatures, Selector):
     """Greedy k-center: choose k examples so that every example is close to a chosen one, by minimising
     max_i min_{j in S} ||e_i - e_j|| greedily (Gonzalez, 1985, a 2-approximation), the core-set selection of
     Sener & Savarese (ICLR 2018, "Active Learning for Convolutional Neural Networks: A Core-Set Approach").
@@ -51,7 +51,8 @@ class KCenterSelector(GreedyToBudget, Selector):
     setting), so the picks fill what they leave uncovered. Scores are the pick order (higher = earlier); rows
     left out follow in order of their distance to the chosen set, farthest first, so the manifest ranks every
     row by how much it would add next. Embeddings are stored and, under a launcher, computed a share per process
-    (:func:`~slimtune.features.embeddings.stored_embeddings`); every process then runs the same greedy.
+    (:func:`~slimtune.features.embeddings.stored_embeddings`, :class:`StoredFeatures`); every process then runs
+    the same greedy.
     """
 
     name: ClassVar[str] = "kcenter"
@@ -86,7 +87,7 @@ class KCenterSelector(GreedyToBudget, Selector):
     def _embed(self, examples: list[Example], cost: Cost) -> Tensor:
         if self.embedding == "minilm":
             return stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device,
-                                            shard_rows=self.shard_rows)
+                                            shard_rows=self.shard_rows, cache=self._store_root())
         from slimtune.models import load_model, weights_fingerprint
 
         model, tokenizer = load_model(self.model, device=self.device, device_map=self.device_map)
@@ -99,4 +100,4 @@ class KCenterSelector(GreedyToBudget, Selector):
 
         return stored_embeddings(examples, embed, {
             "model": weights_fingerprint(model), "prompt_only": self.prompt_only, "batch_size": self.batch_size,
-            "max_length": self.max_length}, shard_rows=self.shard_rows)
+            "max_length": self.max_length}, shard_rows=self.shard_rows, cache=self._store_root())
