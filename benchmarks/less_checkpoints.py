@@ -70,8 +70,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['target']} | {r['seed']} | {r['checkpoint']} of {r['of']} | "
               + " | ".join(f"{r[c]:.2f}" for c in columns) + f" | {r['spearman']:.4f} |")
-    (HERE / "results" / "less_checkpoints.json").write_text(
-        json.dumps({"config": args.config, "grid_out": str(args.grid_out), "rows": rows}, indent=1) + "\n")
+    # the grid's name and settings, not this machine's paths: a reader elsewhere can rerun it from them
+    (HERE / "results" / "less_checkpoints.json").write_text(json.dumps(
+        {"config": config.name, "less_params": method.params, "seeds": list(config.seeds), "rows": rows},
+        indent=1) + "\n")
 
 
 if __name__ == "__main__":
