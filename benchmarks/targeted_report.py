@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     shutil.copyfile(args.grid / "results.csv", RESULTS / f"{stem}.csv")
     shutil.copyfile(args.grid / "targets.csv", RESULTS / f"{stem}_targets.csv")
 
-    origin = f" from commit {args.commit}" if args.commit else ""
+    origin = f" of commit {args.commit}" if args.commit else ""
     body = [f"Written by `python benchmarks/targeted_report.py` from the run{origin} ({len(cells)} cells; "
             f"`benchmarks/results/{stem}.csv`, every cell, and `benchmarks/results/{stem}_targets.csv`). "
             "Loss is the held-out response loss on each target's evaluation rows, lower is better; \"beats random "
