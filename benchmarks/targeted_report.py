@@ -21,19 +21,15 @@ import pandas as pd
 from readme import replace_section
 
 from slimtune.bench.config import load_config
-from slimtune.bench.report import GRID_ORACLE, targeted_verdicts
+from slimtune.bench.report import GRID_ORACLE, markdown_table, targeted_verdicts
 
 HEADING = "## Targeted grid (`slimtune bench cpu-targeted`)"
 RESULTS = Path(__file__).resolve().parent / "results"
 TASK_METRICS = ("chrf", "accuracy", "exact_match")
 
 
-def _row(values) -> str:
-    return "| " + " | ".join(map(str, values)) + " |"
-
-
 def _table(header: list[str], rows: list[list]) -> list[str]:
-    return [_row(header), _row(["---"] * len(header)), *map(_row, rows)]
+    return markdown_table(pd.DataFrame(rows, columns=header)).split("\n")
 
 
 def method_order(config, methods) -> list[str]:

@@ -184,7 +184,8 @@ POOL_LINE, EVAL_ENTRY = "pool: {data: POOL, size: 6, max_length: 96}", "support:
     (EVAL_ENTRY, "support: {data: EVAL, n: two}", "eval: support: n: expected a positive number of rows"),
     (EVAL_ENTRY, "support: {data: EVAL, n: 2, generate_seeds: 0}", "eval: support: generate_seeds: expected a "
                                                                     "non-empty list of seeds"),
-    ("train: {epochs: 1, batch_size: 4}", "train: {epochs: 1, batch: 4}", "train: expected a mapping of"),
+    ("train: {epochs: 1, batch_size: 4}", "train: {epochs: 1, batch: 4}", r"train: unknown keys \['batch'\]"),
+    ("train: {epochs: 1, batch_size: 4}", "train: [1, 4]", "train: expected a mapping of"),
 ])
 def test_a_grid_config_error_names_the_key(tmp_path, old, new, message):
     path = tmp_path / "grid.yaml"

@@ -233,9 +233,12 @@ _EVAL_KEYS = {"n", "generate", "generate_seeds", "max_new_tokens", "options", "m
 
 
 def _train(path: Path, raw: Any) -> TrainSpec:
-    known = {f.name for f in dataclasses.fields(TrainSpec)}
-    if not isinstance(raw, dict) or set(raw) - known:
-        raise ValueError(f"{path}: train: expected a mapping of {sorted(known)}, got {raw!r}")
+    known = sorted(f.name for f in dataclasses.fields(TrainSpec))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: train: expected a mapping of {known}, got {raw!r}")
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: train: unknown keys {unknown}; known: {known}")
     return TrainSpec(**raw)
 
 

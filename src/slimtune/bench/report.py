@@ -235,7 +235,7 @@ def plot_quality_vs_compute(summary: pd.DataFrame, metric: str) -> str:
     return _figure_png(fig)
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return "" if math.isnan(value) else f"{value:.4g}"
@@ -274,15 +274,15 @@ def write_report(config: GridConfig, rows: list[dict[str, Any]], out: Path) -> P
                "standard errors of the difference; oracle_share: the share of the domain oracle's gain over random "
                "recovered; vs_full: loss minus full data's.", "",
                *[f"- {line}" for line in targeted_verdicts(config, targeted, judged)], "",
-               _markdown_table(targeted), ""]
+               markdown_table(targeted), ""]
         atomic_write_text(out / "targets.csv", targeted.to_csv(index=False))
     md += ["## Summary", "", *[f"- {line}" for line in lines], "", "## Quality and cost (mean over seeds)", "",
-           _markdown_table(cost), ""]
+           markdown_table(cost), ""]
     if not corrupt.empty:
         md += ["## Corrupted rows kept", "",
                f"Share of corrupted rows in the pool: {float(pool_share.iloc[0]):.3f}. A method that filters "
-               "noise keeps less than that.", "", _markdown_table(corrupt), ""]
-    md += ["## Every cell", "", _markdown_table(table[[c for c in table.columns if c != "cell"]]), ""]
+               "noise keeps less than that.", "", markdown_table(corrupt), ""]
+    md += ["## Every cell", "", markdown_table(table[[c for c in table.columns if c != "cell"]]), ""]
     atomic_write_text(out / "report.md", "\n".join(md))
 
     figures = []
