@@ -86,7 +86,8 @@ def task_metrics_section(config, cells: pd.DataFrame) -> list[str]:
 
 def cost_section(config, cells: pd.DataFrame, wall_seconds: float | None) -> list[str]:
     # A selection shared by several cells (one for every seed, when the method has no seed or pins it) is
-    # loaded from the grid's cache with the cost it was computed at: count it once.
+    # charged to the cell that computed it; grids run before that (the published cpu-targeted run) recorded its
+    # cost in every cell that loaded it: count it once either way.
     computed = cells.drop_duplicates(subset=["method", "target", "budget", "selection_seconds"])
     rows = []
     for method in ["untrained", "full", *method_order(config, cells["method"])]:

@@ -136,11 +136,30 @@ def test_a_grid_builds_selection_artifacts_in_its_own_cache_so_costs_are_from_sc
     config = load_config(path)
     first, second = (GridRunner(config, tmp_path / name) for name in ("first", "second"))
     cell = next(c for c in grid_cells(config) if c.method.name == "delift")
-    built = first._select(cell)
+    built, _, _ = first._select(cell)
     assert list((tmp_path / "first" / "cache" / "features").iterdir())  # the kernel blocks, kept for a resume
-    again = second._select(cell)  # another grid: the first one's blocks are not its own
+    again, _, _ = second._select(cell)  # another grid: the first one's blocks are not its own
     assert again.cost.details["pool_kernel_blocks_from_cache"] == 0
     assert again.cost.forward_tokens == built.cost.forward_tokens > 0
+
+
+@pytest.mark.usefixtures("shared_data")
+def test_a_shared_selection_is_charged_to_the_cell_that_computed_it_even_after_a_resume(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.replace("seeds: [0]", "seeds: [0, 1]").replace(
+        "methods: [length, {name: big-loss, online: true}]", "methods: [loss]"))
+    config = load_config(path)
+    seed0, seed1 = (c for c in grid_cells(config) if c.method.name == "loss")
+    runner = GridRunner(config, tmp_path / "grid")
+    selection, seconds, tokens = runner._select(seed0)  # loss has no seed: one selection for both cells
+    assert (seconds, tokens) == (selection.cost.seconds, selection.cost.tokens) and tokens > 0
+    shared, _, tokens1 = runner._select(seed1)
+    assert shared.kept == selection.kept and tokens1 == 0  # the second cell only loads it
+    # a grid killed after seed 0 selected but before its row was written: the resumed cell loads its own
+    # selection back, and is charged what computing it cost, or nobody would be
+    resumed = GridRunner(config, tmp_path / "grid")
+    assert resumed._select(seed0)[1:] == (selection.cost.seconds, tokens)
+    assert resumed._select(seed1)[2] == 0
 
 
 USER_GRID = """

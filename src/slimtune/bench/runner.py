@@ -233,14 +233,16 @@ class GridRunner:
             return result, kept_ids
         if cell.method is FULL:
             return train(pool, model=self.config.model, settings=settings), [ex.id for ex in pool]
-        selection = self._select(cell)
-        row.update(selection_seconds=selection.cost.seconds,
-                   selection_tokens=selection.cost.forward_tokens + selection.cost.backward_tokens)
+        selection, seconds, tokens = self._select(cell)
+        row.update(selection_seconds=seconds, selection_tokens=tokens)
         subset = selection.subset(pool)
         return train(subset, model=self.config.model, settings=settings), [ex.id for ex in subset]
 
     def _select(self, cell: Cell):
-        """A cached selection: shared across seeds when the method has no seed."""
+        """The cell's selection and what the cell spent on it (seconds, model tokens). A selection is cached:
+        shared across seeds when the method has no seed (or pins it). The cell that computed it is charged its
+        cost, also when a killed grid resumes and that cell loads it back; every other cell that loads it is
+        charged the loading, so summing a column counts each selection once."""
         from slimtune.select import Selection, get_selector, selector_class
 
         seed_part = f"-s{cell.seed}" if _selector_is_seeded(cell.method) else ""
@@ -248,11 +250,15 @@ class GridRunner:
         key = self.config.fingerprint(cell.method.fingerprint(), str(cell.budget), seed_part, *cell.target_key)
         key_file = path / "key.txt"
         manifest = path / "manifest.json"
-        stored = key_file.read_text().split(" ") if key_file.exists() else []
+        stored = key_file.read_text().split(" ", 2) if key_file.exists() else []
         if stored[:1] == [key]:
+            start = time.perf_counter()
             # a key without a checksum was written before checksums existed: trusted, as the cells are
             if len(stored) == 1 or (manifest.exists() and stored[1] == str(zlib.crc32(manifest.read_bytes()))):
-                return Selection.load(path)
+                selection = Selection.load(path)
+                if stored[2:3] == [cell.name]:
+                    return selection, selection.cost.seconds, selection.cost.tokens
+                return selection, time.perf_counter() - start, 0
             self.console.print(f"[yellow]{manifest}: damaged (checksum mismatch); the selection is run "
                                "again[/yellow]")
         params = dict(cell.method.params)
@@ -269,9 +275,10 @@ class GridRunner:
             target = self.data.all_targets if cell.target is None else self.data.targets[cell.target]
         selection = selector.select(self.data.pool, cell.budget, target=target)
         selection.save(path, self.data.pool)
-        # written last, with the manifest's checksum: a selection without its key is not trusted
-        atomic_write_text(key_file, f"{key} {zlib.crc32(manifest.read_bytes())}")
-        return selection
+        # written last, with the manifest's checksum and the cell it is charged to: a selection without its key
+        # is not trusted
+        atomic_write_text(key_file, f"{key} {zlib.crc32(manifest.read_bytes())} {cell.name}")
+        return selection, selection.cost.seconds, selection.cost.tokens
 
     @staticmethod
     def _with_seed(cell: Cell, params: dict[str, Any], *, online: bool) -> dict[str, Any]:

@@ -83,6 +83,10 @@ class Cost:
     #: pool index -> why the method could not score that row; a method that knows the cause records it here
     unscored: dict[int, str] = field(default_factory=dict)
 
+    @property
+    def tokens(self) -> int:
+        return self.forward_tokens + self.backward_tokens
+
     def add(self, other: Cost) -> None:
         self.seconds += other.seconds
         self.forward_tokens += other.forward_tokens
