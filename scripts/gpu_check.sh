@@ -4,7 +4,7 @@
 #   1. LESS extraction in bf16 against the floor of a plain forward+backward of the same batches;
 #   2. sparse DELIFT kernel throughput (model tokens/s);
 #   3. `torchrun -m slimtune select` on 2 GPUs selects exactly what 1 GPU selects (loss, LESS);
-#   4. online selection (UDS, SLAP under global selection) trains under accelerate launch with FSDP2.
+#   4. online selection (UDS, SLAP under global selection) trains under accelerate launch with FSDP2 and FSDP1.
 #
 # The GPU machine has torch/transformers/peft but no model and no network, so the model is randomly initialised
 # with SmolLM2-135M-Instruct's config (the embedded default's shape; timings, not quality, are measured) and the
@@ -121,12 +121,13 @@ else
     echo "one GPU: the 2-GPU selection check is skipped"
 fi
 
-# 4. online selection under FSDP2 (issue #15): the CPU suite checks 2 gloo processes with FSDP2
-# (tests/test_online_distributed.py::test_uds_and_slap_score_an_fsdp2_sharded_model_as_the_whole_one); here the
-# whole online trainer (UDS per micro-batch, SLAP under global selection) trains a few steps under `accelerate
-# launch` with FSDP2, so the LM head it scores with is a DTensor that online.trainer.full_head_weight gathers.
+# 4. online selection under FSDP (issue #15): the CPU suite checks the scoring of 2 gloo processes with FSDP2 and
+# FSDP1 (tests/test_online_distributed.py::test_uds_and_slap_score_an_fsdp_sharded_model_as_the_whole_one); here
+# the whole online trainer (UDS per micro-batch, SLAP under global selection) trains a few steps under
+# `accelerate launch` with FSDP2 (the LM head it scores with is a DTensor) and with FSDP1 (the head lives in a
+# flat parameter), both of which online.trainer.full_head_weight gathers.
 # One GPU: one process (NCCL refuses two ranks on one device), still a sharded head.
-# Expected: "online under FSDP: ok uds ..." and "online under FSDP: ok slap ...".
+# Expected, for FSDP 2 then 1: "online under FSDP: ok uds ..." and "online under FSDP: ok slap ...".
 data=$([ -d ../shared/data ] && echo ../shared/data || echo src/slimtune/data/samples)
 cat > "$WORK/online_fsdp.py" <<'PYEOF'
 import json, sys
@@ -146,8 +147,15 @@ log = read_selection_log(out / policy)
 assert len(log) == 4 and all(len(step["chosen"]) == 2 for step in log), log
 print("online under FSDP: ok", policy, json.dumps([step["chosen"] for step in log]))
 PYEOF
-for policy in uds slap; do
-    timeout 600 python -m accelerate.commands.launch --num_processes 1 --use_fsdp --fsdp_version 2 \
-        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_reshard_after_forward true \
-        "$WORK/online_fsdp.py" "$WORK/online-fsdp" "$policy" "$data" "$WORK/smollm2-shape"
+# FSDP1 takes its sharding strategy where FSDP2 takes a boolean, and needs the original parameters kept for
+# LoRA's mix of frozen and trainable weights in one unit; every rank loads the whole (small) model itself, so
+# nothing is broadcast from rank 0, which FSDP1 cannot do on a CPU (GPU_CHECK_ROWS=8 runs this part there too).
+for fsdp in "2 true" "1 FULL_SHARD"; do
+    set -- $fsdp
+    for policy in uds slap; do
+        timeout 600 python -m accelerate.commands.launch --num_processes 1 --use_fsdp --fsdp_version "$1" \
+            --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_reshard_after_forward "$2" \
+            --fsdp_use_orig_params true --fsdp_sync_module_states false --fsdp_cpu_ram_efficient_loading false \
+            "$WORK/online_fsdp.py" "$WORK/online-fsdp$1" "$policy" "$data" "$WORK/smollm2-shape"
+    done
 done

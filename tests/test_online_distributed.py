@@ -95,22 +95,27 @@ def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path
         assert torch.allclose(states[0], states[1], rtol=1e-3, atol=1e-5 * float(states[1].abs().max()))
 
 
-def test_uds_and_slap_score_an_fsdp2_sharded_model_as_the_whole_one(tmp_path, shared_data):
-    """FSDP2 (fully_shard) on 2 CPU processes: the LM head is a DTensor of half the vocabulary each; the online
-    trainer's scoring step and per-epoch pruning gather it and score exactly as on the unsharded model."""
-    results = launch(tmp_path, shared_data, mode="fsdp")
+@pytest.mark.parametrize("fsdp", ["fsdp2", "fsdp1"])
+def test_uds_and_slap_score_an_fsdp_sharded_model_as_the_whole_one(tmp_path, shared_data, fsdp):
+    """FSDP on 2 CPU processes, both versions: under FSDP2 (fully_shard) the LM head is a DTensor of half the
+    vocabulary each, under FSDP1 a view into the root unit's flat shard; the online trainer's scoring step and
+    per-epoch pruning gather it and score exactly as on the unsharded model."""
+    results = launch(tmp_path, shared_data, mode=fsdp)
     assert all(result is not None and result[0] == 0 for result in results), \
         [None if result is None else result[1][-3000:] for result in results]
 
 
-def score_sharded(out_dir: str, data_dir: str) -> None:
-    """One rank of the FSDP2 test: UDS and SLAP features of a batch, and SLAP's pool scores, before and after
-    sharding the model."""
+def score_sharded(out_dir: str, data_dir: str, version: int) -> None:
+    """One rank of the FSDP test: UDS and SLAP features of a batch, and SLAP's pool scores, before and after
+    sharding the model with FSDP ``version``."""
     import copy
+    from functools import partial
 
     from helpers import gsm8k_examples
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
     from transformers import TrainingArguments
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from slimtune.data.tokenize import Collator, TokenizedDataset
     from slimtune.models import load_model
@@ -124,11 +129,18 @@ def score_sharded(out_dir: str, data_dir: str) -> None:
     dataset = TokenizedDataset(gsm8k_examples(Path(data_dir), 8), tokenizer, 160)
     collator = Collator(tokenizer.pad_token_id, keep_index=True)
     sharded = copy.deepcopy(whole)
-    for layer in sharded.model.layers:
-        fully_shard(layer)
-    fully_shard(sharded)
-    head = sharded.get_output_embeddings().weight
-    assert head.to_local().shape[0] == head.shape[0] // 2  # really sharded
+    if version == 2:
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        head = sharded.get_output_embeddings().weight
+        assert head.to_local().shape[0] == head.shape[0] // 2  # really sharded
+    else:  # as accelerate wraps it: decoder layers in units of their own, the original parameters kept
+        sharded = FullyShardedDataParallel(
+            sharded, use_orig_params=True, device_id=torch.device("cpu"),
+            auto_wrap_policy=partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}))
+        head = sharded.get_output_embeddings().weight
+        assert head.numel() < whole.get_output_embeddings().weight.numel()  # really sharded
 
     def scored(model):
         args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4, report_to=[], use_cpu=True)
@@ -169,8 +181,8 @@ def main(out_dir: str, data_dir: str, mode: str) -> None:
     from slimtune.train import TrainSettings
 
     world = int(os.environ["WORLD_SIZE"])
-    if mode == "fsdp":
-        score_sharded(out_dir, data_dir)
+    if mode in ("fsdp1", "fsdp2"):
+        score_sharded(out_dir, data_dir, int(mode[-1]))
         return
     if mode == "fail":
         settings = TrainSettings(output_dir=out_dir, epochs=1, batch_size=2, max_length=160, progress=False,
