@@ -95,6 +95,32 @@ def test_global_selection_on_two_ranks_chooses_what_one_process_chooses(tmp_path
         assert torch.allclose(states[0], states[1], rtol=1e-3, atol=1e-5 * float(states[1].abs().max()))
 
 
+def test_global_selection_resumed_at_another_world_size_goes_on_as_the_uninterrupted_run(tmp_path, shared_data):
+    """Two processes of 8 candidates with a checkpoint after each of 2 steps; the same run killed after step 1
+    is resumed by one process of 2 micro-batches of 8: its policy memory, log and counts are the whole run's."""
+    import json
+    import shutil
+
+    from slimtune.online.trainer import read_selection_log
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    results = launch(whole, shared_data, 2, mode="resume-first")
+    assert all(result is not None and result[0] == 0 for result in results), results
+    shutil.copytree(whole, resumed)  # as the kill after step 1 leaves the folder
+    for later in ("checkpoint-2", "state.rank0.pt", "state.rank1.pt", "selection_summary.json"):
+        shutil.rmtree(resumed / later) if (resumed / later).is_dir() else (resumed / later).unlink()
+    assert {p.name for p in (resumed / "checkpoint-1").glob("selection_state*.pt")} == {"selection_state.pt"}
+    results = launch(resumed, shared_data, 1, mode="resume-then")
+    assert all(result is not None and result[0] == 0 for result in results), results
+    logs = [read_selection_log(run) for run in (whole, resumed)]
+    assert [[step["step"] for step in log] for log in logs] == [[0, 1], [0, 1]]
+    assert [step["chosen"] for step in logs[0]] == [step["chosen"] for step in logs[1]]
+    memories = [torch.load(run / "state.rank0.pt") for run in (whole, resumed)]
+    assert torch.allclose(memories[0], memories[1], rtol=1e-3, atol=1e-5 * float(memories[0].abs().max()))
+    summaries = [json.loads((run / "selection_summary.json").read_text()) for run in (whole, resumed)]
+    assert summaries[0]["examples_trained"] == summaries[1]["examples_trained"] == 8  # 2 steps of K = 4
+
+
 @pytest.mark.parametrize("fsdp", ["fsdp2", "fsdp1"])
 def test_uds_and_slap_score_an_fsdp_sharded_model_as_the_whole_one(tmp_path, shared_data, fsdp):
     """FSDP on 2 CPU processes, both versions: under FSDP2 (fully_shard) the LM head is a DTensor of half the
@@ -169,6 +195,29 @@ def score_sharded(out_dir: str, data_dir: str, version: int) -> None:
     torch.distributed.destroy_process_group()
 
 
+def run_to_resume(out_dir: str, data_dir: str, resume: bool) -> None:
+    """One rank of the resume test: UDS under global selection, 16 candidates a step as 2 ranks x 8 or 1 rank x
+    2 micro-batches of 8, a checkpoint every step; ``resume`` goes on from checkpoint-1."""
+    from helpers import gsm8k_examples
+
+    from slimtune.data.tokenize import Collator, TokenizedDataset
+    from slimtune.models import LoraSettings
+    from slimtune.online.policies.uds import UDSPolicy
+    from slimtune.online.trainer import SelectiveTrainer
+    from slimtune.train import TrainSettings, prepare_model, training_arguments
+
+    world = int(os.environ["WORLD_SIZE"])
+    settings = TrainSettings(output_dir=out_dir, epochs=1, batch_size=8, grad_accum=2 // world, max_length=160,
+                             progress=False, lora=LoraSettings(r=4, alpha=8, dropout=0.0), logging_steps=1)
+    model, tokenizer = prepare_model("tiny", settings)
+    dataset = TokenizedDataset(gsm8k_examples(Path(data_dir), 32), tokenizer, 160)
+    trainer = SelectiveTrainer(model=model, args=training_arguments(settings, save_strategy="steps", save_steps=1),
+                               train_dataset=dataset, data_collator=Collator(tokenizer.pad_token_id, keep_index=True),
+                               policy=UDSPolicy(), keep=0.25, global_selection=True)
+    trainer.train(resume_from_checkpoint=str(Path(out_dir) / "checkpoint-1") if resume else None)
+    torch.save(trainer.policy.state_dict()["memory"], Path(out_dir) / f"state.rank{trainer.args.process_index}.pt")
+
+
 def main(out_dir: str, data_dir: str, mode: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from helpers import gsm8k_examples
@@ -183,6 +232,9 @@ def main(out_dir: str, data_dir: str, mode: str) -> None:
     world = int(os.environ["WORLD_SIZE"])
     if mode in ("fsdp1", "fsdp2"):
         score_sharded(out_dir, data_dir, int(mode[-1]))
+        return
+    if mode.startswith("resume-"):
+        run_to_resume(out_dir, data_dir, resume=mode == "resume-then")
         return
     if mode == "fail":
         settings = TrainSettings(output_dir=out_dir, epochs=1, batch_size=2, max_length=160, progress=False,

@@ -42,7 +42,10 @@ counts ``examples_trained``, ``tokens_trained`` (non-padding tokens of backpropa
 ``candidates_scored``, ``scoring_tokens`` and ``scoring_seconds`` (scoring forward + policy), and writes
 them, summed over ranks, to ``selection_summary.json``. Every training log line (``Trainer.log``, so whatever
 ``report_to`` names sees it) carries this rank's ``selection/kept_share``, ``selection/scoring_seconds`` and
-``selection/chosen`` so far. Policy memories are saved with each checkpoint and restored on resume.
+``selection/chosen`` so far. Policy memories are saved with each checkpoint and restored on resume: one file
+per rank, or under global selection one file for the run (the memories are the same on every rank), so such a
+run resumes at another world size (e.g. 2 ranks x 8 candidates as 1 rank x 2 micro-batches of 8) and goes on
+choosing what the uninterrupted run chose.
 
 With TRL: ``class SelectiveSFTTrainer(SelectionMixin, SFTTrainer): pass`` (the mixin first). The mixin
 overrides no loss: the chosen rows reach the parent's ``training_step`` and ``compute_loss`` (TRL's metrics,
@@ -91,7 +94,7 @@ from slimtune.features.losses import accepts_logits_to_keep, score_losses
 from slimtune.online import get_policy
 from slimtune.online.base import CandidateBatch, Policy
 from slimtune.train import TrainResult, TrainSettings, train
-from slimtune.utils import checked_problem, write_checked, write_json
+from slimtune.utils import atomic_write_text, checked_problem, write_checked, write_json
 
 if TYPE_CHECKING:
     from slimtune.data.example import Example
@@ -421,9 +424,19 @@ def load_reference(spec: str, device: torch.device) -> torch.nn.Module:
 
 
 def read_selection_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every candidate batch's record in a run's selection log (rank files one after another under DDP)."""
+    """Every candidate batch's record in a run's selection log, step by step (under DDP a step's records rank
+    by rank; a run resumed at another world size continues in other rank files)."""
     paths = sorted(Path(run_dir).glob(f"{LOG_STEM}*.jsonl"))
-    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line]
+    records = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line]
+    return sorted(records, key=lambda record: record["step"])
+
+
+def _log_lines_before(path: Path, step: int | None) -> list[str]:
+    """The lines of the selection log ``path`` for steps before ``step`` (none when ``step`` is None)."""
+    if step is None or not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] < step]
 
 
 def _join(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -536,6 +549,7 @@ class SelectionMixin:
         self._raise_on_every_rank(failure)
         mine = (torch.cat([part[0] for part in local]), _join([part[1] for part in local]),
                 torch.cat([part[2] for part in local]))
+        self._rows_streamed += len(mine[0])
         pooled = [mine]
         if self.args.world_size > 1:
             pooled = [None] * self.args.world_size
@@ -823,18 +837,21 @@ class SelectionMixin:
             summary["scoring_share"] = self.scoring_seconds / self.args.world_size / train_seconds
         return summary
 
-    def _rank_name(self, stem: str, suffix: str) -> str:
-        rank = f".rank{self.args.process_index}" if self.args.world_size > 1 else ""
-        return f"{stem}{rank}.{suffix}"
+    def _rank_name(self, stem: str, suffix: str, rank: int | None = None) -> str:
+        rank = self.args.process_index if rank is None else rank
+        return f"{stem}.rank{rank}.{suffix}" if self.args.world_size > 1 else f"{stem}.{suffix}"
 
     def _open_log(self, resumed_step: int | None) -> None:
-        """A fresh log, or on resume the old one without the steps that will run again."""
+        """A fresh log, or on resume the old one without the steps that will run again. The main process also
+        cuts those steps from the logs of ranks a run at another world size left behind."""
         path = Path(self.args.output_dir) / self._rank_name(LOG_STEM, "jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resumed_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] < resumed_step]
+        kept = _log_lines_before(path, resumed_step)
+        if resumed_step is not None and self.args.process_index == 0:
+            ours = {self._rank_name(LOG_STEM, "jsonl", rank) for rank in range(self.args.world_size)}
+            for other in path.parent.glob(f"{LOG_STEM}*.jsonl"):
+                if other.name not in ours:
+                    atomic_write_text(other, "".join(_log_lines_before(other, resumed_step)))
         self._log_file = open(path, "w")  # noqa: SIM115 (open for the whole run, closed in train)
         self._log_file.writelines(kept)
         self._log_file.flush()
@@ -849,18 +866,29 @@ class SelectionMixin:
         folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         self._share_stale_losses()
-        state = {"policy": self.policy.state_dict(), "rows_streamed": self._rows_streamed,
-                 **{name: getattr(self, name) for name in COUNTERS}}
+        counts = {"rows_streamed": self._rows_streamed, **{name: getattr(self, name) for name in COUNTERS}}
+        if self.global_selection:  # every rank's counts in one file, for a run at any world size to go on from
+            counts = self._summed_over_ranks(counts)
+        state = {"policy": self.policy.state_dict(), **counts}
         if self.stale_scores:
             state["stale_loss"] = self._stale_loss
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_checked(folder / self._rank_name("selection_state", "pt"), buffer.getvalue())
+        if not self.global_selection or self.args.process_index == 0:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            write_checked(folder / self._state_name(), buffer.getvalue())
         super()._save_checkpoint(model, trial)
 
+    def _state_name(self) -> str:
+        """The checkpoint file of this rank's selection state. Under global selection the policy's state is the
+        same on every rank, so the main process writes it once, without a rank in its name, for a run resumed
+        at any world size to read."""
+        return "selection_state.pt" if self.global_selection else self._rank_name("selection_state", "pt")
+
     def _load_selection_state(self, checkpoint: str) -> int:
-        """Restore the policy's memories and the counters; returns the checkpoint's step."""
-        path = Path(checkpoint) / self._rank_name("selection_state", "pt")
+        """Restore the policy's memories and the counters; returns the checkpoint's step. Under global
+        selection the main process takes the run's counts so far and the other ranks start theirs from 0, so
+        their sum at the end is the run's whatever the world size."""
+        path = Path(checkpoint) / self._state_name()
         if path.exists():
             damage = checked_problem(path)  # weights_only refuses code, not a changed number
             if damage is not None:
@@ -868,22 +896,28 @@ class SelectionMixin:
                                  f"earlier checkpoint (delete {Path(checkpoint).name}) or start the run afresh")
             state = torch.load(path, weights_only=True)  # plain tensors and numbers: no code unpickled
             self.policy.load_state_dict(state.pop("policy"))
-            self._rows_streamed = state.pop("rows_streamed")
             if "stale_loss" in state:
                 self._stale_loss = state.pop("stale_loss")
-            for name, value in state.items():
-                setattr(self, name, value)
+            counted_elsewhere = self.global_selection and self.args.process_index != 0
+            self._rows_streamed = 0 if counted_elsewhere else state.pop("rows_streamed")
+            for name in COUNTERS:
+                setattr(self, name, type(state[name])(0) if counted_elsewhere else state[name])
         else:
             logger.warning("%s has no selection state: the policy starts with empty memories", checkpoint)
         return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
 
-    def _sum_counters_over_ranks(self) -> None:
+    def _summed_over_ranks(self, counts: dict[str, float]) -> dict[str, float]:
+        """``counts`` added up over the ranks (a collective); integers stay integers."""
         if self.args.world_size <= 1:
-            return
-        counts = torch.tensor([float(getattr(self, name)) for name in COUNTERS], dtype=torch.float64,
+            return dict(counts)
+        values = torch.tensor([float(value) for value in counts.values()], dtype=torch.float64,
                               device=self.args.device)
-        for name, value in zip(COUNTERS, self.accelerator.reduce(counts, reduction="sum").tolist()):
-            setattr(self, name, value if name == "scoring_seconds" else int(value))
+        summed = self.accelerator.reduce(values, reduction="sum").tolist()
+        return {name: type(value)(total) for (name, value), total in zip(counts.items(), summed, strict=True)}
+
+    def _sum_counters_over_ranks(self) -> None:
+        for name, value in self._summed_over_ranks({name: getattr(self, name) for name in COUNTERS}).items():
+            setattr(self, name, value)
 
     def _reference_losses(self) -> Tensor:
         """Every training row's loss under the policy's reference model: computed once (by the main process
