@@ -440,10 +440,11 @@ def test_a_damaged_online_selection_state_is_named_on_resume(tmp_path, data, uni
 
     class Resuming:  # what _load_selection_state reads of a trainer
         policy = get_policy("uds")
+        global_selection = False
 
         @staticmethod
-        def _rank_name(stem, suffix):
-            return f"{stem}.{suffix}"
+        def _state_name():
+            return "selection_state.pt"
 
     with pytest.raises(Exception, match=str(damaged)):
         SelectionMixin._load_selection_state(Resuming(), str(checkpoint))
