@@ -67,6 +67,7 @@ import os
 import string
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,17 +251,19 @@ class InContextUtility:
         self.prefix_reuse, self.cache = prefix_reuse, cache
         self.no_example = _Pieces(tokenizer, TEMPLATE_NO_EXAMPLE)
         self.with_example = _Pieces(tokenizer, TEMPLATE_WITH_EXAMPLE)
-        self._token_memo: dict[tuple[str, str], list[int]] = {}
+        self._token_memo: dict[tuple[str, str], array] = {}
 
     # ---- tokens -------------------------------------------------------------------------------------
     def _field(self, pieces: _Pieces, name: str, text: str) -> list[int]:
-        """A field's token ids, clipped; memoised by text, so a pool and its targets are tokenised once."""
+        """A field's token ids, clipped; memoised by text, so a pool and its targets are tokenised once. The memo
+        holds every row's fields for the whole run, so it keeps them as int32 arrays: as lists of Python ints
+        they cost about 2.3 KB a row (2.3 GB at a million rows)."""
         lead = pieces.leads[name]
         key = (lead, text)
         if key not in self._token_memo:
-            self._token_memo[key] = self.tokenizer(lead + text, add_special_tokens=False)["input_ids"][
-                : self.max_text_tokens]
-        return self._token_memo[key]
+            self._token_memo[key] = array("i", self.tokenizer(lead + text, add_special_tokens=False)["input_ids"][
+                : self.max_text_tokens])
+        return self._token_memo[key].tolist()
 
     def _fields(self, pieces: _Pieces, target: Example, context: Example | None) -> dict[str, list[int]]:
         texts = {"query": target.prompt_text, _ANSWER: target.response}
