@@ -206,6 +206,37 @@ def test_sparse_delift_scores_k_neighbours_per_row(gsm8k, translations):
     assert selection.cost.details["pool_kernel_mode"] == "sparse-3"
 
 
+def test_sparse_delift_can_find_neighbours_with_the_model_itself_instead_of_minilm(gsm8k, translations,
+                                                                                    monkeypatch):
+    """``neighbour_embedding="model"``: the k nearest columns come from the selection model's own mean-pooled
+    states (what k-center's "model" embedding uses), and the sentence encoder is never loaded."""
+    import slimtune.features.embeddings as embeddings
+    import slimtune.features.neighbours as neighbours
+    from slimtune.models import load_model
+
+    def no_minilm(*args, **kwargs):
+        raise AssertionError("MiniLM was loaded")
+
+    searched = []
+
+    def recording(queries, candidates, k, **kwargs):
+        searched.append(queries.clone())
+        return search(queries, candidates, k, **kwargs)
+
+    search = neighbours.nearest_neighbours
+    monkeypatch.setattr(embeddings, "load_minilm", no_minilm)
+    monkeypatch.setattr(neighbours, "nearest_neighbours", recording)
+    pool = gsm8k[:4] + translations[:4]
+    selection = get_selector("delift", model="tiny", sparse_k=3, neighbour_embedding="model", max_text_tokens=24,
+                             cache=False).select(pool, 2)
+    model, tokenizer = load_model("tiny")
+    own, _ = embeddings.model_embeddings(model, tokenizer, pool)
+    torch.testing.assert_close(searched[0], own)
+    assert selection.cost.details["pool_kernel_pairs_scored"] == 8 * 3
+    with pytest.raises(ValueError, match="neighbour_embedding"):
+        get_selector("delift", neighbour_embedding="bge")
+
+
 def duplicated(groups, copies):
     return [qa(ex.prompt_text, ex.response, ex.task, id=f"{g}-{c}") for c in range(copies)
             for g, ex in enumerate(groups)]

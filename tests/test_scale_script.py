@@ -55,3 +55,14 @@ def test_slope_is_one_for_linear_time_and_two_for_quadratic():
     small = {"rows": 10_000, "seconds": 3.0}
     assert scale.slope(small, {"rows": 1_000_000, "seconds": 300.0}) == pytest.approx(1.0)
     assert scale.slope(small, {"rows": 100_000, "seconds": 300.0}) == pytest.approx(2.0)
+
+
+def test_a_resumed_run_measures_again_only_the_stages_whose_settings_changed(tmp_path, monkeypatch):
+    monkeypatch.setattr(scale, "RESULTS", tmp_path / "scale.json")
+    measured = {scale.key(stage, 10_000, 1): {"stage": stage, "rows": 10_000, "processes": 1,
+                                               "settings": scale.settings_digest(stage)} for stage in scale.STAGES}
+    scale.save_results({"measurements": measured})
+    monkeypatch.setitem(scale.SELECTORS, "delift", ("delift", {"sparse_k": 8}, 0.1))
+    kept = scale.load_results(fresh=False)["measurements"]
+    assert sorted(kept) == sorted(scale.key(stage, 10_000, 1) for stage in scale.STAGES if stage != "delift")
+    assert scale.load_results(fresh=True)["measurements"] == {}

@@ -145,6 +145,28 @@ def stored_minilm_embeddings(examples: Sequence[Example], *, prompt_only: bool =
         {"model": "all-MiniLM-L6-v2", "prompt_only": prompt_only}, shard_rows=shard_rows, cache=cache)
 
 
+def stored_model_embeddings(model, tokenizer, examples: Sequence[Example], *, prompt_only: bool = False,
+                            batch_size: int = 8, max_length: int = 512, shard_rows: int = 4096,
+                            cache: bool | str | os.PathLike = True) -> tuple[Tensor, int]:
+    """:func:`model_embeddings` through :func:`stored_embeddings`, keyed by the weights' fingerprint; also the
+    tokens this process's forward passes processed (0 for rows read back from the store)."""
+    from slimtune.models import weights_fingerprint
+
+    tokens = 0
+
+    def embed(part: Sequence[Example]) -> Tensor:
+        nonlocal tokens
+        embeddings, part_tokens = model_embeddings(model, tokenizer, part, prompt_only=prompt_only,
+                                                   batch_size=batch_size, max_length=max_length)
+        tokens += part_tokens
+        return embeddings
+
+    embeddings = stored_embeddings(examples, embed, {
+        "model": weights_fingerprint(model), "prompt_only": prompt_only, "batch_size": batch_size,
+        "max_length": max_length}, shard_rows=shard_rows, cache=cache)
+    return embeddings, tokens
+
+
 def cosine_kernel(a: Tensor, b: Tensor, *, chunk_size: int | None = None,
                   device: str | None = None) -> Tensor:
     """(len(a), len(b)) similarity kernel (cos + 1) / 2 in [0, 1], as DELIFT(SE) defines it.

@@ -84,8 +84,9 @@ def nearest_neighbours(queries: Tensor, candidates: Tensor, k: int, *, cache: bo
     False for a store in a temporary folder (then every process searches every row). ``engine``: "faiss",
     "torch" or "auto" (faiss when installed); the answer does not depend on it.
     """
-    queries = F.normalize(torch.as_tensor(queries, dtype=torch.float32).cpu(), dim=1)
-    candidates = F.normalize(torch.as_tensor(candidates, dtype=torch.float32).cpu(), dim=1)
+    same = candidates is queries
+    queries = _unit_rows(queries)
+    candidates = queries if same else _unit_rows(candidates)
     k = min(k, len(candidates))
     if engine == "auto":
         engine = "faiss" if importlib.util.find_spec("faiss") is not None else "torch"
@@ -110,6 +111,14 @@ def nearest_neighbours(queries: Tensor, candidates: Tensor, k: int, *, cache: bo
            "search": "exact" if engine == "torch" or len(candidates) <= EXACT_LIMIT else f"ivf-{NPROBE}"}
     with FeatureStore.cached(key, cache) as store:
         return _filled(store, len(queries), shard_rows, compute)
+
+
+def _unit_rows(rows: Tensor) -> Tensor:
+    """``rows`` as unit-norm float32 rows on the CPU, copied only when they are not that already: a pool's
+    stored embeddings are (the embeddings module's contract), and at a million 384-d rows each copy is 1.5 GB."""
+    rows = torch.as_tensor(rows, dtype=torch.float32).cpu()
+    norms = torch.cat([part.norm(dim=1) for part in rows.split(1 << 16)]) if len(rows) else rows.new_ones(0)
+    return rows if bool(((norms - 1).abs() <= 1e-5).all()) else F.normalize(rows, dim=1)
 
 
 def _filled(store: FeatureStore, n: int, shard_rows: int, compute) -> tuple[Tensor, Tensor]:
@@ -171,7 +180,10 @@ def _ranked(cosines: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _digest(rows: Tensor) -> str:
-    return hashlib.sha256(np.ascontiguousarray(rows.numpy()).tobytes()).hexdigest()[:20]
+    digest = hashlib.sha256()
+    for part in rows.split(1 << 16):  # a slice at a time: a whole-matrix tobytes() is one more copy of it
+        digest.update(np.ascontiguousarray(part.numpy()).tobytes())
+    return digest.hexdigest()[:20]
 
 
 __all__ = ["AUTO_SPARSE_K", "DENSE_LIMIT", "nearest_neighbours", "require_dense_fits", "sparse_width"]

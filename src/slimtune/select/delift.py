@@ -149,7 +149,9 @@ class DeliftSelector(_FacilityLocationSelector):
 
     ``objective``: "fl" (instruction tuning, pool only), "flmi" (task-specific: pass ``target``), "flcg"
     (continual: pass ``existing``). ``distance``: "euclidean" (the authors') or "kl" (the PMI form).
-    ``sparse_k``: neighbours per row by all-MiniLM-L6-v2 embedding (None = dense, n^2 pairs).
+    ``sparse_k``: neighbours per row by embedding (None = dense, n^2 pairs); ``neighbour_embedding``:
+    "minilm" (all-MiniLM-L6-v2, the default) or "model" (the selection model's mean-pooled last hidden states,
+    as k-center's ``embedding="model"``: no second model, and cheaper than MiniLM when the model is small).
     ``optimizer``: "lazy" (the authors'), "stochastic" (``epsilon``, ``seed``) or "naive".
     ``max_text_tokens`` clips each prompt and response; ``batch_tokens`` bounds a forward's padded tokens;
     ``cache`` keeps kernel blocks (and embeddings) so an interrupted run resumes, under ``cache_dir`` (default
@@ -160,6 +162,7 @@ class DeliftSelector(_FacilityLocationSelector):
     model: str = "smollm2"
     distance: str = "euclidean"
     sparse_k: int | None = 32
+    neighbour_embedding: str = "minilm"
     query_direction: str = "query-in-context"
     max_text_tokens: int | None = 256
     batch_tokens: int = 8192
@@ -170,6 +173,7 @@ class DeliftSelector(_FacilityLocationSelector):
         super().__post_init__()
         _check("query_direction", self.query_direction, QUERY_DIRECTIONS)
         _check("distance", self.distance, ("euclidean", "kl"))
+        _check("neighbour_embedding", self.neighbour_embedding, ("minilm", "model"))
 
     def _utility(self) -> InContextUtility:
         if getattr(self, "_loaded", None) is None:
@@ -185,9 +189,18 @@ class DeliftSelector(_FacilityLocationSelector):
     def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
         if self.sparse_k is None:
             return None
-        from slimtune.features.embeddings import stored_minilm_embeddings
+        from slimtune.features.embeddings import stored_minilm_embeddings, stored_model_embeddings
 
-        return stored_minilm_embeddings(examples, device=self.device, cache=self._store_root())
+        start = time.perf_counter()
+        if self.neighbour_embedding == "minilm":
+            embeddings = stored_minilm_embeddings(examples, device=self.device, cache=self._store_root())
+        else:
+            utility = self._utility()
+            embeddings, tokens = stored_model_embeddings(utility.model, utility.tokenizer, examples,
+                                                         cache=self._store_root())
+            cost.forward_tokens += tokens
+        cost.details["embedding_seconds"] = time.perf_counter() - start
+        return embeddings
 
     def _kernel(self, rows, cols, row_emb, col_emb, cost: Cost, name: str) -> UtilityMatrix:
         from slimtune.features.neighbours import nearest_neighbours, require_dense_fits

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor
 
 from slimtune.data.example import Example
-from slimtune.features.embeddings import knn, model_embeddings, stored_embeddings, stored_minilm_embeddings
+from slimtune.features.embeddings import knn, stored_minilm_embeddings, stored_model_embeddings
 from slimtune.models import choose_device
 from slimtune.select.base import Cost, Selector, StoredFeatures
 from slimtune.select.submodular import GreedyToBudget
@@ -88,16 +87,11 @@ class KCenterSelector(GreedyToBudget, StoredFeatures, Selector):
         if self.embedding == "minilm":
             return stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device,
                                             shard_rows=self.shard_rows, cache=self._store_root())
-        from slimtune.models import load_model, weights_fingerprint
+        from slimtune.models import load_model
 
         model, tokenizer = load_model(self.model, device=self.device, device_map=self.device_map)
-
-        def embed(part: Sequence[Example]) -> Tensor:
-            embeddings, tokens = model_embeddings(model, tokenizer, part, prompt_only=self.prompt_only,
-                                                  batch_size=self.batch_size, max_length=self.max_length)
-            cost.forward_tokens += tokens
-            return embeddings
-
-        return stored_embeddings(examples, embed, {
-            "model": weights_fingerprint(model), "prompt_only": self.prompt_only, "batch_size": self.batch_size,
-            "max_length": self.max_length}, shard_rows=self.shard_rows, cache=self._store_root())
+        embeddings, tokens = stored_model_embeddings(model, tokenizer, examples, prompt_only=self.prompt_only,
+                                                     batch_size=self.batch_size, max_length=self.max_length,
+                                                     shard_rows=self.shard_rows, cache=self._store_root())
+        cost.forward_tokens += tokens
+        return embeddings
