@@ -30,7 +30,8 @@ Stages (each measured in a fresh process, or a fresh ``torchrun`` job of 2 gloo 
 
 Memory: each rank reads its own VmHWM (peak resident set) from /proc; "beyond model" subtracts the rank's
 resident set after imports and loading the model, before the pool is read. Threads: the machine's cores are
-split among the processes (2 cores: 1 process x 2 threads, 2 processes x 1 thread).
+split among the processes (2 cores: 1 process x 2 threads, 2 processes x 1 thread), except tokenising's worker
+processes: under a launch the main process tokenises while the others wait for its table, so it gets every core.
 
 Each (stage, n, processes) result is written to ``benchmarks/results/scale.json`` (atomically) as soon as it is
 measured, with a digest of its stage's settings; a rerun skips what is there under the same settings, so a
@@ -247,12 +248,13 @@ def run_measurement(stage: str, rows: int, processes: int, work: Path, model: Pa
     run = work / "runs" / f"{stage}-{rows}-{processes}"
     shutil.rmtree(run, ignore_errors=True)
     (run / "cache").mkdir(parents=True)
-    threads = threads or max(1, len(os.sched_getaffinity(0)) // processes)
+    cores = len(os.sched_getaffinity(0))
+    threads = threads or max(1, cores // processes)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     command = [*(launcher if processes > 1 else [sys.executable]), __file__, "--measure", stage,
                str(pool_file(work, rows)), str(model), str(run / "report")]
     env = {**os.environ, "SLIMTUNE_CACHE": str(run / "cache"), "OMP_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "SLIMTUNE_NUM_PROC": str(threads), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "SLIMTUNE_NUM_PROC": str(cores), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "SLIMTUNE_VERBOSITY": "quiet",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
@@ -386,6 +388,9 @@ def main() -> None:
                         help="threads per process (default: the cores split among the processes; 1 on a busy "
                              "machine, where a second thread spin-waits for a core it does not get)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier measurements instead of resuming")
+    parser.add_argument("--again", action="store_true",
+                        help="measure the --stages given again at the --sizes and --processes given (after a change "
+                             "of code, which the settings digest cannot see); other measurements are kept")
     parser.add_argument("--report", action="store_true",
                         help="measure nothing: rewrite the README section from the results there are")
     parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
@@ -397,6 +402,11 @@ def main() -> None:
 
     work = args.work or cache_dir() / "scale"
     results = load_results(args.fresh)
+    if args.again:
+        for stage in args.stages:
+            for n in args.sizes:
+                for p in args.processes:
+                    results["measurements"].pop(key(stage, n, p), None)
     model = headlight_model(work)
     sizes = sorted(args.sizes)
     for n in [] if args.report else sizes:

@@ -225,8 +225,10 @@ def test_kcenter_fills_what_existing_examples_leave_uncovered(monkeypatch):
     pool = [qa(f"q{i}", f"a{i}", id=f"p{i}") for i in range(len(points))]
     covered = [int(np.flatnonzero(labels == c)[0]) for c in (0, 1)]
     existing = [qa(f"e{c}", "e", id=f"e{c}") for c in (0, 1)]
+    vectors = {**{ex.id: points[i] for i, ex in enumerate(pool)},
+               **{ex.id: points[i] for i, ex in zip(covered, existing)}}  # each existing row sits on a cluster
     monkeypatch.setattr(KCenterSelector, "_embed",
-                        lambda self, examples, cost: torch.cat([points, points[covered]])[:len(examples)])
+                        lambda self, examples, cost: torch.stack([vectors[ex.id] for ex in examples]))
     selection = KCenterSelector(seed=0).select(pool, 2, existing=existing)
     assert sorted(labels[selection.kept]) == [2, 3]
 

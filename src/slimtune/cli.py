@@ -70,7 +70,7 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_print_
 
 
 def _load(spec: str, shape: str | None = None, skip_bad: bool = False, split: str | None = None,
-          subset: str | None = None) -> list:
+          subset: str | None = None) -> collections.abc.Sequence:
     """Examples from a file, folder or recipe; a bad record stops with its file:line:field unless skipped."""
     from slimtune.data import load_examples
     from slimtune.data.errors import DataError
@@ -90,7 +90,7 @@ def _load(spec: str, shape: str | None = None, skip_bad: bool = False, split: st
     if result.report.skipped:
         console.print(f"[yellow]skipped {result.report.skipped} bad record(s) in {spec}[/yellow]; first: "
                       f"{result.report.problems[0]}")
-    return list(result.examples)
+    return result.examples
 
 
 def _params(pairs: list[str] | None) -> dict[str, Any]:
@@ -139,7 +139,7 @@ def data_inspect(
     except (DataError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    examples, report = list(result.examples), result.report
+    examples, report = result.examples, result.report
     console.print(f"[bold]{data}[/bold]: shape [cyan]{report.shape}[/cyan], {report.read} records read, "
                   f"{len(examples)} usable, {report.skipped} bad")
     for problem in report.problems[:20]:
@@ -422,8 +422,8 @@ def _load_tokenizer(name: str, option: str):
               "a local model folder, 'smollm2' or 'tiny'")
 
 
-def _checked(examples: list, spec: str, tokenizer, max_length: int | None, skip_bad: bool,
-             option: str) -> tuple[list, list[dict[str, str]]]:
+def _checked(examples: collections.abc.Sequence, spec: str, tokenizer, max_length: int | None, skip_bad: bool,
+             option: str) -> tuple[collections.abc.Sequence, list[dict[str, str]]]:
     """``examples`` that the stage can use; the others stop the command, or with ``--skip-bad`` are left out,
     counted and returned as manifest rows."""
     from rich.markup import escape
@@ -598,9 +598,11 @@ def _online_policy(name: str, pairs: list[str] | None, seed: int, max_length: in
     return policy
 
 
-def _subset_of(examples: list, subset: Path, data: str) -> list:
-    """The examples a ``select`` output kept; a selection made on another pool stops the command."""
+def _subset_of(examples: collections.abc.Sequence, subset: Path, data: str) -> collections.abc.Sequence:
+    """The examples a ``select`` output kept (a table of them when the pool is one); a selection made on another
+    pool stops the command."""
     from slimtune.data.example import pool_hash
+    from slimtune.data.table import ExampleTable, example_ids
     from slimtune.select import Selection
 
     manifest = subset / "manifest.json" if subset.is_dir() else subset
@@ -611,14 +613,16 @@ def _subset_of(examples: list, subset: Path, data: str) -> list:
     except (ValueError, KeyError, TypeError) as err:
         _fail(f"--subset {manifest}: not a selection manifest ({err}); give a `slimtune select` --out folder")
     kept = set(selection.kept_ids)
-    chosen = [ex for ex in examples if ex.id in kept]
-    missing = len(kept) - len({ex.id for ex in chosen})
+    ids = example_ids(examples)
+    positions = [i for i, example_id in enumerate(ids) if example_id in kept]
+    found = {ids[i] for i in positions}
+    missing = len(kept) - len(found)
     if missing:
-        absent = next(i for i in selection.kept_ids if i not in {ex.id for ex in chosen})
+        absent = next(i for i in selection.kept_ids if i not in found)
         _fail(f"--subset {subset}: {missing} of its {len(kept)} kept id(s) are not in --data {data} (first: "
               f"{absent}); it was selected from another pool (pool hash {selection.pool_hash}, this data "
               f"{pool_hash(examples)}); pass the --data the selection was made on")
-    return chosen
+    return examples.take(positions) if isinstance(examples, ExampleTable) else [examples[i] for i in positions]
 
 
 @app.command("eval")

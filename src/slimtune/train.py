@@ -276,7 +276,7 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
     show_progress(trainer, f"training {model or 'smollm2'} on {len(dataset)} rows", live=settings.progress)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(out, {
-        "model": model, "pool_hash": pool_hash(list(examples)), "settings": dataclasses.asdict(settings),
+        "model": model, "pool_hash": pool_hash(examples), "settings": dataclasses.asdict(settings),
         "training_args": {key: value for key, value in args.to_dict().items() if key in given}}))
     seconds = time.perf_counter() - start
 
@@ -300,7 +300,7 @@ def train(examples: Sequence[Example], *, model: str | None = None, settings: Tr
     write_json(out / "slimtune_train.json", {
         "model": model, "settings": dataclasses.asdict(settings),
         "training_args": {key: value for key, value in args.to_dict().items() if key in given},
-        "examples": len(examples), "trained_rows": len(dataset), "pool_hash": pool_hash(list(examples)),
+        "examples": len(examples), "trained_rows": len(dataset), "pool_hash": pool_hash(examples),
         "encode": dataclasses.asdict(dataset.stats), "seconds": seconds, "global_steps": result.global_step,
         "steps_per_epoch": steps_per_epoch, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
         "final_loss": losses[-1], "pid": os.getpid(),

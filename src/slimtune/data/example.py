@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,7 @@ def make_example(messages: list[dict[str, str]], *, id: str | None = None, **met
     return Example(id=id if id is not None else content_id(msgs), messages=msgs, metadata=metadata, record=record)
 
 
-def pool_hash(examples: list[Example] | tuple[Example, ...]) -> str:
+def pool_hash(examples: Iterable[Example]) -> str:
     """Hash of a pool's ids and contents in order: the key under which features and selections are cached."""
     h = hashlib.sha256()
     for ex in examples:

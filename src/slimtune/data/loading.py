@@ -8,6 +8,7 @@ imports the other's caller.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from slimtune.data.example import Example
 from slimtune.data.readers import is_datasets_folder, looks_like_hub_id, read_examples
 from slimtune.data.recipes import RECIPES, is_recipe, run_recipe
 from slimtune.data.report import LoadResult
+from slimtune.data.table import ExampleTable
 
 
 def load_examples(data: Any, *, shape: str | None = None, skip_bad: bool = False, source: str | None = None,
@@ -41,8 +43,11 @@ def load_examples(data: Any, *, shape: str | None = None, skip_bad: bool = False
                          id_field=id_field, limit=limit, seed=seed, split=split, subset=subset)
 
 
-def as_examples(data: Any) -> list[Example]:
-    """Examples as given, or read from a ``datasets.Dataset``/``IterableDataset`` (bad rows raise)."""
+def as_examples(data: Any) -> Sequence[Example]:
+    """Examples as given (a table stays a table, other sequences become a list), or read from a
+    ``datasets.Dataset``/``IterableDataset`` (bad rows raise)."""
+    if isinstance(data, ExampleTable):
+        return data
     if isinstance(data, (list, tuple)) and all(isinstance(item, Example) for item in data):
         return list(data)
     return load_examples(data).examples

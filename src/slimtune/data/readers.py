@@ -26,6 +26,7 @@ from slimtune.data.errors import DataError
 from slimtune.data.example import Example, make_example
 from slimtune.data.report import LoadReport, LoadResult, seeded_sample
 from slimtune.data.shapes import Shape, get_shape, record_messages, type_name
+from slimtune.data.table import ExampleWriter
 
 #: Record fields that name a task when ``task_field`` is not given, in order of preference.
 TASK_FIELDS = ("task", "category", "source")
@@ -74,37 +75,38 @@ def read_examples(data: Any, *, shape: str | None = None, skip_bad: bool = False
         raise _locate(err, str(data), None) from None
     label = opened.label
     unit = "row" if opened.by_row else "line"
-    examples: list[Example] = []
     first_of: dict[str, int] = {}
     report = LoadReport(source=label, format=opened.format)
-    try:
-        for number, value, hints in opened.rows:
-            position = report.read
-            report.read += 1
-            where = {"file": label, "row": position, "format": opened.format, **hints}
-            if not opened.by_row:
-                where["line"] = number
-            try:
-                if isinstance(value, DataError):
-                    raise value
-                example, found, id_key = _example(value, forced, id_field=id_field, task_field=task_field,
-                                                  source=source, stem=opened.stem, where=where)
-                first = first_of.setdefault(example.id, number)
-                if first != number:
-                    raise (DataError(f"duplicate id {example.id!r} (first on {unit} {first})", field=id_key)
-                           if id_key else DataError(f"duplicate record: same content as {unit} {first}"))
-            except DataError as err:
-                located = _locate(err, label, number, by_row=opened.by_row)
-                if not skip_bad:
-                    raise located from None
-                report.problems.append(located)
-                continue
-            examples.append(example)
-            report.shapes[found.name] += 1
-            if limit is not None and seed is None and len(examples) >= limit:
-                break
-    except DataError as err:
-        raise _locate(err, label, None) from None
+    with ExampleWriter() as writer:
+        try:
+            for number, value, hints in opened.rows:
+                position = report.read
+                report.read += 1
+                where = {"file": label, "row": position, "format": opened.format, **hints}
+                if not opened.by_row:
+                    where["line"] = number
+                try:
+                    if isinstance(value, DataError):
+                        raise value
+                    example, found, id_key = _example(value, forced, id_field=id_field, task_field=task_field,
+                                                      source=source, stem=opened.stem, where=where)
+                    first = first_of.setdefault(example.id, number)
+                    if first != number:
+                        raise (DataError(f"duplicate id {example.id!r} (first on {unit} {first})", field=id_key)
+                               if id_key else DataError(f"duplicate record: same content as {unit} {first}"))
+                except DataError as err:
+                    located = _locate(err, label, number, by_row=opened.by_row)
+                    if not skip_bad:
+                        raise located from None
+                    report.problems.append(located)
+                    continue
+                writer.append(example)
+                report.shapes[found.name] += 1
+                if limit is not None and seed is None and writer.rows >= limit:
+                    break
+        except DataError as err:
+            raise _locate(err, label, None) from None
+        examples = writer.finish()
     if limit is not None and seed is not None:
         examples = seeded_sample(examples, limit, seed)
     report.kept = len(examples)

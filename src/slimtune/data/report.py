@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from slimtune.data.errors import DataError
 from slimtune.data.example import Example
+from slimtune.data.table import ExampleTable
 
 
 @dataclass
@@ -41,12 +43,18 @@ class LoadReport:
 
 @dataclass
 class LoadResult:
-    examples: list[Example]
+    """``examples``: a memory-mapped :class:`~slimtune.data.table.ExampleTable` from the readers (a list from
+    recipes, which reshape their rows)."""
+
+    examples: Sequence[Example]
     report: LoadReport
 
 
-def seeded_sample(examples: list[Example], limit: int, seed: int) -> list[Example]:
-    """``limit`` examples drawn at random with ``seed``; a smaller limit draws a prefix of a larger one."""
+def seeded_sample(examples: Sequence[Example], limit: int, seed: int) -> Sequence[Example]:
+    """``limit`` examples drawn at random with ``seed``; a smaller limit draws a prefix of a larger one. A
+    table's draw is a table."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
+    if isinstance(examples, ExampleTable):
+        return examples.take(order[:limit])
     return [examples[i] for i in order[:limit]]

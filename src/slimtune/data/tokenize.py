@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from slimtune.data.errors import DataError
 from slimtune.data.example import Example, pool_hash
+from slimtune.data.table import ExampleTable
 from slimtune.utils import cache_dir as default_cache_dir
 from slimtune.utils import process_state
 
@@ -160,7 +161,8 @@ class TokenizedDataset(Dataset):
 
     The token ids live in an Arrow table (:func:`tokenize_pool`) that every rank memory-maps, so RAM does not
     grow with the pool; a row becomes Python lists only when it is read. ``examples`` are the caller's own
-    Example objects (no copies), indexed like the rows: do not change the sequence while the data set is used.
+    sequence (no copies; a table's Examples are made when read), indexed like the rows: do not change it while
+    the data set is used.
     Under a multi-process launch every rank must construct it (rank 0 tokenises, the others wait and read).
     """
 
@@ -197,8 +199,15 @@ class TokenizedDataset(Dataset):
         return {"input_ids": self._ids[position].as_py(), "labels": self._labels[position].as_py()}
 
     @property
+    def positions(self) -> np.ndarray:
+        """Each row's position among the examples given (rows left out are skipped); read-only."""
+        view = self._kept.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def examples(self) -> Sequence[Example]:
-        """The Example of each row (the caller's objects, by reference)."""
+        """The Example of each row, read from the caller's sequence."""
         return _LazySequence(len(self), lambda i: self._source[int(self._kept[i])])
 
     @property
@@ -230,9 +239,10 @@ class _LazySequence(Sequence):
 
 #: The map's input: each row's conversation as the chat template sees it.
 RECORD_FEATURES = Features({"messages": List({"role": Value("string"), "content": Value("string")})})
-#: The map's output, one row per input row (dropped rows included, so the stats can be read back from cache).
+#: The map's output, one row per input row (dropped rows included, so the stats can be read back from cache);
+#: ``problem`` says why the chat template could not render a row (then dropped, with no tokens), else null.
 TOKEN_FEATURES = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")),
-                           "tokens_cut": Value("int32"), "dropped": Value("bool")})
+                           "tokens_cut": Value("int32"), "dropped": Value("bool"), "problem": Value("string")})
 #: Pools smaller than this tokenise in one process: below it, starting workers costs more than it saves.
 PARALLEL_FROM_ROWS = 20_000
 _WRITE_ROWS = 10_000
@@ -240,15 +250,31 @@ _WRITE_ROWS = 10_000
 
 def tokenize_pool(examples: Sequence[Example], tokenizer, max_length: int | None, *,
                   num_proc: int | None = None, cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """Every example encoded by :func:`encode_example` (:func:`token_table`); a conversation the chat template
+    cannot render raises a :class:`DataError` naming its file, line and field."""
+    table = token_table(examples, tokenizer, max_length, num_proc=num_proc, cache_dir=cache_dir)
+    problems = table.data.column("problem")
+    if problems.null_count < len(problems):
+        position = int(pc.index(pc.is_valid(problems), True).as_py())
+        example = examples[position]
+        raise DataError(f"the chat template cannot render this conversation: {problems[position].as_py()}",
+                        file=example.metadata.get("file", f"id {example.id}"), line=example.metadata.get("line"),
+                        field="messages")
+    return table
+
+
+def token_table(examples: Sequence[Example], tokenizer, max_length: int | None, *,
+                num_proc: int | None = None, cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
     """Every example encoded by :func:`encode_example`, as a memory-mapped Arrow table of int32 ``input_ids``
-    and ``labels``, each row's ``tokens_cut`` and whether it was ``dropped`` (no response token left).
+    and ``labels``, each row's ``tokens_cut``, whether it was ``dropped`` (no response token left) and the
+    ``problem`` that stopped the chat template rendering it (null for a rendered row).
 
     The table is cached under ``cache_dir`` (default ``slimtune.models.cache_dir() / "pools"``), in a folder
     per pool, by a fingerprint of the pool, the tokenizer, ``max_length`` and this module's code: a repeated
-    call tokenises nothing. The main process builds it first and the other ranks then load the same files.
-    ``num_proc`` worker processes tokenise (default ``$SLIMTUNE_NUM_PROC``, else 1 below
-    :data:`PARALLEL_FROM_ROWS` rows and one per available CPU above). A conversation the chat template cannot
-    render raises a :class:`DataError` naming its file, line and field.
+    call tokenises nothing (so the CLI's check of a pool and the method that then tokenises it share one
+    pass). The main process builds it first and the other ranks then load the same files. ``num_proc``
+    worker processes tokenise (default ``$SLIMTUNE_NUM_PROC``, else 1 below :data:`PARALLEL_FROM_ROWS` rows and
+    one per available CPU above). A table of examples is tokenised from its messages column, making no Example.
     """
     ensure_chat_template(tokenizer)
     if len(examples) == 0:  # datasets skips the function on an empty table, which would keep the input's columns
@@ -261,38 +287,27 @@ def tokenize_pool(examples: Sequence[Example], tokenizer, max_length: int | None
     workers = _workers(num_proc, len(examples))
     with process_state().main_process_first():
         records = _records(examples, folder / "records.arrow")
-        try:
-            return records.map(_encode_batch, batched=True, with_indices=True, num_proc=workers,
-                               fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-                               features=TOKEN_FEATURES, remove_columns=records.column_names,
-                               new_fingerprint=key, cache_file_name=str(folder / f"tokens-{key}.arrow"),
-                               load_from_cache_file=True, desc="Tokenising")
-        except _Unrenderable as failed:
-            position, reason = failed.args
-            example = examples[position]
-            raise DataError(f"the chat template cannot render this conversation: {reason}",
-                            file=example.metadata.get("file", f"id {example.id}"),
-                            line=example.metadata.get("line"), field="messages") from None
+        return records.map(_encode_batch, batched=True, num_proc=workers,
+                           fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+                           features=TOKEN_FEATURES, remove_columns=records.column_names,
+                           new_fingerprint=key, cache_file_name=str(folder / f"tokens-{key}.arrow"),
+                           load_from_cache_file=True, desc="Tokenising")
 
 
-class _Unrenderable(Exception):
-    """``(position, reason)``: plain arguments, so it survives the trip back from a worker process."""
-
-
-def _encode_batch(batch: dict[str, list], indices: list[int], tokenizer, max_length: int | None
-                  ) -> dict[str, list]:
+def _encode_batch(batch: dict[str, list], tokenizer, max_length: int | None) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in TOKEN_FEATURES}
-    for position, messages in zip(indices, batch["messages"]):
+    for messages in batch["messages"]:
         stats = EncodeStats()
         try:
-            row = encode_example(Example(id=str(position), messages=tuple(messages)), tokenizer, max_length,
-                                 stats)
+            row = encode_example(Example(id="", messages=tuple(messages)), tokenizer, max_length, stats)
+            problem = None
         except (ValueError, TemplateError) as err:  # a template refusing a role order is a data problem
-            raise _Unrenderable(position, str(err)) from err
+            row, problem = {"input_ids": [], "labels": []}, str(err)
         out["input_ids"].append(row["input_ids"])
         out["labels"].append(row["labels"])
         out["tokens_cut"].append(stats.tokens_cut)
         out["dropped"].append(all(label == IGNORE_INDEX for label in row["labels"]))
+        out["problem"].append(problem)
     return out
 
 
@@ -303,10 +318,14 @@ def _records(examples: Sequence[Example], path: Path) -> datasets.Dataset:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         with ArrowWriter(features=RECORD_FEATURES, path=str(partial)) as writer:
-            rows = iter(examples)
-            while batch := list(itertools.islice(rows, _WRITE_ROWS)):
-                writer.write_batch({"messages": [[{"role": m["role"], "content": m["content"]}
-                                                  for m in ex.messages] for ex in batch]})
+            if isinstance(examples, ExampleTable):  # the table's own column: no Example is made
+                for chunk in examples.messages.chunks:
+                    writer.write_table(pa.table({"messages": chunk}))
+            else:
+                rows = iter(examples)
+                while batch := list(itertools.islice(rows, _WRITE_ROWS)):
+                    writer.write_batch({"messages": [[{"role": m["role"], "content": m["content"]}
+                                                      for m in ex.messages] for ex in batch]})
             writer.finalize()
         os.replace(partial, path)
     return datasets.Dataset.from_file(str(path))

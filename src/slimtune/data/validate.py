@@ -14,15 +14,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from slimtune.data.errors import DataError
 from slimtune.data.example import Example
+from slimtune.data.table import ExampleTable
 
 
 @dataclass
 class Checked:
-    """The usable examples, in input order, and a problem for each one left out."""
+    """The usable examples, in input order (a table stays a table), and a problem for each one left out."""
 
-    examples: list[Example]
+    examples: Sequence[Example]
     problems: list[DataError] = field(default_factory=list)
 
     def skipped(self) -> list[dict[str, str]]:
@@ -34,33 +37,36 @@ def check_examples(examples: Sequence[Example], *, tokenizer=None, max_length: i
     """Sort ``examples`` into usable ones and problems.
 
     Without a tokenizer only the conversation's shape is checked (what any chat template needs); with one,
-    each example is encoded exactly as training encodes it (:func:`slimtune.data.tokenize.encode_example`),
-    and must keep at least one response token within ``max_length``.
+    each example is encoded exactly as training encodes it (:func:`slimtune.data.tokenize.token_table`, in
+    parallel, into the cached token table that the method reading the pool then finds already made), and must
+    keep at least one response token within ``max_length``.
     """
+    problems_at = {position: problem for position, example in enumerate(examples)
+                   if (problem := _shape_problem(example)) is not None}
     if tokenizer is not None:
-        from jinja2 import TemplateError
+        from slimtune.data.tokenize import token_table
 
-        from slimtune.data.tokenize import IGNORE_INDEX, encode_example, ensure_chat_template
+        shaped = [i for i in range(len(examples)) if i not in problems_at]
+        table = token_table(_subset(examples, shaped) if problems_at else examples, tokenizer, max_length).data
+        template_problems, dropped = table.column("problem"), table.column("dropped").to_numpy()
+        for row in np.flatnonzero(dropped).tolist():
+            problems_at[shaped[row]] = (
+                f"the chat template cannot render this conversation: {template_problems[row].as_py()}"
+                if template_problems[row].is_valid else
+                f"no response token within max_length={max_length}: the last assistant turn renders to nothing "
+                "the model can learn")
+    if not problems_at:  # the common case: the caller's own sequence, nothing copied
+        return Checked(examples)
+    problems = []
+    for position in sorted(problems_at):
+        example = examples[position]
+        problems.append(DataError(problems_at[position], file=example.metadata.get("file", f"id {example.id}"),
+                                  line=example.metadata.get("line"), field="messages"))
+    return Checked(_subset(examples, [i for i in range(len(examples)) if i not in problems_at]), problems)
 
-        ensure_chat_template(tokenizer)
-    checked = Checked(examples=[])
-    for example in examples:
-        problem = _shape_problem(example)
-        if problem is None and tokenizer is not None:
-            try:
-                row = encode_example(example, tokenizer, max_length)
-            except (ValueError, TemplateError) as err:  # a template refusing a role order is a data problem
-                problem = f"the chat template cannot render this conversation: {err}"
-            else:
-                if all(label == IGNORE_INDEX for label in row["labels"]):
-                    problem = (f"no response token within max_length={max_length}: the last assistant turn "
-                               "renders to nothing the model can learn")
-        if problem is None:
-            checked.examples.append(example)
-        else:
-            checked.problems.append(DataError(problem, file=example.metadata.get("file", f"id {example.id}"),
-                                              line=example.metadata.get("line"), field="messages"))
-    return checked
+
+def _subset(examples: Sequence[Example], positions: list[int]) -> Sequence[Example]:
+    return examples.take(positions) if isinstance(examples, ExampleTable) else [examples[i] for i in positions]
 
 
 def _shape_problem(example: Example) -> str | None:

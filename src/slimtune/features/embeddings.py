@@ -129,7 +129,7 @@ def stored_embeddings(examples: Sequence[Example], embed: Callable[[Sequence[Exa
     the store under the slimtune cache, a folder for a store root elsewhere, False for a temporary store."""
     if not examples:
         return embed(examples)
-    key = {"kind": "embeddings", "version": 1, "rows": pool_hash(list(examples)), "encoder": dict(encoder),
+    key = {"kind": "embeddings", "version": 1, "rows": pool_hash(examples), "encoder": dict(encoder),
            "shard_rows": shard_rows}
     with FeatureStore.cached(key, cache) as store:
         store.fill(["embeddings"], len(examples), shard_rows,

@@ -528,10 +528,10 @@ class InContextUtility:
                 yield FeatureStore(Path(tmp) / "alone"), FeatureStore(Path(tmp) / "with")
             return
         root = None if self.cache is True else self.cache
-        alone = {"kind": "delift-alone", "version": _FORMAT_VERSION, "targets": pool_hash(list(targets)),
+        alone = {"kind": "delift-alone", "version": _FORMAT_VERSION, "targets": pool_hash(targets),
                  "model": self.fingerprint(), "distance": self.distance,
                  "max_text_tokens": self.max_text_tokens, "block_pairs": self.block_pairs}
-        paired = {**alone, "kind": "delift-kernel", "contexts": pool_hash(list(contexts)),
+        paired = {**alone, "kind": "delift-kernel", "contexts": pool_hash(contexts),
                   "neighbours": None if neighbours is None else hashlib.sha256(neighbours.tobytes()).hexdigest()}
         yield FeatureStore.keyed(alone, root), FeatureStore.keyed(paired, root)
 
@@ -569,10 +569,17 @@ class _Pairs:
 
 
 def _content_keys(targets: Sequence[Example], contexts: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
-    """One integer per distinct (prompt, response) over both lists, so that equal keys mark a self-pair."""
-    ids: dict[tuple[str, str], int] = {}
-    keys = [ids.setdefault((ex.prompt_text, ex.response), len(ids)) for ex in [*targets, *contexts]]
-    return np.array(keys[: len(targets)]), np.array(keys[len(targets):])
+    """A 64-bit digest of each row's (prompt, response), so that equal keys mark a self-pair. Digests, not the
+    texts, so that a million-row pool holds 8 bytes a row here (a chance collision, about n^2 / 2^65, would
+    only clip one pair to 1)."""
+
+    def keys(examples: Sequence[Example]) -> np.ndarray:
+        return np.fromiter((int.from_bytes(hashlib.blake2b(f"{ex.prompt_text}\0{ex.response}".encode(),
+                                                            digest_size=8).digest(), "little", signed=True)
+                            for ex in examples), dtype=np.int64, count=len(examples))
+
+    target_keys = keys(targets)
+    return target_keys, target_keys if contexts is targets else keys(contexts)
 
 
 def _group(sequences: list[tuple[list[int], list[int], int]]) -> _Group:

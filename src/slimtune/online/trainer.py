@@ -1025,6 +1025,6 @@ def irreducible_model(held_out: Sequence[Example], model: str | None, settings: 
     if (folder / "adapter").exists() and record.exists():
         previous = json.loads(record.read_text())
         if (previous["pool_hash"], previous["model"], previous["settings"]) == \
-                (pool_hash(list(held_out)), model, json.loads(json.dumps(dataclasses.asdict(own), default=str))):
+                (pool_hash(held_out), model, json.loads(json.dumps(dataclasses.asdict(own), default=str))):
             return folder / "adapter"
     return train(held_out, model=model, settings=own).adapter_dir

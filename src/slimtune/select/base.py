@@ -28,6 +28,7 @@ import numpy as np
 
 from slimtune.data import as_examples
 from slimtune.data.example import Example, pool_hash
+from slimtune.data.table import example_ids
 from slimtune.utils import write_json
 
 
@@ -238,8 +239,8 @@ class Selector(ABC):
                                                       [pool[i] for i in unscored_kept]))
         params = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         return Selection(method=self.name, params={"budget": str(budget), **params},
-                         pool_ids=[ex.id for ex in pool], scores=scores,
-                         kept=kept, pool_hash=pool_hash(list(pool)), cost=cost,
+                         pool_ids=example_ids(pool), scores=scores,
+                         kept=kept, pool_hash=pool_hash(pool), cost=cost,
                          model=getattr(self, "model", None) if isinstance(getattr(self, "model", None), str)
                          else None)
 

@@ -108,16 +108,16 @@ class _FacilityLocationSelector(GreedyToBudget, StoredFeatures, Selector):
         if self.objective != "fl" and not others:
             raise ValueError(f"objective '{self.objective}' needs "
                              f"{'target' if self.objective == 'flmi' else 'existing'} examples")
-        pool = list(pool)
-        embeddings = self._embed(pool + list(others or []), cost)
-        pool_emb = None if embeddings is None else embeddings[:len(pool)]
+        # embedded apart (a pool's vectors are stored and reused whatever it is compared with); a pool that is a
+        # table stays one: the kernel reads each row's text when it needs it
+        pool_emb = self._embed(pool, cost)
+        others_emb = None if others is None or pool_emb is None else self._embed(others, cost)
         kernel = self._kernel(pool, pool, pool_emb, pool_emb, cost, "pool").scaled()
         S, background = kernel.to_torch(), kernel.background
         if others is None:
             objective = FacilityLocation(S, background=background)
         else:
-            aux, aux_background = self._aux_kernel(pool, list(others), pool_emb,
-                                                   None if embeddings is None else embeddings[len(pool):], cost)
+            aux, aux_background = self._aux_kernel(pool, others, pool_emb, others_emb, cost)
             objective = (FLMutualInformation(S, aux, eta=self.eta, background=background,
                                              query_background=aux_background) if self.objective == "flmi"
                          else FLConditionalGain(S, aux, nu=self.nu, background=background,
@@ -134,7 +134,7 @@ class _FacilityLocationSelector(GreedyToBudget, StoredFeatures, Selector):
         return kernel.to_torch(), kernel.background
 
     @abstractmethod
-    def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
+    def _embed(self, examples: Sequence[Example], cost: Cost) -> torch.Tensor | None:
         """Unit-norm embeddings of ``examples`` (None when the kernel needs none)."""
 
     @abstractmethod
@@ -186,7 +186,7 @@ class DeliftSelector(_FacilityLocationSelector):
                                             batch_tokens=self.batch_tokens, cache=self._store_root())
         return self._loaded
 
-    def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor | None:
+    def _embed(self, examples: Sequence[Example], cost: Cost) -> torch.Tensor | None:
         if self.sparse_k is None:
             return None
         from slimtune.features.embeddings import stored_minilm_embeddings, stored_model_embeddings
@@ -199,7 +199,7 @@ class DeliftSelector(_FacilityLocationSelector):
             embeddings, tokens = stored_model_embeddings(utility.model, utility.tokenizer, examples,
                                                          cache=self._store_root())
             cost.forward_tokens += tokens
-        cost.details["embedding_seconds"] = time.perf_counter() - start
+        cost.details["embedding_seconds"] = cost.details.get("embedding_seconds", 0.0) + time.perf_counter() - start
         return embeddings
 
     def _kernel(self, rows, cols, row_emb, col_emb, cost: Cost, name: str) -> UtilityMatrix:
@@ -252,13 +252,13 @@ class DeliftSESelector(_FacilityLocationSelector):
     name: ClassVar[str] = "delift-se"
     prompt_only: bool = False
 
-    def _embed(self, examples: list[Example], cost: Cost) -> torch.Tensor:
+    def _embed(self, examples: Sequence[Example], cost: Cost) -> torch.Tensor:
         from slimtune.features.embeddings import stored_minilm_embeddings
 
         start = time.perf_counter()
         embeddings = stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device,
                                               cache=self._store_root())
-        cost.details["embedding_seconds"] = time.perf_counter() - start
+        cost.details["embedding_seconds"] = cost.details.get("embedding_seconds", 0.0) + time.perf_counter() - start
         return embeddings
 
     def _kernel(self, rows, cols, row_emb, col_emb, cost: Cost, name: str) -> UtilityMatrix:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -71,8 +72,8 @@ class KCenterSelector(GreedyToBudget, StoredFeatures, Selector):
 
     def score(self, pool, *, target=None, existing=None, cost: Cost) -> tuple[np.ndarray, list[int]]:
         device = choose_device(self.device)
-        embeddings = self._embed(list(pool) + list(existing or []), cost).to(device)
-        points, centres = embeddings[:len(pool)], embeddings[len(pool):]
+        points = self._embed(pool, cost).to(device)  # apart: a pool's stored vectors serve any existing set
+        centres = self._embed(existing, cost).to(device) if existing else points[:0]
         covered = knn(points, centres, 1, device=str(device))[0][:, 0] if len(centres) else None
         start = int(np.random.default_rng(self.seed).integers(len(pool)))
         picks = self.greedy_picks(len(pool))  # one pass over the pool per pick: stop at the budget
@@ -83,7 +84,7 @@ class KCenterSelector(GreedyToBudget, StoredFeatures, Selector):
         scores[full] = np.arange(len(pool), 0, -1, dtype=np.float64)
         return scores, full
 
-    def _embed(self, examples: list[Example], cost: Cost) -> Tensor:
+    def _embed(self, examples: Sequence[Example], cost: Cost) -> Tensor:
         if self.embedding == "minilm":
             return stored_minilm_embeddings(examples, prompt_only=self.prompt_only, device=self.device,
                                             shard_rows=self.shard_rows, cache=self._store_root())

@@ -205,7 +205,7 @@ class LessSelector(GreedyToBudget, Selector):
             pool_stores.append(stores[0])
         cost.details["less"] = {**details, "subtasks": list(subtasks), "checkpoints": [
             {"path": str(c.path), "weight": c.weight} for c in checkpoints]}
-        positions = np.array(_positions(pool, pool_data.examples), dtype=np.int64)
+        positions = pool_data.positions
         scores = np.full(len(pool), np.nan)
         if not self.diverse:
             scores[positions] = per_subtask.max(dim=1).values.numpy()
@@ -381,17 +381,6 @@ def _subtask_rows(examples: Sequence[Example]) -> dict[str, list[int]]:
     for i, ex in enumerate(examples):
         rows.setdefault(ex.task, []).append(i)
     return rows
-
-
-def _positions(pool: Sequence[Example], kept: Sequence[Example]) -> list[int]:
-    """Pool index of each row TokenizedDataset kept (it keeps order and drops rows, so walk both)."""
-    positions, i = [], 0
-    for ex in kept:
-        while pool[i] is not ex:
-            i += 1
-        positions.append(i)
-        i += 1
-    return positions
 
 
 def _fingerprint(checkpoint: Path) -> dict[str, str]:
