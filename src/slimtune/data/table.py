@@ -27,7 +27,7 @@ from itertools import accumulate
 
 import pyarrow as pa
 
-from slimtune.data.example import Example
+from slimtune.data.example import Example, PoolDigest, pool_hash
 from slimtune.utils import cache_dir
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -41,10 +41,10 @@ class ExampleTable(Sequence[Example]):
     makes that row's Example; a slice makes a plain list of them (so ``table[:8] + other`` works as for a
     list); :meth:`take` selects rows without making any."""
 
-    def __init__(self, table: pa.Table):
+    def __init__(self, table: pa.Table, pool_hash: str | None = None):
         if table.schema != SCHEMA:
             raise ValueError(f"an example table has the columns {SCHEMA.names} of types {SCHEMA.types}")
-        self._table = table
+        self._table, self._pool_hash = table, pool_hash
         self._chunks = table.column("example").chunks
         self._starts = [0, *accumulate(len(chunk) for chunk in self._chunks)][:-1]
 
@@ -93,6 +93,12 @@ class ExampleTable(Sequence[Example]):
         return pickle.loads(self._chunks[chunk][index - self._starts[chunk]].as_py())
 
     # ---- beyond a list ----------------------------------------------------------------------------------
+    def known_pool_hash(self) -> str:
+        """:func:`~slimtune.data.example.pool_hash` of the rows, computed once (while writing, for a new table)."""
+        if self._pool_hash is None:
+            self._pool_hash = pool_hash(iter(self))  # an iterator: the plain loop, not this method again
+        return self._pool_hash
+
     @property
     def ids(self) -> list[str]:
         """Every row's id, read from its column."""
@@ -120,10 +126,12 @@ class ExampleWriter:
         self._sink = pa.OSFile(self._path, "wb")
         self._writer = pa.ipc.new_file(self._sink, SCHEMA)
         self._batch: list[Example] = []
+        self._digest = PoolDigest()
         self.rows = 0
 
     def append(self, example: Example) -> None:
         self._batch.append(example)
+        self._digest.add(example)
         self.rows += 1
         if len(self._batch) >= BATCH_ROWS:
             self._flush()
@@ -134,7 +142,7 @@ class ExampleWriter:
         self._sink.close()
         table = pa.ipc.open_file(pa.memory_map(self._path)).read_all()
         self._remove()
-        return ExampleTable(table)
+        return ExampleTable(table, self._digest.hexdigest())
 
     def _flush(self) -> None:
         if not self._batch:
