@@ -65,26 +65,13 @@ def make_example(messages: list[dict[str, str]], *, id: str | None = None, **met
 
 def pool_hash(examples: Iterable[Example]) -> str:
     """Hash of a pool's ids and contents in order: the key under which features and selections are cached.
-    A sequence that knows its own (an :class:`~slimtune.data.table.ExampleTable`, hashed as it was written)
-    says it through ``known_pool_hash()``, so a million-row pool is not read again for every cache key."""
+    A sequence that keeps its own (an :class:`~slimtune.data.table.ExampleTable`, computed on first use) says it
+    through ``known_pool_hash()``, so a million-row pool is not read again for every cache key."""
     known = getattr(examples, "known_pool_hash", None)
     if known is not None:
         return known()
-    digest = PoolDigest()
+    h = hashlib.sha256()
     for ex in examples:
-        digest.add(ex)
-    return digest.hexdigest()
-
-
-class PoolDigest:
-    """:func:`pool_hash` a row at a time."""
-
-    def __init__(self):
-        self._sha = hashlib.sha256()
-
-    def add(self, example: Example) -> None:
-        self._sha.update(example.id.encode("utf-8"))
-        self._sha.update(content_id(example.messages).encode("ascii"))
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()[:16]
+        h.update(ex.id.encode("utf-8"))
+        h.update(content_id(ex.messages).encode("ascii"))
+    return h.hexdigest()[:16]

@@ -57,8 +57,11 @@ class _Rows:
 
 def read_examples(data: Any, *, shape: str | None = None, skip_bad: bool = False, source: str | None = None,
                   task_field: str | None = None, id_field: str | None = None, limit: int | None = None,
-                  seed: int | None = None, split: str | None = None, subset: str | None = None) -> LoadResult:
-    """Examples from a file, a folder, a Hub id or a ``datasets`` object (see the module's description).
+                  seed: int | None = None, split: str | None = None, subset: str | None = None,
+                  as_table: bool = True) -> LoadResult:
+    """Examples from a file, a folder, a Hub id or a ``datasets`` object (see the module's description): a
+    memory-mapped :class:`~slimtune.data.table.ExampleTable`, or with ``as_table=False`` a list (for callers
+    that keep a small sample of the rows and reshape them, as recipes do).
 
     Shapes are recognised per record unless ``shape`` names one. A bad record raises a :class:`DataError`
     naming file, line and field (``dataset org/name split train row 12`` for a dataset); with ``skip_bad`` it
@@ -77,7 +80,7 @@ def read_examples(data: Any, *, shape: str | None = None, skip_bad: bool = False
     unit = "row" if opened.by_row else "line"
     first_of: dict[str, int] = {}
     report = LoadReport(source=label, format=opened.format)
-    with ExampleWriter() as writer:
+    with ExampleWriter() if as_table else _ListWriter() as writer:
         try:
             for number, value, hints in opened.rows:
                 position = report.read
@@ -111,6 +114,23 @@ def read_examples(data: Any, *, shape: str | None = None, skip_bad: bool = False
         examples = seeded_sample(examples, limit, seed)
     report.kept = len(examples)
     return LoadResult(examples, report)
+
+
+class _ListWriter(list):
+    """:class:`~slimtune.data.table.ExampleWriter`'s verbs over a plain list."""
+
+    @property
+    def rows(self) -> int:
+        return len(self)
+
+    def finish(self) -> list[Example]:
+        return self
+
+    def __enter__(self) -> _ListWriter:
+        return self
+
+    def __exit__(self, *error) -> None:
+        pass
 
 
 def _example(record: dict[str, Any], shape: Shape | None, *, id_field: str | None, task_field: str | None,

@@ -27,7 +27,7 @@ from itertools import accumulate
 
 import pyarrow as pa
 
-from slimtune.data.example import Example, PoolDigest, pool_hash
+from slimtune.data.example import Example, pool_hash
 from slimtune.utils import cache_dir
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -41,10 +41,10 @@ class ExampleTable(Sequence[Example]):
     makes that row's Example; a slice makes a plain list of them (so ``table[:8] + other`` works as for a
     list); :meth:`take` selects rows without making any."""
 
-    def __init__(self, table: pa.Table, pool_hash: str | None = None):
+    def __init__(self, table: pa.Table):
         if table.schema != SCHEMA:
             raise ValueError(f"an example table has the columns {SCHEMA.names} of types {SCHEMA.types}")
-        self._table, self._pool_hash = table, pool_hash
+        self._table, self._pool_hash = table, None
         self._chunks = table.column("example").chunks
         self._starts = [0, *accumulate(len(chunk) for chunk in self._chunks)][:-1]
 
@@ -94,7 +94,7 @@ class ExampleTable(Sequence[Example]):
 
     # ---- beyond a list ----------------------------------------------------------------------------------
     def known_pool_hash(self) -> str:
-        """:func:`~slimtune.data.example.pool_hash` of the rows, computed once (while writing, for a new table)."""
+        """:func:`~slimtune.data.example.pool_hash` of the rows, computed once: the rows never change."""
         if self._pool_hash is None:
             self._pool_hash = pool_hash(iter(self))  # an iterator: the plain loop, not this method again
         return self._pool_hash
@@ -126,12 +126,10 @@ class ExampleWriter:
         self._sink = pa.OSFile(self._path, "wb")
         self._writer = pa.ipc.new_file(self._sink, SCHEMA)
         self._batch: list[Example] = []
-        self._digest = PoolDigest()
         self.rows = 0
 
     def append(self, example: Example) -> None:
         self._batch.append(example)
-        self._digest.add(example)
         self.rows += 1
         if len(self._batch) >= BATCH_ROWS:
             self._flush()
@@ -142,7 +140,7 @@ class ExampleWriter:
         self._sink.close()
         table = pa.ipc.open_file(pa.memory_map(self._path)).read_all()
         self._remove()
-        return ExampleTable(table, self._digest.hexdigest())
+        return ExampleTable(table)
 
     def _flush(self) -> None:
         if not self._batch:

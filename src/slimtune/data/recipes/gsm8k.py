@@ -21,7 +21,7 @@ def final_answer(solution: str) -> str | None:
 
 def build(root: Path, split: str) -> LoadResult:
     result = read_examples(root / "gsm8k" / f"{split}.jsonl", shape="question-answer", source="gsm8k",
-                           skip_bad=True)
+                           skip_bad=True, as_table=False)
     result.examples = [replace(ex, metadata={**ex.metadata, "answer": answer})
                        if (answer := final_answer(ex.response)) is not None else ex for ex in result.examples]
     return result

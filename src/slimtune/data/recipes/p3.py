@@ -39,7 +39,7 @@ def answer_options(prompt: str, answer: str) -> list[str] | None:
 def build(root: Path, split: str, templates: str | Sequence[str] | None = None) -> LoadResult:
     # The completion's trailing <|endoftext|> is stripped by the prompt-completion shape itself.
     result = read_examples(root / "p3" / "p3_sample.jsonl", shape="prompt-completion", source="p3",
-                           skip_bad=True)
+                           skip_bad=True, as_table=False)
     prefixes = tuple(templates.split(",") if isinstance(templates, str) else templates or ())
     known = sorted({ex.task for ex in result.examples})
     for prefix in prefixes:

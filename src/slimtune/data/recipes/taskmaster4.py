@@ -13,7 +13,7 @@ def build(root: Path, split: str) -> LoadResult:
     # The taskmaster shape takes ids from conversation_id and tasks from scenario, and drops trailing user
     # turns; a dialogue with no assistant turn is a counted skip.
     result = read_examples(root / "taskmaster4" / "dialogs.jsonl", shape="taskmaster", source="taskmaster4",
-                           skip_bad=True)
+                           skip_bad=True, as_table=False)
     result.examples = [ex for ex in result.examples if in_split(ex.id, split)]
     trimmed = sum(ex.record["utterances"][-1]["speaker"] != "assistant" for ex in result.examples)
     if trimmed:
