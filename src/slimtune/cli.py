@@ -602,7 +602,7 @@ def _subset_of(examples: collections.abc.Sequence, subset: Path, data: str) -> c
     """The examples a ``select`` output kept (a table of them when the pool is one); a selection made on another
     pool stops the command."""
     from slimtune.data.example import pool_hash
-    from slimtune.data.table import ExampleTable, example_ids
+    from slimtune.data.table import example_ids, take_rows
     from slimtune.select import Selection
 
     manifest = subset / "manifest.json" if subset.is_dir() else subset
@@ -622,7 +622,7 @@ def _subset_of(examples: collections.abc.Sequence, subset: Path, data: str) -> c
         _fail(f"--subset {subset}: {missing} of its {len(kept)} kept id(s) are not in --data {data} (first: "
               f"{absent}); it was selected from another pool (pool hash {selection.pool_hash}, this data "
               f"{pool_hash(examples)}); pass the --data the selection was made on")
-    return examples.take(positions) if isinstance(examples, ExampleTable) else [examples[i] for i in positions]
+    return take_rows(examples, positions)
 
 
 @app.command("eval")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from slimtune.data.errors import DataError
 from slimtune.data.example import Example
-from slimtune.data.table import ExampleTable
+from slimtune.data.table import take_rows
 
 
 @dataclass
@@ -55,6 +55,4 @@ def seeded_sample(examples: Sequence[Example], limit: int, seed: int) -> Sequenc
     table's draw is a table."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    if isinstance(examples, ExampleTable):
-        return examples.take(order[:limit])
-    return [examples[i] for i in order[:limit]]
+    return take_rows(examples, order[:limit])

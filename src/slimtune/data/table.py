@@ -167,9 +167,16 @@ class ExampleWriter:
             self._remove()
 
 
+def take_rows(examples: Sequence[Example], positions: Sequence[int]) -> Sequence[Example]:
+    """The rows of ``examples`` at ``positions``: a table of them when ``examples`` is a table, else a list."""
+    if isinstance(examples, ExampleTable):
+        return examples.take(positions)
+    return [examples[i] for i in positions]
+
+
 def example_ids(examples: Sequence[Example]) -> list[str]:
     """The ids of ``examples``, read from the id column when they are a table."""
     return examples.ids if isinstance(examples, ExampleTable) else [ex.id for ex in examples]
 
 
-__all__ = ["ExampleTable", "ExampleWriter", "example_ids"]
+__all__ = ["ExampleTable", "ExampleWriter", "example_ids", "take_rows"]

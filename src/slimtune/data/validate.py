@@ -18,7 +18,7 @@ import numpy as np
 
 from slimtune.data.errors import DataError
 from slimtune.data.example import Example
-from slimtune.data.table import ExampleTable
+from slimtune.data.table import take_rows
 
 
 @dataclass
@@ -47,7 +47,7 @@ def check_examples(examples: Sequence[Example], *, tokenizer=None, max_length: i
         from slimtune.data.tokenize import token_table
 
         shaped = [i for i in range(len(examples)) if i not in problems_at]
-        table = token_table(_subset(examples, shaped) if problems_at else examples, tokenizer, max_length).data
+        table = token_table(take_rows(examples, shaped) if problems_at else examples, tokenizer, max_length).data
         template_problems, dropped = table.column("problem"), table.column("dropped").to_numpy()
         for row in np.flatnonzero(dropped).tolist():
             problems_at[shaped[row]] = (
@@ -62,11 +62,8 @@ def check_examples(examples: Sequence[Example], *, tokenizer=None, max_length: i
         example = examples[position]
         problems.append(DataError(problems_at[position], file=example.metadata.get("file", f"id {example.id}"),
                                   line=example.metadata.get("line"), field="messages"))
-    return Checked(_subset(examples, [i for i in range(len(examples)) if i not in problems_at]), problems)
+    return Checked(take_rows(examples, [i for i in range(len(examples)) if i not in problems_at]), problems)
 
-
-def _subset(examples: Sequence[Example], positions: list[int]) -> Sequence[Example]:
-    return examples.take(positions) if isinstance(examples, ExampleTable) else [examples[i] for i in positions]
 
 
 def _shape_problem(example: Example) -> str | None:
