@@ -349,7 +349,10 @@ def verdicts(results: dict, sizes: list[int], processes: list[int]) -> list[str]
     return lines
 
 
-def write_readme(results: dict, sizes: list[int], processes: list[int], argv: list[str]) -> None:
+def write_readme(results: dict, sizes: list[int], processes: list[int], argv: list[str], *,
+                 measured_now: bool) -> None:
+    """The README section; the machine's load average is stated only after measuring (a ``--report`` rewrite's
+    load says nothing about the measurements)."""
     measured = results["measurements"]
     table = []
     for stage in STAGES:
@@ -364,8 +367,9 @@ def write_readme(results: dict, sizes: list[int], processes: list[int], argv: li
                               f"{slope(previous, m):.2f}" if previous else "",
                               f"{slope(previous, m, time='cpu_s'):.2f}" if previous else ""])
                 previous = m
+    load = f" (load average {os.getloadavg()[0]:.1f} at the end)" if measured_now else ""
     lines = [f"`{command_line('scale.py', argv)}` on {platform.machine()}, {os.cpu_count()} cores shared with "
-             f"other jobs (load average {os.getloadavg()[0]:.1f} at the end): wall times are rough. Pools, model, "
+             f"other jobs{load}: wall times are rough. Pools, model, "
              f"stages and settings: the script's docstring (k-center: a fixed {KCENTER_CENTRES:,} centres; DELIFT "
              f"sparse k = 4, 10% budget; LESS top 10%). Wall s is the slowest rank's time for the stage, CPU s the "
              f"ranks' user + system time added up; peak RSS is the largest rank's; beyond model subtracts that "
@@ -419,7 +423,7 @@ def main() -> None:
                 save_results(results)
                 print(f"{stage:9s} n={n:>9,} p={p} {m['seconds']:9.1f} s  CPU {m['cpu_s']:9.1f} s  "
                       f"peak {m['peak_mb']:6.0f} MB  beyond model {m['beyond_model_mb']:6.0f} MB", flush=True)
-    write_readme(results, sizes, args.processes, sys.argv[1:])
+    write_readme(results, sizes, args.processes, sys.argv[1:], measured_now=not args.report)
 
 
 if __name__ == "__main__":
