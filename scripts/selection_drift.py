@@ -13,8 +13,9 @@ With ``--explain-delift`` it also says why DELIFT's kept set moved: it reads eac
 back from that checkout's cache (computing nothing), compares the neighbour lists and the raw utilities pair by
 pair, and replays today's greedy on each raw kernel under each scaling rule: the rule before 4e66b24 (min-max
 over the stored pairs, a pair never computed worth 0 after scaling) and today's (``UtilityMatrix.scaled``:
-a pair never computed is utility 0, self-pairs clipped to 1). If the raw kernels agree and each rule gives
-back its own checkout's kept rows, the whole change is the scaling rule.
+a pair never computed is utility 0, self-pairs clipped to 1), and today's without the self-pair clipping. If
+the raw kernels agree and each rule gives back its own checkout's kept rows, the whole change is the scaling
+rule.
 
     .venv/bin/python scripts/selection_drift.py --base 9865182 --methods random length loss ifd kcenter \\
         delift-se less delift --work /tmp/drift --long-rows --explain-delift
@@ -160,16 +161,19 @@ def explain_delift(work: Path, pool: Path, sources: dict[str, Path]) -> dict:
     def today_rule(values, columns):
         return UtilityMatrix(values, columns, len(ids), {}, keys[:, None] == keys[columns]).scaled()
 
+    def today_without_self_pair_clipping(values, columns):  # the background rule alone
+        return UtilityMatrix(values, columns, len(ids)).scaled()
+
     replays = {}
     for kernel_label, kernel in kernels.items():
-        for rule in (before_4e66b24, today_rule):
+        for rule in (before_4e66b24, today_rule, today_without_self_pair_clipping):
             scaled = rule(kernel["values"], kernel["columns"])
             _, order = greedy_scores(FacilityLocation(scaled.to_torch(), background=scaled.background),
                                      len(kept["today"]), method=params["optimizer"], epsilon=params["epsilon"],
                                      seed=params["seed"])
             picked = [ids[i] for i in order]
             replays[f"{kernel_label} kernel, {rule.__name__}"] = {
-                label: picked == rows for label, rows in kept.items()}
+                label: picked == chosen for label, chosen in kept.items()}
     return {"same_neighbour_lists": bool(same_lists),
             "largest_raw_utility_difference": float(np.abs(base["values"] - today["values"]).max())
             if same_lists else None,
