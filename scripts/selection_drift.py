@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="a score moving less than this has not moved")
     parser.add_argument("--long-rows", action="store_true", help="check that the moved rows are the long rows")
     parser.add_argument("--explain-delift", action="store_true",
-                        help="replay DELIFT's greedy on both raw kernels under both scaling rules")
+                        help="replay DELIFT's greedy on both raw kernels under each scaling rule")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     pool, target = write_rows(args.work)
