@@ -108,11 +108,16 @@ def select(source: Path, label: str, method: str, pool: Path, target: Path, work
     return time.perf_counter() - start
 
 
+def manifest(work: Path, label: str, method: str) -> tuple[dict, list[str]]:
+    """A checkout's selection manifest and its kept ids in rank order."""
+    rows = json.loads((work / label / method / "manifest.json").read_text())
+    return rows, [r["id"] for r in sorted((r for r in rows["examples"] if r["kept"]), key=lambda r: r["rank"])]
+
+
 def compare(work: Path, method: str, tolerance: float, long_ids: set[str] | None) -> dict:
     def read(label: str):
-        rows = json.loads((work / label / method / "manifest.json").read_text())["examples"]
-        kept = [r["id"] for r in sorted((r for r in rows if r["kept"]), key=lambda r: r["rank"])]
-        return kept, {r["id"]: r["score"] for r in rows}
+        rows, kept = manifest(work, label, method)
+        return kept, {r["id"]: r["score"] for r in rows["examples"]}
 
     (kept_a, score_a), (kept_b, score_b) = read("base"), read("today")
     moved = sorted(i for i in score_a if (score_a[i] is None) != (score_b[i] is None) or (
@@ -138,15 +143,14 @@ def explain_delift(work: Path, pool: Path, sources: dict[str, Path]) -> dict:
 
     kernels, kept = {}, {}
     for label, source in sources.items():
-        manifest = work / label / "delift" / "manifest.json"
-        dumped = subprocess.run([sys.executable, "-c", DUMP_KERNEL, str(pool), str(manifest),
+        dumped = subprocess.run([sys.executable, "-c", DUMP_KERNEL, str(pool),
+                                 str(work / label / "delift" / "manifest.json"),
                                  str(work / f"{label}-kernel.npz")], env=environment(source, work / f"cache-{label}"),
                                 capture_output=True, text=True)
         if dumped.returncode:
             sys.exit(f"reading {label}'s DELIFT kernel from {work / f'cache-{label}'} failed:\n{dumped.stderr[-2000:]}")
         kernels[label] = np.load(work / f"{label}-kernel.npz")
-        rows = json.loads(manifest.read_text())
-        kept[label] = [r["id"] for r in sorted((r for r in rows["examples"] if r["kept"]), key=lambda r: r["rank"])]
+        rows, kept[label] = manifest(work, label, "delift")
         params = rows["params"]
     examples = list(load_examples(str(pool)).examples)
     ids = [ex.id for ex in examples]
